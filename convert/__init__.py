@@ -1,0 +1,1 @@
+"""jaxpaged.convert: Hugging Face / GGUF checkpoints -> JAX params, and the converted-params cache."""

@@ -1,0 +1,56 @@
+"""EngineConfig: every engine knob in one frozen dataclass; LLM(...) args and server flags come from its fields."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from jaxpaged.config import check_dtype
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine configuration. Field names match vLLM's engine args where vLLM has one.
+
+    KV pool size: `num_kv_blocks` when given, else `kv_cache_memory_bytes` / bytes per block,
+    else enough blocks for `max_num_seqs` sequences of `max_model_len` tokens, capped at 4 GiB.
+    """
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None          # default: the model's own tokenizer
+    dtype: str = "float32"
+    max_model_len: int | None = None      # default: min(model's max positions, 4096)
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    max_logprobs: int = 20
+    tensor_parallel_size: int = 1
+    download_dir: str | None = None       # the converted-params cache (default ~/.cache/jaxpaged or $JAXPAGED_CACHE)
+    compilation_cache_dir: str | None = None  # JAX persistent compilation cache (default <cache>/xla)
+    enforce_eager: bool = False           # skip warmup(); shapes still come from the bucket table
+    use_pallas: bool = True               # attention through pallas_kernels (False: the jnp reference)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        if self.block_size not in (8, 16, 32):
+            raise ValueError(f"block_size: expected one of [8, 16, 32], got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "max_logprobs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks: must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes: must be > 0, got {self.kv_cache_memory_bytes}")
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,1 @@
+"""jaxpaged.server: the OpenAI-compatible HTTP server."""
