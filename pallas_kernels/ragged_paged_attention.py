@@ -1,0 +1,347 @@
+"""Ragged paged attention: one Pallas call over a flat batch of prefill chunks and decode tokens.
+
+Flow. The wrapper regroups the flat queries `q [T, NH, D]` by KV head into rows
+`q_rows [KVH, (T + TQ) * Gp, D]` (row = token * Gp + g, the GQA group zero-padded to
+Gp, plus TQ zero tokens at the end so a query tile never reads past the array).
+The grid is (sequence, KV-head block, query split). Each program walks its
+sequence's query tiles of TQ tokens; for each tile it loops over KV chunks (whole
+pages, read through the block table straight from the cache in HBM) from the
+first chunk inside the sliding window up to the tile's causal limit, with an
+online softmax in f32. Tile rows past the sequence's last query are never
+stored (masked store), so no program writes another sequence's rows. The wrapper
+then drops the group padding and zeroes rows at/after query_start[B].
+
+Two tilings of the same body:
+- Triton (GPU): one KV head per program, 2-D dots of >= 16 rows, power-of-two
+  shapes, K/V chunks gathered row by row through the block table;
+- interpret (CPU): all KV heads per program (batched dots), K/V pages read as
+  dynamic slices, so the discharged loop runs at about plain-jnp speed.
+
+Cache layout (one for both targets): `[KVH, NB, BS, D]` per layer, or
+`[L, KVH, NB, BS, D]` with a traced `layer` index picked inside the kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+_MASK_VALUE = -1e30        # finite "minus infinity": keeps exp(m_old - m_new) NaN-free
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Static tile sizes of one kernel instance (hashable: part of the jit cache key)."""
+    q_tile: int          # TQ: query tokens per tile; rows per tile = TQ * group
+    kv_pages: int        # pages per KV chunk; chunk = kv_pages * block_size positions
+    heads: int           # KV heads handled by one program (1 on GPU)
+    group: int           # Gp: GQA group size padded (power of two >= G on GPU, G on CPU)
+    q_splits: int        # programs sharing one (sequence, head block): tile i goes to split i % q_splits
+    gather: bool         # True: gather K/V chunks row-wise (Triton); False: per-page slices (interpret)
+
+
+def default_tiling(num_heads: int, num_kv_heads: int, block_size: int, interpret: bool) -> Tiling:
+    g = num_heads // num_kv_heads
+    if interpret:
+        # Few, fat loop iterations: the interpreter pays per op, not per flop.
+        return Tiling(q_tile=32, kv_pages=max(1, 256 // block_size), heads=num_kv_heads, group=g,
+                      q_splits=1, gather=False)
+    gp = max(pl.next_power_of_2(g), 1)
+    rows = 64                                 # >= 16 rows for tl.dot; 64 balances decode waste vs prefill reuse
+    return Tiling(q_tile=max(1, rows // gp), kv_pages=max(1, 64 // block_size), heads=1, group=gp,
+                  q_splits=4, gather=True)
+
+
+# ----------------------------------------------------------------------------- kernel body
+
+
+def _dot_qk(q, k, precision):
+    """q [(H,) R, D] x k [(H,) C, D] -> scores [(H,) R, C] in f32."""
+    if q.ndim == 2:
+        return jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision)
+    return jnp.einsum("hrd,hcd->hrc", q, k, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _dot_pv(p, v, precision):
+    """p [(H,) R, C] x v [(H,) C, D] -> [(H,) R, D] in f32."""
+    if p.ndim == 2:
+        return jnp.dot(p, v, preferred_element_type=jnp.float32, precision=precision)
+    return jnp.einsum("hrc,hcd->hrd", p, v, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _ragged_paged_attention_kernel(
+    layer_ref, bt_ref, lens_ref, qs_ref, q_ref, k_ref, v_ref, o_ref, *,
+    sm_scale, soft_cap, window, tiling: Tiling, block_size, dot_dtype,
+):
+    # grid (B, KVH // heads, q_splits)
+    # layer_ref [1] i32          layer of the cache to read (0 for a per-layer cache)
+    # bt_ref    [B, W] i32       block table; entries past a sequence's last page are never trusted
+    # lens_ref  [B] i32          context length incl. the new queries (0: padding sequence)
+    # qs_ref    [B+1] i32        sequence b's query tokens are [qs[b], qs[b+1])
+    # q_ref     [KVH, R, D]      R = (T + TQ) * Gp; row = token * Gp + g
+    # k_ref / v_ref [L, KVH, NB, BS, D]  whole cache, left in HBM (pl.ANY)
+    # o_ref     [KVH, R, D]      same row layout as q_ref; only this sequence's rows are stored
+    tq, gp, bs = tiling.q_tile, tiling.group, block_size
+    rows = tq * gp                                 # query rows in one tile
+    chunk = tiling.kv_pages * bs                   # KV positions in one chunk
+    max_blocks = bt_ref.shape[1]
+    d = q_ref.shape[-1]
+    precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+
+    b, hb, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    # One head -> scalar index (2-D tiles, what Triton wants); several -> a slice (3-D tiles).
+    heads = hb if tiling.heads == 1 else pl.ds(hb * tiling.heads, tiling.heads)
+    layer = layer_ref[0]
+    q_start = qs_ref[b]
+    q_len = qs_ref[b + 1] - q_start
+    seq_len = lens_ref[b]
+    ctx = seq_len - q_len                          # position of the sequence's first query token
+    num_tiles = lax.div(q_len + tq - 1, tq)
+    # tile i belongs to split i % q_splits: this program's tiles are split, split + S, ...
+    my_tiles = lax.div(jnp.maximum(num_tiles - split, 0) + tiling.q_splits - 1, tiling.q_splits)
+
+    def load_chunk(ref, c):
+        """K or V positions [c * chunk, (c + 1) * chunk) of this sequence: [(H,) chunk, D]."""
+        if tiling.gather:
+            # position j lives at page bt[b, j // BS], offset j % BS; positions past the
+            # sequence read the null block (masked below) so garbage table entries are never followed.
+            j = c * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+            blk = jnp.minimum(lax.div(j, bs), max_blocks - 1)
+            page = jnp.where(j < seq_len, bt_ref[b, blk], 0)
+            page2 = jnp.broadcast_to(page[:, None], (chunk, d))
+            off2 = jnp.broadcast_to(lax.rem(j, bs)[:, None], (chunk, d))
+            col2 = lax.broadcasted_iota(jnp.int32, (chunk, d), 1)
+            return ref[layer, heads, page2, off2, col2]
+        parts = []
+        for p in range(tiling.kv_pages):           # static unroll: one dynamic slice per page
+            blk = c * tiling.kv_pages + p
+            page = jnp.where(blk * bs < seq_len, bt_ref[b, jnp.minimum(blk, max_blocks - 1)], 0)
+            parts.append(ref[layer, heads, page, :, :])
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)
+
+    def q_tile(t, carry):
+        i = split + t * tiling.q_splits            # tile index within the sequence
+        row0 = (q_start + i * tq) * gp             # first row of the tile in q_ref / o_ref
+        q = q_ref[heads, pl.ds(row0, rows), :]     # [(H,) rows, D]
+        q = (q.astype(jnp.float32) * sm_scale).astype(dot_dtype)
+        # query position of each row (rows of one token share it), broadcast over the chunk
+        tok = i * tq + lax.div(lax.broadcasted_iota(jnp.int32, (rows, chunk), 0), gp)
+        q_pos = ctx + tok                          # [rows, chunk]
+        tile_last = ctx + jnp.minimum((i + 1) * tq, q_len)   # exclusive causal limit of the tile
+        lo = jnp.int32(0)
+        if window is not None:                     # first position any row of the tile can see
+            lo = jnp.maximum(ctx + i * tq - window + 1, 0)
+        c_lo, c_hi = lax.div(lo, chunk), lax.div(tile_last + chunk - 1, chunk)   # all >= 0
+
+        def kv_chunk(c, state):
+            m, l, acc = state                      # running max [(H,) rows], sum [(H,) rows], out [(H,) rows, D]
+            k = load_chunk(k_ref, c).astype(dot_dtype)
+            v = load_chunk(v_ref, c)
+            # zero V outside [lo, seq_len): those pages may hold anything (NaN included), and 0 * NaN = NaN
+            v_pos = c * chunk + lax.broadcasted_iota(jnp.int32, (chunk, d), 0)
+            v = jnp.where((v_pos < seq_len) & (v_pos >= lo), v, 0).astype(dot_dtype)
+            s = _dot_qk(q, k, precision)           # [(H,) rows, chunk] f32
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            k_pos = c * chunk + lax.broadcasted_iota(jnp.int32, (rows, chunk), 1)
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask = mask & (k_pos > q_pos - window)
+            s = jnp.where(mask, s, _MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new[..., None])
+            l_new = alpha * l + p.sum(axis=-1)
+            acc_new = alpha[..., None] * acc + _dot_pv(p.astype(dot_dtype), v, precision)
+            return m_new, l_new, acc_new
+
+        lead = q.shape[:-1]                        # [(H,) rows]
+        init = (jnp.full(lead, _MASK_VALUE, jnp.float32), jnp.zeros(lead, jnp.float32),
+                jnp.zeros(q.shape, jnp.float32))
+        _, l, acc = lax.fori_loop(c_lo, c_hi, kv_chunk, init)
+        out = (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(o_ref.dtype)
+        # store only rows of this sequence's queries (a tile may overrun into the next sequence)
+        valid = (i * tq + lax.div(lax.broadcasted_iota(jnp.int32, (rows, d), 0), gp)) < q_len
+        pl_triton.store(o_ref.at[heads, pl.ds(row0, rows), :], out,
+                        mask=jnp.broadcast_to(valid, out.shape))
+        return carry
+
+    lax.fori_loop(0, my_tiles, q_tile, 0)
+
+
+# ----------------------------------------------------------------------------- pallas_call wrapper
+
+
+def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_start, layer_arr, *,
+                                 sm_scale, soft_cap, window, tiling: Tiling, interpret: bool):
+    """q_rows [KVH, R, D]; k5/v5 [L, KVH, NB, BS, D]; returns o_rows [KVH, R, D]."""
+    num_kv_heads, block_size = k5.shape[1], k5.shape[3]
+    dot_dtype = jnp.float32 if (interpret or q_rows.dtype == jnp.float32) else q_rows.dtype
+    kernel = functools.partial(
+        _ragged_paged_attention_kernel, sm_scale=sm_scale, soft_cap=soft_cap, window=window,
+        tiling=tiling, block_size=block_size, dot_dtype=dot_dtype)
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    params = None if interpret else pl_triton.CompilerParams(num_warps=4, num_stages=2)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
+        grid=(block_tables.shape[0], num_kv_heads // tiling.heads, tiling.q_splits),
+        in_specs=[any_spec] * 7,
+        out_specs=any_spec,
+        interpret=interpret,
+        compiler_params=params,
+        name="ragged_paged_attention",
+    )(layer_arr, block_tables, seq_lens, query_start, q_rows, k5, v5)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale,
+              soft_cap, sliding_window):
+    shapes = (f"q {q.shape} {q.dtype}, k_pages {k_pages.shape} {k_pages.dtype}, v_pages "
+              f"{v_pages.shape} {v_pages.dtype}, block_tables {block_tables.shape} {block_tables.dtype}, "
+              f"seq_lens {seq_lens.shape} {seq_lens.dtype}, query_start {query_start.shape} "
+              f"{query_start.dtype}")
+
+    def fail(why):
+        raise ValueError(f"ragged_paged_attention: {why} (got {shapes})")
+
+    if q.ndim != 3:
+        fail("q must be [T, NH, D]")
+    if k_pages.ndim not in (4, 5):
+        fail("k_pages must be [KVH, NB, BS, D] or [L, KVH, NB, BS, D]")
+    if k_pages.shape != v_pages.shape:
+        fail("k_pages and v_pages must have the same shape")
+    if (k_pages.ndim == 5) != (layer is not None):
+        fail("a 5-D cache needs `layer`, a 4-D cache takes no `layer`")
+    if layer is not None and (jnp.shape(layer) != () or not jnp.issubdtype(jnp.result_type(layer), jnp.integer)):
+        fail(f"layer must be an integer scalar, got shape {jnp.shape(layer)}")
+    if not (q.dtype == k_pages.dtype == v_pages.dtype) or q.dtype not in _FLOAT_DTYPES:
+        fail("q, k_pages and v_pages must share one float dtype (float32, bfloat16, float16)")
+    t, nh, d = q.shape
+    kvh, _, _, dk = k_pages.shape[-4:]
+    if dk != d:
+        fail(f"head_dim of q ({d}) and the cache ({dk}) differ")
+    if nh % kvh:
+        fail(f"query heads ({nh}) must be a multiple of KV heads ({kvh})")
+    if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:
+        fail("block_tables must be [B, W] int32")
+    b = block_tables.shape[0]
+    if seq_lens.shape != (b,) or seq_lens.dtype != jnp.int32:
+        fail(f"seq_lens must be [{b}] int32")
+    if query_start.shape != (b + 1,) or query_start.dtype != jnp.int32:
+        fail(f"query_start must be [{b + 1}] int32")
+    if not isinstance(sm_scale, (int, float)):
+        fail(f"sm_scale must be a Python float, got {type(sm_scale).__name__}")
+    if soft_cap is not None and not soft_cap > 0:
+        fail(f"soft_cap must be > 0, got {soft_cap}")
+    if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
+        fail(f"sliding_window must be a positive int, got {sliding_window}")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "tiling"))
+def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_start, *, sm_scale,
+                           soft_cap=None, sliding_window=None, layer=None, interpret=None,
+                           tiling: Tiling | None = None):
+    """Causal attention of a flat ragged batch over a paged KV cache. Returns [T, NH, D] (q's dtype).
+
+    q [T, NH, D]; k_pages/v_pages [KVH, NB, BS, D] or [L, KVH, NB, BS, D] with `layer` (int32
+    scalar, may be traced); block_tables [B, W] int32; seq_lens [B] int32 (incl. new tokens);
+    query_start [B+1] int32. Query i of sequence b sits at position
+    seq_lens[b] - q_len_b + (i - query_start[b]). Rows at/after query_start[B] come back as 0.
+    interpret=None: interpret mode when the default backend is CPU, Triton otherwise.
+    `tiling` overrides the default tile sizes (benchmarks, tests).
+    """
+    _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
+              sliding_window)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    t, nh, d = q.shape
+    if k_pages.ndim == 4:                         # one layer: view it as a 1-layer stack (free reshape)
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    kvh, bs = k_pages.shape[1], k_pages.shape[3]
+    g = nh // kvh
+    tiling = tiling or default_tiling(nh, kvh, bs, interpret)
+    if not interpret and any(x & (x - 1) for x in (bs, d, tiling.q_tile * tiling.group)):
+        raise ValueError(f"ragged_paged_attention on GPU needs power-of-two block_size and head_dim, "
+                         f"got k_pages {k_pages.shape}")
+    if kvh % tiling.heads or tiling.group < g:
+        raise ValueError(f"tiling {tiling} does not fit {kvh} KV heads with groups of {g}")
+
+    # [T, NH, D] -> [KVH, (T + TQ) * Gp, D]: row = token * Gp + g; padding group heads and the
+    # TQ tail tokens are zeros (a tile starting at the last token still reads in bounds).
+    q_rows = q.reshape(t, kvh, g, d).transpose(1, 0, 2, 3)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, tiling.q_tile), (0, tiling.group - g), (0, 0)))
+    q_rows = q_rows.reshape(kvh, (t + tiling.q_tile) * tiling.group, d)
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    window = None if sliding_window is None else int(sliding_window)
+    soft_cap = None if soft_cap is None else float(soft_cap)
+
+    o_rows = _ragged_paged_attention_call(
+        q_rows, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr,
+        sm_scale=float(sm_scale), soft_cap=soft_cap, window=window, tiling=tiling, interpret=interpret)
+
+    out = o_rows.reshape(kvh, t + tiling.q_tile, tiling.group, d)[:, :t, :g]
+    out = out.transpose(1, 0, 2, 3).reshape(t, nh, d)
+    # rows no sequence owns were never stored (uninitialized memory on GPU): zero them
+    return jnp.where((jnp.arange(t) < query_start[-1])[:, None, None], out, 0).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start, *,
+                                     sm_scale, soft_cap=None, sliding_window=None, layer=None,
+                                     interpret=None, token_chunk: int = 64):
+    """Plain-jnp ragged paged attention (same contract as the kernel; `interpret` is ignored).
+
+    Each query token gathers its own sequence's pages through the block table and runs a
+    masked softmax over them; tokens go through `lax.map` in chunks of `token_chunk`, so
+    memory stays at token_chunk * W * BS * KVH * D however large the batch.
+    """
+    del interpret
+    _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
+              sliding_window)
+    if k_pages.ndim == 5:
+        k_pages = lax.dynamic_index_in_dim(k_pages, layer, 0, keepdims=False)
+        v_pages = lax.dynamic_index_in_dim(v_pages, layer, 0, keepdims=False)
+    t, nh, d = q.shape
+    kvh, _, bs, _ = k_pages.shape
+    b, w = block_tables.shape
+    g = nh // kvh
+
+    tok = jnp.arange(t, dtype=jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right"), 0, b - 1).astype(jnp.int32)
+    valid = tok < query_start[-1]
+    q_len = query_start[seq + 1] - query_start[seq]
+    pos = seq_lens[seq] - q_len + (tok - query_start[seq])       # absolute position of each query
+
+    def one_token(args):
+        qt, sid, p, ok = args                                    # [NH, D], (), (), ()
+        pages = block_tables[sid]                                # [W]
+        k = k_pages[:, pages].reshape(kvh, w * bs, d).astype(jnp.float32)
+        v = v_pages[:, pages].reshape(kvh, w * bs, d).astype(jnp.float32)
+        kpos = jnp.arange(w * bs)
+        seen = (kpos <= p) & (kpos < seq_lens[sid])
+        if sliding_window is not None:
+            seen = seen & (kpos > p - sliding_window)
+        qg = qt.reshape(kvh, g, d).astype(jnp.float32) * sm_scale
+        s = jnp.einsum("kgd,ksd->kgs", qg, k, precision=lax.Precision.HIGHEST)
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = jnp.where(seen, s, -jnp.inf)
+        probs = jax.nn.softmax(s, axis=-1)
+        probs = jnp.where(seen & ok, probs, 0.0)                 # padding rows: all zero, not NaN
+        v = jnp.where(seen[None, :, None], v, 0.0)               # unread pages may hold NaN
+        o = jnp.einsum("kgs,ksd->kgd", probs, v, precision=lax.Precision.HIGHEST)
+        return o.reshape(nh, d)
+
+    out = lax.map(one_token, (q, seq, pos, valid), batch_size=min(token_chunk, t))
+    return out.astype(q.dtype)
