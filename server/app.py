@@ -1,0 +1,186 @@
+"""The FastAPI app: routes, API-key check, OpenAI-shaped error handlers, engine thread lifecycle.
+
+`build_app(engine, served_model_name, api_key)` takes an AsyncLLMEngine or any object with the
+Engine contract (docs/CONTRACTS.md), which it wraps. The engine thread starts with the app's
+lifespan (or on the first request when the ASGI host runs no lifespan) and stops at shutdown.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+import jaxpaged
+
+from .async_engine import AsyncLLMEngine, EngineDeadError
+from .errors import OpenAIError, internal_error, invalid_request, pydantic_errors_to_openai, unauthorized
+from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
+                       ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse)
+from .serving import ServingContext
+from .serving_chat import create_chat_completion
+from .serving_completion import create_completion
+
+logger = logging.getLogger("jaxpaged.server")
+
+
+def build_app(engine, served_model_name: str | list[str] | None = None, api_key: str | None = None) -> FastAPI:
+    async_engine = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine)
+    names = _model_names(served_model_name, async_engine)
+    if async_engine.metrics is None:
+        async_engine.metrics = ServerMetrics(names[0])
+    ctx = ServingContext(async_engine, names, async_engine.metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(async_engine.stop)
+
+    app = FastAPI(title="jaxpaged OpenAI-compatible server", version=jaxpaged.__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.async_engine = async_engine
+    _install_error_handlers(app)
+    if api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+
+    def ensure_started():
+        if not async_engine.is_running:
+            if async_engine.dead_error is not None:
+                raise OpenAIError("the engine has stopped", status=503, type="service_unavailable")
+            async_engine.start()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.dead_error is not None:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": jaxpaged.__version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        cards = [ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.max_model_len) for name in names]
+        return ModelList(data=cards).model_dump(mode="json")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        ensure_started()
+        return await create_completion(ctx, body, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        ensure_started()
+        return await create_chat_completion(ctx, body, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request) -> dict:
+        data = await _json_object(raw)
+        try:
+            if "messages" in data:
+                req = TokenizeChatRequest.model_validate(data)
+            else:
+                req = TokenizeCompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            raise pydantic_errors_to_openai(exc.errors()) from None
+        ctx.check_model(req.model)
+        if isinstance(req, TokenizeChatRequest):
+            text = ctx.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt,
+                                           continue_final_message=req.continue_final_message,
+                                           extra=req.chat_template_kwargs)
+        else:
+            text = req.prompt
+        ids = ctx.encode(text, add_special_tokens=req.add_special_tokens)
+        strs = ctx.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids,
+                                token_strs=strs).model_dump(mode="json")
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        ctx.check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < ctx.vocab_size]
+        if bad:
+            raise invalid_request(f"tokens contains ids outside [0, {ctx.vocab_size}): {bad[:8]}", param="tokens")
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens)).model_dump(mode="json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _model_names(served_model_name, async_engine: AsyncLLMEngine) -> list[str]:
+    if isinstance(served_model_name, str):
+        return [served_model_name]
+    if served_model_name:
+        return list(served_model_name)
+    config = getattr(async_engine.engine, "config", None)
+    return [str(getattr(config, "model", "default"))]
+
+
+async def _json_object(raw: Request) -> dict:
+    try:
+        data = json.loads(await raw.body())
+    except (ValueError, UnicodeDecodeError):
+        raise invalid_request("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise invalid_request("the request body must be a JSON object")
+    return data
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if errors and errors[0].get("type") == "json_invalid":
+            return invalid_request("the request body is not valid JSON").response()
+        return pydantic_errors_to_openai(errors).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = OpenAIError(str(exc.detail), status=exc.status_code,
+                          code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return OpenAIError(str(exc), status=503, type="service_unavailable").response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return internal_error(f"internal error: {exc.__class__.__name__}: {exc}").response()
+
+
+class _ApiKeyMiddleware:
+    """Pure ASGI (so streaming and disconnect detection pass through untouched): /v1/* needs the Bearer key."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                await unauthorized().response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,102 @@
+"""Command-line flags of `python -m jaxpaged.server`: one kebab-case flag per EngineConfig field, plus the server's own.
+
+Flags are generated from the dataclass, so they always match `LLM(...)`'s arguments: an `int`
+field takes an int, an `int | None` field an int (default None), a `bool` field becomes
+`--flag/--no-flag`. Field comments in engine_config.py are not visible at runtime, so help texts
+for the common flags live here (others show their type and default).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+from jaxpaged.engine_config import EngineConfig
+
+_HELP = {
+    "model": "model name or path: an HF directory, a .gguf file, or the built-in smollm2-135m-instruct (the default)",
+    "tokenizer": "tokenizer name or path (default: the model's)",
+    "dtype": "parameter and activation dtype: float32 or bfloat16",
+    "max_model_len": "longest prompt + completion in tokens (default: min(model's max positions, 4096))",
+    "block_size": "tokens per KV-cache block",
+    "num_kv_blocks": "KV-cache blocks (default: from kv_cache_memory_bytes or max_num_seqs * max_model_len)",
+    "kv_cache_memory_bytes": "memory for the KV cache in bytes",
+    "max_num_seqs": "most sequences in one batch",
+    "max_num_batched_tokens": "token budget of one step",
+    "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
+    "seed": "engine seed for unseeded sampling",
+    "max_logprobs": "largest logprobs / top_logprobs a request may ask for",
+    "download_dir": "cache of converted parameters",
+    "compilation_cache_dir": "JAX persistent compilation cache",
+    "enforce_eager": "skip the warmup compilation",
+    "use_pallas": "attention through the Pallas kernels (else the jnp reference)",
+}
+
+SERVER_FLAGS = ("host", "port", "served_model_name", "api_key", "uvicorn_log_level", "engine_factory")
+
+
+def _base_type(hint) -> tuple[type, bool]:
+    """(the non-None type, whether None is allowed) of a field's annotation."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"cannot make a flag for {hint}")
+        return args[0], True
+    return hint, False
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("engine", "EngineConfig fields (the same names as LLM(...)'s arguments)")
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ, optional = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = _HELP.get(f.name, f.name.replace("_", " "))
+        if "default" not in help_text:
+            help_text += f" (default: {default})"
+        if typ is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=typ, default=default, help=help_text)
+    return parser
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxpaged.server",
+        description="jaxpaged OpenAI-compatible server (vLLM's flags and JSON).")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    server.add_argument("--served-model-name", nargs="+", default=None,
+                        help="model name(s) the API answers to; the first is reported (default: --model)")
+    server.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1/* (also read from $JAXPAGED_API_KEY)")
+    server.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"],
+                        help="uvicorn's log level (default: info)")
+    # test hook: "module:callable" called with the EngineConfig instead of LLMEngine
+    server.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
+    add_engine_args(parser)
+    return parser
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from parsed flags (its ValueError names the field)."""
+    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.field_names()})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineConfig]:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.port is not None and not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    return args, config

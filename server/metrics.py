@@ -1,0 +1,101 @@
+"""Prometheus metrics of the server, in their own CollectorRegistry, named `jaxpaged:*` like vLLM's `vllm:*`.
+
+Gauges and cumulative counters are refreshed from `engine.get_stats()` by the engine thread;
+latency histograms are observed per request (time to first token, time per output token after
+the first, end-to-end latency) by the async engine as outputs arrive.
+"""
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+# engine stat name -> metric attribute holding a cumulative counter fed by deltas
+_CUMULATIVE = {
+    "prompt_tokens_total": "prompt_tokens",
+    "generation_tokens_total": "generation_tokens",
+    "num_preemptions": "preemptions",
+    "prefix_cache_queries": "prefix_cache_queries",
+    "prefix_cache_hits": "prefix_cache_hits",
+}
+
+
+class ServerMetrics:
+    """All metrics for one served model. Thread-safe (prometheus-client is)."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name, doc):
+            return Gauge(f"jaxpaged:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"jaxpaged:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"jaxpaged:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).")
+        self.prefix_cache_hit_rate = gauge("prefix_cache_hit_rate",
+                                           "Prefix-cache hits / queries in tokens since start (0..1).")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+        self.preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
+        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Generation tokens processed.")
+        self.request_success = Counter("jaxpaged:request_success", "Finished requests by finish reason.",
+                                       ["model_name", "finished_reason"], registry=r)
+        self._model_name = model_name
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds", "Time per output token after the first.",
+                              _TPOT_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _E2E_BUCKETS)
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def update_from_stats(self, stats) -> None:
+        """Refreshes gauges and feeds counters the increase of each cumulative engine stat."""
+        get = (stats.get if isinstance(stats, dict) else lambda k, d=None: getattr(stats, k, d))
+        with self._lock:
+            for attr, gauge in (("num_running", self.num_requests_running),
+                                ("num_waiting", self.num_requests_waiting),
+                                ("kv_cache_usage", self.kv_cache_usage)):
+                value = get(attr)
+                if value is not None:
+                    gauge.set(float(value))
+            for key, attr in _CUMULATIVE.items():
+                value = get(key)
+                if value is None:
+                    continue
+                delta = float(value) - self._last.get(key, 0.0)
+                if delta > 0:
+                    getattr(self, attr).inc(delta)
+                self._last[key] = float(value)
+            queries, hits = get("prefix_cache_queries"), get("prefix_cache_hits")
+            if queries:
+                self.prefix_cache_hit_rate.set(float(hits or 0) / float(queries))
+
+    def observe_finished(self, finish_reason: str | None, arrival: float, first_token: float | None,
+                         finished: float, num_output_tokens: int) -> None:
+        self.request_success.labels(self._model_name, str(finish_reason)).inc()
+        self.e2e.observe(max(0.0, finished - arrival))
+        if first_token is not None and num_output_tokens > 1:
+            self.tpot.observe(max(0.0, finished - first_token) / (num_output_tokens - 1))
+
+    def observe_first_token(self, arrival: float, first_token: float) -> None:
+        self.ttft.observe(max(0.0, first_token - arrival))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

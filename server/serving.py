@@ -1,0 +1,289 @@
+"""What completions and chat share: model-name and prompt checks, SamplingParams from a request,
+logprob formatting, SSE framing, and running a request so that a client disconnect aborts it.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from functools import lru_cache
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from jaxpaged.sampling_params import SamplingParams
+from .errors import OpenAIError, from_value_error, invalid_request, not_found_model
+
+logger = logging.getLogger("jaxpaged.server")
+
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was ready."""
+
+
+class ServingContext:
+    """Per-app state shared by the handlers: the async engine, names, tokenizer and limits."""
+
+    def __init__(self, async_engine, served_model_names: list[str], metrics):
+        self.engine = async_engine
+        self.served_model_names = served_model_names
+        self.metrics = metrics
+        self.tokenizer = async_engine.get_tokenizer()
+        self.max_model_len = int(async_engine.max_model_len)
+        inner = async_engine.engine
+        model_config = getattr(inner, "model_config", None)
+        self.vocab_size = int(getattr(model_config, "vocab_size", 0) or len(self.tokenizer))
+        config = getattr(inner, "config", None)
+        self.max_logprobs = int(getattr(config, "max_logprobs", 20))
+        self.max_num_seqs = int(getattr(config, "max_num_seqs", 256))
+        self.model_path = str(getattr(config, "model", served_model_names[0]))
+        self.decode_token = lru_cache(maxsize=65536)(self._decode_token)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    # ------------------------------------------------------------ checks
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.served_model_names:
+            raise not_found_model(model)
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise invalid_request(f"{param} must not be empty", param=param)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise invalid_request(f"{param} contains token ids outside [0, {self.vocab_size}): {bad[:8]}",
+                                  param=param)
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,
+                           max_tokens_param: str) -> int:
+        """max_tokens to send to the engine; 400 when prompt + completion cannot fit in max_model_len."""
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise invalid_request(
+                f"This model's maximum context length is {limit} tokens. However, your request has "
+                f"{num_prompt_tokens} input tokens, which leaves no room for a completion. "
+                f"Please reduce the length of the {prompt_param}.", param=prompt_param)
+        if max_tokens is None:
+            return limit - num_prompt_tokens
+        if max_tokens >= 1 and num_prompt_tokens + max_tokens > limit:
+            raise invalid_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {prompt_param}, "
+                f"{max_tokens} in the completion). Please reduce the length of the {prompt_param} "
+                f"or completion.", param=max_tokens_param)
+        return max_tokens
+
+    def sampling_params(self, fields: dict, rename: dict[str, str] | None = None) -> SamplingParams:
+        """SamplingParams from request values (None means the default); ValueError -> 400 naming the field."""
+        kwargs = {k: v for k, v in fields.items() if v is not None and k in SAMPLING_FIELDS}
+        known = {name: name for name in SAMPLING_FIELDS}
+        known.update(rename or {})
+        n = kwargs.get("n", 1)
+        if isinstance(n, int) and n > self.max_num_seqs:
+            raise invalid_request(f"n must be <= max_num_seqs={self.max_num_seqs}, got {n}",
+                                  param=known["n"])
+        try:
+            params = SamplingParams(**kwargs)
+            params.validate(vocab_size=self.vocab_size, max_logprobs=self.max_logprobs,
+                            max_model_len=self.max_model_len)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise from_value_error(exc, known) from None
+        return params
+
+    # ------------------------------------------------------------ tokens
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _decode_token(self, token_id: int) -> str:
+        try:
+            return self.tokenizer.decode([token_id])
+        except Exception:  # noqa: BLE001 - an id the tokenizer does not know
+            return ""
+
+    def token_text(self, token_id: int, logprob) -> str:
+        text = getattr(logprob, "decoded_token", None)
+        return text if text is not None else self.decode_token(int(token_id))
+
+    def apply_chat_template(self, messages: list, *, add_generation_prompt: bool,
+                            continue_final_message: bool, extra: dict | None) -> str:
+        if not messages:
+            raise invalid_request("messages must not be empty", param="messages")
+        convo = []
+        for m in messages:
+            item = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                item["name"] = m.name
+            convo.append(item)
+        reserved = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
+                    "return_dict", "return_tensors", "padding", "truncation", "max_length", "tools",
+                    "documents", "chat_template", "tokenizer_kwargs", "return_assistant_tokens_mask"}
+        kwargs = {k: v for k, v in (extra or {}).items() if k not in reserved}
+        if continue_final_message and add_generation_prompt:
+            raise invalid_request("continue_final_message and add_generation_prompt cannot both be true",
+                                  param="continue_final_message")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                convo, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
+            raise invalid_request(f"messages could not be rendered with the chat template: {exc}",
+                                  param="messages") from None
+        if not isinstance(text, str):
+            raise invalid_request("the chat template did not produce a string", param="messages")
+        return text
+
+    # ------------------------------------------------------------ running requests
+
+    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, param_names):
+        """Adds one request to the engine; its ValueError becomes a 400."""
+        try:
+            return await self.engine.add_request(request_id, prompt_ids, params)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise from_value_error(exc, param_names) from None
+
+    async def add_all(self, items: list[tuple[str, list[int], SamplingParams]], param_names) -> list:
+        """Adds several requests; if one is rejected, aborts the ones already added."""
+        streams = []
+        try:
+            for request_id, ids, params in items:
+                streams.append(await self.add(request_id, ids, params, param_names))
+        except BaseException:
+            self.engine.abort([s.request_id for s in streams])
+            raise
+        return streams
+
+    async def final_outputs(self, raw: Request, streams: list) -> list:
+        """Waits for every stream's final RequestOutput; a client disconnect aborts them all."""
+        async def last(stream):
+            out = None
+            async for out in stream:
+                pass
+            return out
+
+        work = asyncio.ensure_future(asyncio.gather(*(last(s) for s in streams)))
+        watcher = asyncio.ensure_future(wait_for_disconnect(raw))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                return work.result()
+            raise ClientDisconnected()
+        finally:
+            for task in (work, watcher):
+                task.cancel()
+            await asyncio.gather(work, watcher, return_exceptions=True)
+            unfinished = [s.request_id for s in streams if not s.finished]
+            if unfinished:
+                self.engine.abort(unfinished)
+
+
+async def wait_for_disconnect(raw: Request) -> None:
+    """Returns when the ASGI server reports the client gone (the body has been read already)."""
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def merge_streams(streams: list) -> AsyncIterator[tuple[int, object]]:
+    """(index, RequestOutput) from several streams as they arrive; ends when all have finished."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            queue.put_nowait((i, None, exc))
+        finally:
+            queue.put_nowait((i, None, StopAsyncIteration()))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, out, exc = await queue.get()
+            if isinstance(exc, StopAsyncIteration):
+                remaining -= 1
+            elif exc is not None:
+                if isinstance(exc, asyncio.CancelledError):
+                    continue
+                raise exc
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
+                                                                separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    if isinstance(exc, OpenAIError):
+        return sse(exc.body())
+    return sse({"error": {"message": str(exc) or exc.__class__.__name__, "type": "internal_server_error",
+                          "param": None, "code": None}})
+
+
+class SSEResponse(StreamingResponse):
+    """text/event-stream that, whatever the ASGI spec version, stops and closes its body iterator
+    (whose `finally` aborts the engine requests) as soon as the client disconnects."""
+
+    def __init__(self, content, on_close=None):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def listen():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        stream_task = asyncio.ensure_future(self.stream_response(send))
+        listen_task = asyncio.ensure_future(listen())
+        try:
+            await asyncio.wait({stream_task, listen_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stream_task, listen_task):
+                task.cancel()
+            results = await asyncio.gather(stream_task, listen_task, return_exceptions=True)
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if self._on_close is not None:
+                self._on_close()
+        err = results[0]
+        if isinstance(err, BaseException) and not isinstance(err, (asyncio.CancelledError, OSError)):
+            logger.warning("stream ended with %r", err)
+
+
+def clamp_logprob(value: float) -> float:
+    value = float(value)
+    if value != value:  # NaN
+        return LOGPROB_FLOOR
+    return max(value, LOGPROB_FLOOR)
+
+
+def ordered_top(entry: dict, k: int) -> list[tuple[int, object]]:
+    """The top-k (token_id, Logprob) of one logprobs entry, by rank (ties keep insertion order)."""
+    ranked = [(tid, lp) for tid, lp in entry.items() if lp.rank is not None and 1 <= lp.rank <= k]
+    ranked.sort(key=lambda item: item[1].rank)
+    return ranked[:k]
