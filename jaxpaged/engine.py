@@ -1,0 +1,247 @@
+"""LLMEngine: add_request / step / abort_request over the scheduler and the model runner.
+
+One step:
+  scheduler.schedule()               which sequences advance by how many tokens (host, pure Python)
+  runner.execute(...)                the jitted step: model over the flat ragged batch + sampling
+  scheduler.update_from_output(...)  num_computed_tokens catch up; full blocks get prefix hashes
+  per sampled sequence               append the token, detokenize, logprobs, stop checks, finish
+  -> RequestOutput for every request that advanced (text cumulative, like vLLM)
+
+A user request with n > 1 is a group of n sequences (`<id>#<i>`) that share the prompt's blocks.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from jaxpaged.engine_config import EngineConfig
+from jaxpaged.outputs import RequestOutput
+from jaxpaged.request import Request, RequestStatus
+from jaxpaged.runner import ModelRunner, kv_bytes_per_block
+from jaxpaged.sampler import SamplingRow
+from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.scheduler import Scheduler
+from jaxpaged.sequence import RequestGroup, SequenceState
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_BYTES = 2 << 30   # cap of the default KV pool (2 GiB) when neither size is given
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_free_blocks: int
+    num_total_blocks: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache: a second start reuses compiled executables."""
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True, **kwargs):
+        from jaxpaged.convert import cache_root, load_model
+        from jaxpaged.models import build_state
+
+        config = config.replace(**kwargs) if config is not None else EngineConfig(**kwargs)
+        self.config = config
+        enable_compilation_cache(config.compilation_cache_dir
+                                 or os.path.join(cache_root(config.download_dir), "xla"))
+        loaded = load_model(config.model, dtype=config.dtype, cache_dir=config.download_dir,
+                            tokenizer=config.tokenizer, progress=progress)
+        self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.max_model_len = self._max_model_len()
+        graphdef, state = build_state(self.model_config, loaded.params, config.dtype)
+        state = jax.device_put(state)
+        num_blocks = self._num_blocks()
+        self.scheduler = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
+                                   max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len)
+        if not config.enforce_eager:
+            self.runner.warmup(progress=progress)
+        self._groups: dict[str, RequestGroup] = {}
+        self._seqs: dict[str, SequenceState] = {}
+        self._ids = itertools.count()
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig(**kwargs))
+
+    # ---- sizing -----------------------------------------------------------------------------------
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        want = self.config.max_model_len
+        if want is None:
+            return min(limit, 4096)
+        if want > limit:
+            raise ValueError(f"max_model_len: {want} exceeds the model's max_position_embeddings {limit}")
+        return want
+
+    def _num_blocks(self) -> int:
+        """Physical blocks incl. the null block 0."""
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, cfg.dtype)
+        if cfg.kv_cache_memory_bytes is not None:
+            n = cfg.kv_cache_memory_bytes // per_block
+            if n < 2:
+                raise ValueError(f"kv_cache_memory_bytes: {cfg.kv_cache_memory_bytes} holds fewer than 2 blocks "
+                                 f"of {per_block} bytes")
+            return int(n)
+        full = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) + 1
+        return int(max(2, min(full, DEFAULT_KV_CACHE_BYTES // per_block)))
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queues a request. prompt: str, list of token ids, or {"prompt": str} / {"prompt_token_ids": [...]}.
+
+        Raises ValueError naming the field for bad input; nothing is queued then.
+        """
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        request_id = str(request_id)
+        if request_id in self._groups:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        params.validate(vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs,
+                        max_model_len=self.max_model_len)
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: not supported yet by this engine")
+        self._check_length(ids)
+        arrival = arrival_time if arrival_time is not None else time.time()
+        group = RequestGroup(request_id, text, ids, params, arrival)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        seqs = []
+        for i in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(seq_id, ids, params, arrival)
+            seq = SequenceState(req, group, i, self.tokenizer, max_tokens=min(max_tokens, self.max_model_len - len(ids)))
+            group.seqs.append(seq)
+            self._seqs[seq_id] = seq
+            seqs.append(req)
+        self._groups[request_id] = group
+        if params.n == 1:
+            self.scheduler.add_request(seqs[0])
+        else:
+            self.scheduler.add_request_group(seqs)
+        self._prompt_tokens_total += len(ids)
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = [int(t) for t in prompt] if all(isinstance(t, (int, np.integer)) for t in prompt) else None
+            if ids is None:
+                raise ValueError("prompt_token_ids: must be a list of int")
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            return None, ids
+        raise ValueError(f"prompt: expected str or list of token ids, got {type(prompt).__name__}")
+
+    def _check_length(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt: must not be empty (0 tokens)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens is too long: max_model_len is {self.max_model_len} "
+                             f"(prompt plus at least one generated token)")
+        capacity = self.scheduler.max_tokens_per_request_capacity()
+        if len(ids) + 1 > capacity:
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit the KV cache ({capacity} tokens)")
+
+    def abort_request(self, request_id) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            group = self._groups.pop(rid, None)
+            if group is None:
+                continue
+            for seq in group.seqs:
+                self._seqs.pop(seq.request.request_id, None)
+                if not seq.finished:
+                    seq.finish("abort")
+                    self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        touched: dict[str, RequestGroup] = {}
+        for seq_id in out.finished:   # the scheduler gave up on these (they can never fit)
+            seq = self._seqs.get(seq_id)
+            if seq is not None and not seq.finished:
+                seq.finish("length")
+                touched[seq.group.request_id] = seq.group
+        if out.scheduled:
+            now = time.time()
+            rows = [self._seqs[s.request.request_id].sampling_row() if s.sample else None for s in out.scheduled]
+            result = self.runner.execute(out.scheduled, out.block_copies, rows)
+            self.scheduler.update_from_output(out)
+            for i, s in enumerate(out.scheduled):
+                seq = self._seqs[s.request.request_id]
+                seq.group.mark_scheduled(now)
+                if rows[i] is None:
+                    continue
+                self.scheduler.append_token(s.request.request_id, int(result.tokens[i]))
+                self._generation_tokens_total += 1
+                reason = seq.on_token(result, i, self.max_model_len, self.model_config.eos_token_ids)
+                if reason is not None:
+                    status = RequestStatus.FINISHED_LENGTH if reason == "length" else RequestStatus.FINISHED_STOPPED
+                    self.scheduler.finish_request(s.request.request_id, status)
+                touched[seq.group.request_id] = seq.group
+        outputs = []
+        for rid, group in touched.items():
+            outputs.append(group.to_output())
+            if group.finished:
+                self._groups.pop(rid, None)
+                for seq in group.seqs:
+                    self._seqs.pop(seq.request.request_id, None)
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        return EngineStats(s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries,
+                           s.prefix_cache_hits, s.num_preemptions, s.num_free_blocks, s.num_total_blocks,
+                           self._prompt_tokens_total, self._generation_tokens_total)

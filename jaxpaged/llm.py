@@ -1,0 +1,113 @@
+"""LLM: the offline API (vLLM's names). generate / chat / beam_search over one LLMEngine.
+
+    llm = LLM(model="smollm2-135m-instruct")
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=16))
+    outs[0].outputs[0].text
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from jaxpaged.engine import LLMEngine
+from jaxpaged.engine_config import DEFAULT_MODEL, EngineConfig
+from jaxpaged.outputs import RequestOutput
+from jaxpaged.sampling_params import SamplingParams
+
+
+class LLM:
+    """An offline engine. Keyword arguments are EngineConfig fields (see engine_config.py)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
+        unknown = set(kwargs) - set(EngineConfig.field_names())
+        if unknown:
+            raise ValueError(f"unknown LLM arguments {sorted(unknown)}; valid: {EngineConfig.field_names()}")
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.get_tokenizer()
+
+    # ---- generate -----------------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a str, a list of str, a list of token ids, a list of token-id lists, or dict prompts.
+
+        Returns one RequestOutput per prompt, in input order. All prompts are validated before any runs.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        ids = [str(next(self._counter)) for _ in prompts]
+        engine = self.llm_engine
+        added = []
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                engine.add_request(rid, prompt, p)
+                added.append(rid)
+        except Exception:
+            engine.abort_request(added)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while len(done) < len(ids) and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in set(ids):
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in done])
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    # ---- chat ---------------------------------------------------------------------------------------
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of conversations."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [{"prompt_token_ids": self.chat_prompt_ids(c, chat_template, add_generation_prompt,
+                                                             continue_final_message)} for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt_ids(self, conversation, chat_template=None, add_generation_prompt=True,
+                        continue_final_message=False) -> list[int]:
+        """Token ids of a conversation rendered through the tokenizer's chat template."""
+        tok = self.get_tokenizer()
+        for i, m in enumerate(conversation):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}]: each message needs 'role' and 'content'")
+        text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt and not continue_final_message,
+                                       continue_final_message=continue_final_message)
+        # the template already holds any special tokens (bos, role markers): add none
+        return list(tok.encode(text, add_special_tokens=False))
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]          # one prompt given as token ids
+    if not prompts:
+        raise ValueError("prompts: must not be empty")
+    return prompts
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"sampling_params: got {len(params)} for {n} prompts")
+    return params

@@ -1,0 +1,150 @@
+"""ModelRunner: owns the params, the paged KV cache and the jitted step; the ONLY place host data
+becomes device arrays.
+
+execute(scheduler_output):
+  1. copy-on-write block copies (a small jitted scatter, cache donated)
+  2. build flat ragged inputs on the host (step_inputs.py), padded to a (T, B) bucket
+  3. step(state, kv_cache, inputs, sampling) — jitted, kv_cache donated:
+       model.forward over [T] tokens -> hidden [T, H] -> rows of each sequence's last token [B, H]
+       -> logits [B, V] -> sample -> tokens [B] (+ logprobs)
+  4. one device->host transfer of the sampled ids (and requested logprobs)
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpaged.buckets import BucketError, BucketTable
+from jaxpaged.config import ModelConfig
+from jaxpaged.engine_config import EngineConfig
+from jaxpaged.models import jnp_dtype
+from jaxpaged.models.layers import AttentionMetadata, AttentionOptions
+from jaxpaged.sampler import SamplingTensors, needs_penalties, sample
+from jaxpaged.step_inputs import StepInputs, build_step_inputs
+
+logger = logging.getLogger(__name__)
+
+COPY_BUCKETS = (8, 64, 512)   # padded sizes of the copy-on-write list (pairs (0, 0) copy the null block)
+
+
+@dataclass
+class StepResult:
+    """Host-side results of one step, rows in scheduled order (padding rows dropped)."""
+    tokens: np.ndarray         # [n] int32
+    logprob: np.ndarray        # [n] f32  raw log-prob of each sampled token
+    rank: np.ndarray           # [n] int32
+    top_ids: np.ndarray | None        # [n, K] int32 when logprobs were requested
+    top_logprobs: np.ndarray | None   # [n, K] f32
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
+    itemsize = 2 if dtype == "bfloat16" else 4
+    return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
+
+
+def _step_impl(graphdef, opts, num_logprobs, use_penalties, state, kv_cache, inputs, sampling):
+    model = nnx.merge(graphdef, state)
+    meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
+                             inputs["query_start"])
+    hidden, kv_cache = model.forward(inputs["token_ids"], inputs["positions"], kv_cache, meta, opts)
+    last = jnp.take(hidden, inputs["logits_indices"], axis=0)      # [B, H]
+    logits = model.logits(last)                                    # [B, V] f32
+    out = sample(logits, sampling, num_logprobs=num_logprobs, use_penalties=use_penalties)
+    return kv_cache, out
+
+
+def _copy_blocks_impl(kv_cache, src, dst):
+    """kv_cache pages [L, KVH, NB, BS, D]: block dst[i] <- block src[i] in every layer and head."""
+    k, v = kv_cache
+    return k.at[:, :, dst].set(k[:, :, src]), v.at[:, :, dst].set(v[:, :, src])
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, graphdef, state,
+                 num_blocks: int, max_model_len: int):
+        self.config, self.model_config = config, model_config
+        self.block_size = config.block_size
+        self.num_blocks = num_blocks
+        self.table_width = -(-max_model_len // self.block_size)   # ceil: blocks of the longest sequence
+        self.buckets = BucketTable.build(config.max_num_batched_tokens, config.max_num_seqs)
+        self.state = state
+        self.eos_token_ids = tuple(model_config.eos_token_ids)
+        self.generator = np.random.default_rng(config.seed)
+        self.dtype = jnp_dtype(config.dtype)
+        shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
+                 model_config.head_dim)
+        self.kv_cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        opts = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
+                                sliding_window=model_config.sliding_window, use_pallas=config.use_pallas)
+        self._step = jax.jit(functools.partial(_step_impl, graphdef, opts),
+                             static_argnums=(0, 1), donate_argnums=(3,))
+        self._copy = jax.jit(_copy_blocks_impl, donate_argnums=(0,))
+
+    # ---- compile discipline -------------------------------------------------------------------
+    def num_compiled(self) -> int:
+        """Number of step executables compiled so far (the bucket table bounds it)."""
+        return self._step._cache_size()
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compiles the step for every (T, B) in the bucket table (default sampling variant)."""
+        from tqdm.auto import tqdm
+        pairs = self.buckets.pairs()
+        for t, b in tqdm(pairs, desc="Compiling step buckets", disable=not progress):
+            inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
+                                       num_tokens_padded=t, num_seqs_padded=b)
+            self._run(inputs, self._sampling([], b), num_logprobs=0, use_penalties=False)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def execute(self, scheduled, block_copies, sampling_rows) -> StepResult:
+        """Runs one step over `scheduled` (list of ScheduledRequest); returns rows for all of them.
+
+        sampling_rows: one SamplingRow per scheduled sequence (None where no token is sampled).
+        Variants (static): logprobs are computed with K = max_logprobs when any row asks for them;
+        the penalty path only when a row uses penalties.
+        """
+        want_lp = any(r is not None and r.params.logprobs is not None for r in sampling_rows)
+        num_logprobs = self.config.max_logprobs if want_lp else 0
+        use_penalties = needs_penalties(sampling_rows)
+        if block_copies:
+            self._copy_blocks(block_copies)
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        t, b = self.buckets.lookup(num_tokens, len(scheduled))
+        inputs = build_step_inputs(scheduled, block_size=self.block_size, table_width=self.table_width,
+                                   num_tokens_padded=t, num_seqs_padded=b)
+        out = self._run(inputs, self._sampling(sampling_rows, b, use_penalties), num_logprobs=num_logprobs, use_penalties=use_penalties)
+        n = len(scheduled)
+        host = jax.device_get(out)
+        top_ids = host.top_ids[:n] if num_logprobs else None
+        top_lp = host.top_logprobs[:n] if num_logprobs else None
+        return StepResult(host.tokens[:n], host.logprob[:n], host.rank[:n], top_ids, top_lp)
+
+    def _sampling(self, rows, pad_to: int, use_penalties: bool = False) -> SamplingTensors:
+        # Fixed widths keep the compiled shapes inside the table: the token history spans
+        # max_model_len (penalty variant only), banned ids 16 (more only for unusual stop lists).
+        banned = max(16, max((len(r.params.all_stop_token_ids(self.eos_token_ids)) for r in rows
+                              if r is not None), default=0))
+        return SamplingTensors.build(
+            rows, pad_to=pad_to, vocab_size=self.model_config.vocab_size, generator=self.generator,
+            eos_token_ids=self.eos_token_ids, history_len=self.table_width * self.block_size if use_penalties else 0,
+            banned_width=1 << (banned - 1).bit_length())
+
+    def _run(self, inputs: StepInputs, sampling, *, num_logprobs: int, use_penalties: bool):
+        arrays = {k: getattr(inputs, k) for k in ("token_ids", "positions", "slot_mapping", "block_tables",
+                                                  "seq_lens", "query_start", "logits_indices")}
+        self.kv_cache, out = self._step(num_logprobs, use_penalties, self.state, self.kv_cache, arrays, sampling)
+        return out
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        size = next((c for c in COPY_BUCKETS if c >= len(copies)), None)
+        if size is None:
+            raise BucketError(f"{len(copies)} block copies in one step exceed {COPY_BUCKETS[-1]}")
+        src = np.zeros(size, np.int32)
+        dst = np.zeros(size, np.int32)
+        src[: len(copies)], dst[: len(copies)] = zip(*copies)
+        self.kv_cache = self._copy(self.kv_cache, src, dst)

@@ -1,0 +1,66 @@
+"""Host-side construction of one step's flat, ragged model inputs (numpy), padded to a bucket.
+
+For scheduled sequence b with `start` computed tokens and `n` new ones, its tokens occupy flat rows
+query_start[b] .. query_start[b+1]-1 at positions start .. start+n-1; the token at position p is
+written to slot block_table[p // BS] * BS + p % BS. Rows past the real token count are padding:
+token 0, position 0, slot 0 (inside the null block 0, which no sequence reads). Padding sequences
+have seq_len 0 and q_len 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class StepInputs:
+    token_ids: np.ndarray       # [T] int32
+    positions: np.ndarray       # [T] int32
+    slot_mapping: np.ndarray    # [T] int32
+    block_tables: np.ndarray    # [B, W] int32
+    seq_lens: np.ndarray        # [B] int32   context incl. this step's tokens; 0 = padding sequence
+    query_start: np.ndarray     # [B+1] int32
+    logits_indices: np.ndarray  # [B] int32   flat row of each sequence's last token (0 for padding)
+    num_tokens: int             # real (unpadded) token count
+    num_seqs: int               # real (unpadded) sequence count
+
+
+def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_tokens_padded: int,
+                      num_seqs_padded: int) -> StepInputs:
+    """scheduled: list of ScheduledRequest (request, start, num_new_tokens, block_table)."""
+    t_pad, b_pad = num_tokens_padded, num_seqs_padded
+    token_ids = np.zeros(t_pad, np.int32)
+    positions = np.zeros(t_pad, np.int32)
+    slots = np.zeros(t_pad, np.int32)
+    block_tables = np.zeros((b_pad, table_width), np.int32)
+    seq_lens = np.zeros(b_pad, np.int32)
+    query_start = np.zeros(b_pad + 1, np.int32)
+    logits_indices = np.zeros(b_pad, np.int32)
+    row = 0
+    for b, s in enumerate(scheduled):
+        n, start = s.num_new_tokens, s.start
+        table = np.asarray(s.block_table, np.int32)
+        block_tables[b, : len(table)] = table
+        pos = np.arange(start, start + n, dtype=np.int32)
+        token_ids[row: row + n] = _token_slice(s.request, start, n)
+        positions[row: row + n] = pos
+        slots[row: row + n] = table[pos // block_size] * block_size + pos % block_size
+        seq_lens[b] = start + n
+        row += n
+        query_start[b + 1] = row
+        logits_indices[b] = row - 1
+    query_start[len(scheduled) + 1:] = row   # padding sequences: empty query ranges at the end
+    return StepInputs(token_ids, positions, slots, block_tables, seq_lens, query_start, logits_indices,
+                      num_tokens=row, num_seqs=len(scheduled))
+
+
+def _token_slice(request, start: int, n: int) -> list[int]:
+    """request's token ids [start, start+n) without concatenating prompt and output (hot path)."""
+    prompt, output = request.prompt_token_ids, request.output_token_ids
+    p = len(prompt)
+    if start >= p:
+        return output[start - p: start - p + n]
+    if start + n <= p:
+        return prompt[start: start + n]
+    return prompt[start:] + output[: start + n - p]
