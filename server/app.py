@@ -47,6 +47,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
             yield
         finally:
             await asyncio.to_thread(async_engine.stop)
+            logger.info("engine thread stopped")
 
     app = FastAPI(title="jaxpaged OpenAI-compatible server", version=jaxpaged.__version__, lifespan=lifespan)
     app.state.ctx = ctx
