@@ -239,7 +239,9 @@ def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None,
         config, params, tok = hit
         from_cache = True
     else:
-        config, params, tok = convert_source(source, dtype, progress, with_tokenizer=True)
+        # the source's own tokenizer is needed unless overridden, and always for a cache entry
+        config, params, tok = convert_source(source, dtype, progress,
+                                             with_tokenizer=tokenizer is None or write_cache)
         from_cache = False
         if write_cache:
             cache.write_entry(root, source, dtype, config, params, tok)

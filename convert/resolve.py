@@ -106,6 +106,11 @@ def _resolve_gguf(path: str) -> ModelSource:
 def _resolve_hf_dir(path: str) -> ModelSource:
     config = os.path.join(path, "config.json")
     if not os.path.isfile(config):
+        ggufs = sorted(f for f in os.listdir(path) if f.lower().endswith(".gguf"))
+        if len(ggufs) == 1:
+            return _resolve_gguf(os.path.join(path, ggufs[0]))
+        if ggufs:
+            raise ValueError(f"{path} holds several .gguf files {ggufs}; pass the one to load")
         raise FileNotFoundError(f"{config} not found: a Hugging Face model directory needs config.json")
     read_json(config, required=("model_type",))
     single = os.path.join(path, SAFETENSORS)

@@ -261,6 +261,26 @@ def test_truncated_safetensors(tiny_model_factory, tmp_path):
         load_model(d, progress=False)
 
 
+def test_tokenizer_override_and_missing_tokenizer(tiny_model_factory, tmp_path):
+    d = _copy(tiny_model_factory("llama"), tmp_path / "m")
+    for f in os.listdir(d):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            os.remove(os.path.join(d, f))
+    with pytest.raises(ValueError, match=r"could not load a tokenizer"):
+        load_model(d, progress=False)
+    m = load_model(d, tokenizer=tiny_model_factory("qwen2"), progress=False)
+    assert m.tokenizer.decode(m.tokenizer("Hello world").input_ids) == "Hello world"
+
+
+def test_dir_with_one_gguf_resolves_to_it(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"GGUF" + bytes(20))
+    s = resolve_model(str(tmp_path))
+    assert s.kind == "gguf" and s.path == str(tmp_path / "a.gguf")
+    (tmp_path / "b.gguf").write_bytes(b"GGUF" + bytes(20))
+    with pytest.raises(ValueError, match=r"several \.gguf files"):
+        resolve_model(str(tmp_path))
+
+
 def test_wrong_dtype_name(tiny_llama):
     with pytest.raises(ValueError, match=r"dtype.*float32.*bfloat16.*'float16'"):
         load_model(tiny_llama, dtype="float16", progress=False)
