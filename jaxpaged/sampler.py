@@ -12,7 +12,7 @@ its jitted step. Per row, in vLLM's order:
      min-p (s >= max + log(min_p)), top-k (s >= k-th largest) and top-p (the smallest set of most likely
      tokens of the min-p/top-k-filtered distribution whose mass reaches p, vLLM's rule); ties at a
      threshold are kept;
-  5. draw from the kept tokens by inverse CDF with two uniforms from the row's key (a two-level search:
+  5. draw from the kept tokens by inverse CDF with the row's two uniforms (a two-level search:
      groups of GROUP tokens, then one group), which is exact and far cheaper than Gumbel noise over V.
 
 Thresholds: one `lax.top_k` with a static cap (`topk_cap`) finds them for top_k <= cap and nuclei inside
@@ -20,9 +20,11 @@ the cap's candidates; any row beyond that sends the batch through an exact 32-st
 float bit patterns (no full sort: sorting [256, 49152] costs seconds on CPU). Both branches sit under
 `lax.cond`, so an all-greedy batch pays for neither.
 
-Keys: row key = fold_in(key_data, key_offset). For a seeded request key_data is PRNGKey(seed) and the
-offset the number of tokens it has generated, so its draws do not depend on the rest of the batch (or on
-preemption); unseeded rows get fresh random key data from the engine's numpy Generator each step.
+Randomness: each row carries its two uniforms, drawn on the host. A seeded request's pair is a
+counter-based hash (splitmix64) of (seed, number of tokens it has generated), so its draws do not depend
+on the rest of the batch, on its row, or on preemption; unseeded rows take theirs from the engine's numpy
+Generator. (Drawing them on device with jax.random.fold_in/uniform costs ~1.2 s of extra XLA compile per
+step shape on CPU and buys nothing: the host knows everything the draw depends on.)
 
 Logprobs are those of the raw model distribution (log_softmax of the unprocessed logits), rank is 1-based
 and counts tokens with logit >= the token's (vLLM's convention).
@@ -63,8 +65,7 @@ class SamplingTensors:
     presence_penalty: jax.Array    # [B] f32
     frequency_penalty: jax.Array   # [B] f32
     repetition_penalty: jax.Array  # [B] f32
-    key_data: jax.Array            # [B, 2] uint32; threefry key data (PRNGKey(seed) for seeded rows)
-    key_offset: jax.Array          # [B] i32; folded into the key (tokens generated so far, seeded rows)
+    uniforms: jax.Array            # [B, 2] f32 in [0, 1); the row's draws for this step
     banned_ids: jax.Array          # [B, S] i32; -1 padded; ids set to -inf this step (min_tokens)
     history: jax.Array             # [B, H] i32; -1 padded; prompt + output ids (H == 0 without penalties)
     prompt_len: jax.Array          # [B] i32; history[b, :prompt_len[b]] is the prompt
@@ -97,8 +98,8 @@ class SamplingTensors:
         presence = np.zeros(B, np.float32)
         frequency = np.zeros(B, np.float32)
         repetition = np.ones(B, np.float32)
-        key_data = gen.integers(0, 2 ** 32, size=(B, 2), dtype=np.uint32)
-        key_offset = np.zeros(B, np.int32)
+        uniforms = gen.random((B, 2), dtype=np.float32)
+        seeded_rows, seeds, offsets = [], [], []
         banned: list[list[int]] = [[] for _ in range(B)]
         any_pen, max_hist = False, 0
         for b, row in enumerate(rows):
@@ -113,8 +114,9 @@ class SamplingTensors:
                 top_p[b] = p.top_p
                 min_p[b] = p.min_p
                 if p.seed is not None:
-                    key_data[b] = seed_key_data(p.seed)
-                    key_offset[b] = n_out
+                    seeded_rows.append(b)
+                    seeds.append(p.seed % 2 ** 64)
+                    offsets.append(n_out)
             if p.uses_penalties:
                 presence[b] = p.presence_penalty
                 frequency[b] = p.frequency_penalty
@@ -143,8 +145,10 @@ class SamplingTensors:
                     raise ValueError(f"history_len={H} is too small for {len(ids)} prompt + output tokens")
                 history[b, :len(ids)] = ids
                 prompt_len[b] = len(row.prompt_token_ids)
-        return cls(temperature, top_k, top_p, min_p, presence, frequency, repetition, key_data,
-                   key_offset, banned_ids, history, prompt_len)
+        if seeded_rows:
+            uniforms[seeded_rows] = seeded_uniforms(np.array(seeds, np.uint64), np.array(offsets, np.uint64))
+        return cls(temperature, top_k, top_p, min_p, presence, frequency, repetition, uniforms,
+                   banned_ids, history, prompt_len)
 
 
 @jax.tree_util.register_dataclass
@@ -157,13 +161,22 @@ class SamplerOutput:
     top_logprobs: jax.Array  # [B, K] f32 their logprobs
 
 
-def seed_key_data(seed: int) -> np.ndarray:
-    """Threefry key data of a request seed: equals jax.random.PRNGKey(seed) for -2**31 <= seed < 2**32;
-    wider seeds keep their high 32 bits in the first word."""
-    if -2 ** 31 <= seed < 2 ** 32:
-        return np.array([0, seed & 0xFFFFFFFF], np.uint32)
-    v = seed % 2 ** 64
-    return np.array([v >> 32, v & 0xFFFFFFFF], np.uint32)
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on uint64 arrays (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def seeded_uniforms(seeds: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """[N, 2] f32 uniforms in [0, 1) of seeded rows: a hash of (seed, tokens generated so far) only.
+    seeds, offsets: [N] uint64 (seed taken modulo 2**64)."""
+    with np.errstate(over="ignore"):
+        h = _splitmix64(_splitmix64(np.asarray(seeds, np.uint64)) ^ np.asarray(offsets, np.uint64))
+    hi = (h >> np.uint64(40)).astype(np.float32)                       # top 24 bits
+    lo = ((h >> np.uint64(8)) & np.uint64(0xFFFFFF)).astype(np.float32)  # bits 8..31
+    return np.stack([hi, lo], axis=-1) * np.float32(2.0 ** -24)
 
 
 def needs_penalties(rows: Sequence[Optional[SamplingRow]]) -> bool:
@@ -206,6 +219,7 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: Optional[int]
     random_tokens = jax.lax.cond(jnp.any(~greedy), lambda: _random_sample(x, t, greedy, topk_cap),
                                  lambda: zeros)
     tokens = jnp.where(greedy, greedy_tokens, random_tokens)
+    tokens = jnp.where(t.temperature < 0.0, 0, tokens)             # padding rows
     if num_logprobs is None:
         return SamplerOutput(tokens, jnp.zeros((B,), jnp.float32), zeros, jnp.zeros((B, 0), jnp.int32),
                              jnp.zeros((B, 0), jnp.float32))
@@ -273,13 +287,6 @@ def _argmax(x: jax.Array) -> jax.Array:
     return (g * C + j).astype(jnp.int32)
 
 
-def _row_uniforms(t: SamplingTensors) -> jax.Array:
-    """[B, 2] uniforms in [0, 1) from each row's key fold_in(key_data, key_offset)."""
-    keys = jax.random.wrap_key_data(t.key_data, impl="threefry2x32")
-    keys = jax.vmap(jax.random.fold_in)(keys, t.key_offset)
-    return jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(keys)
-
-
 def _random_sample(x: jax.Array, t: SamplingTensors, greedy: jax.Array, topk_cap: int) -> jax.Array:
     temp = jnp.where(greedy, 1.0, t.temperature)
     s = x / temp[:, None]                                      # [B, V] scaled logits
@@ -287,7 +294,7 @@ def _random_sample(x: jax.Array, t: SamplingTensors, greedy: jax.Array, topk_cap
     e = jnp.exp(s - m[:, None])                                # [B, V] unnormalized probs, max 1
     thr = _thresholds(s, e, m, t, greedy, topk_cap)            # [B]: keep s >= thr
     w = jnp.where(s >= thr[:, None], e, 0.0)
-    return _categorical(w, _row_uniforms(t))
+    return _categorical(w, t.uniforms)
 
 
 def _thresholds(s, e, m, t: SamplingTensors, greedy, topk_cap: int) -> jax.Array:
