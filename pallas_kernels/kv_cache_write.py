@@ -47,8 +47,8 @@ def _kv_cache_write_kernel(layer_ref, slots_ref, k_new_ref, v_new_ref, k_in_ref,
     col = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
     head = h0 if heads == 1 else h0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     in_range = tok < num_tokens
-    tok = jnp.minimum(tok, num_tokens - 1)         # the last tile's overrun re-reads token T-1 (masked)
-    slot = slots_ref[tok]
+    tok = jnp.minimum(tok, num_tokens - 1)         # the last tile's overrun re-reads token T-1 ...
+    slot = jnp.where(in_range, slots_ref[tok], 0)  # ... and aims at the null block (store masked anyway)
     blk, off = lax.div(slot, block_size), lax.rem(slot, block_size)
     # Stores are masked only when a tile can overrun T; in interpret mode tiles divide T exactly.
     mask = None if num_tokens % token_tile == 0 else in_range
@@ -59,13 +59,18 @@ def _kv_cache_write_kernel(layer_ref, slots_ref, k_new_ref, v_new_ref, k_in_ref,
 # ----------------------------------------------------------------------------- pallas_call wrapper
 
 
-def _kv_cache_write_call(k5, v5, k_new, v_new, slot_mapping, layer_arr, *, interpret: bool):
+def _kv_cache_write_call(k5, v5, k_new, v_new, slot_mapping, layer_arr, *, interpret: bool,
+                         tile: tuple[int, int] | None):
     """k5/v5 [L, KVH, NB, BS, D]; k_new/v_new [T, KVH, D]; returns the updated (k5, v5)."""
     num_tokens, num_kv_heads, _ = k_new.shape
-    if interpret:
+    if tile is not None:
+        token_tile, heads = tile
+    elif interpret:
         token_tile, heads = num_tokens, num_kv_heads          # one program: one scatter
     else:
         token_tile, heads = _GPU_TOKEN_TILE, 1
+    if num_kv_heads % heads:
+        raise ValueError(f"kv_cache_write: tile {tile} does not divide {num_kv_heads} KV heads")
     kernel = functools.partial(_kv_cache_write_kernel, token_tile=token_tile, heads=heads,
                                block_size=k5.shape[3])
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
@@ -111,14 +116,16 @@ def _validate(k_pages, v_pages, k_new, v_new, slot_mapping, layer):
         fail(f"slot_mapping must be [{k_new.shape[0]}] int32")
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def kv_cache_write(k_pages, v_pages, k_new, v_new, slot_mapping, *, layer=None, interpret=None):
+@functools.partial(jax.jit, static_argnames=("interpret", "tile"))
+def kv_cache_write(k_pages, v_pages, k_new, v_new, slot_mapping, *, layer=None, interpret=None,
+                   tile: tuple[int, int] | None = None):
     """Writes k_new/v_new [T, KVH, D] at slot_mapping [T] (block * BS + offset) into the cache.
 
     k_pages/v_pages [KVH, NB, BS, D], or [L, KVH, NB, BS, D] with `layer` (int32 scalar, may be
     traced). Returns the updated (k_pages, v_pages); donate them under jit to write in place.
     Slots must be distinct except inside the null block 0 (padding). interpret=None: interpret
-    mode when the default backend is CPU, Triton otherwise.
+    mode when the default backend is CPU, Triton otherwise. `tile` = (tokens, KV heads) per
+    program overrides the default tiling (tests run the GPU tiling in interpret mode).
     """
     _validate(k_pages, v_pages, k_new, v_new, slot_mapping, layer)
     if interpret is None:
@@ -130,7 +137,7 @@ def kv_cache_write(k_pages, v_pages, k_new, v_new, slot_mapping, *, layer=None, 
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     k5, v5 = _kv_cache_write_call(k_pages, v_pages, k_new, v_new, slot_mapping, layer_arr,
-                                  interpret=interpret)
+                                  interpret=interpret, tile=tile)
     return (k5[0], v5[0]) if squeeze else (k5, v5)
 
 

@@ -39,6 +39,7 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 class Tiling:
     """Static tile sizes of one kernel instance (hashable: part of the jit cache key)."""
     q_tile: int          # TQ: query tokens per tile; rows per tile = TQ * group
+    q_tile_small: int    # tile for sequences with q_len <= q_tile_small (decodes): one such tile
     kv_pages: int        # pages per KV chunk; chunk = kv_pages * block_size positions
     heads: int           # KV heads handled by one program (1 on GPU)
     group: int           # Gp: GQA group size padded (power of two >= G on GPU, G on CPU)
@@ -50,12 +51,12 @@ def default_tiling(num_heads: int, num_kv_heads: int, block_size: int, interpret
     g = num_heads // num_kv_heads
     if interpret:
         # Few, fat loop iterations: the interpreter pays per op, not per flop.
-        return Tiling(q_tile=32, kv_pages=max(1, 256 // block_size), heads=num_kv_heads, group=g,
-                      q_splits=1, gather=False)
+        return Tiling(q_tile=64, q_tile_small=2, kv_pages=max(1, 64 // block_size),
+                      heads=num_kv_heads, group=g, q_splits=1, gather=False)
     gp = max(pl.next_power_of_2(g), 1)
     rows = 64                                 # >= 16 rows for tl.dot; 64 balances decode waste vs prefill reuse
-    return Tiling(q_tile=max(1, rows // gp), kv_pages=max(1, 64 // block_size), heads=1, group=gp,
-                  q_splits=4, gather=True)
+    return Tiling(q_tile=max(1, rows // gp), q_tile_small=max(1, 16 // gp),
+                  kv_pages=max(1, 64 // block_size), heads=1, group=gp, q_splits=4, gather=True)
 
 
 # ----------------------------------------------------------------------------- kernel body
@@ -87,8 +88,7 @@ def _ragged_paged_attention_kernel(
     # q_ref     [KVH, R, D]      R = (T + TQ) * Gp; row = token * Gp + g
     # k_ref / v_ref [L, KVH, NB, BS, D]  whole cache, left in HBM (pl.ANY)
     # o_ref     [KVH, R, D]      same row layout as q_ref; only this sequence's rows are stored
-    tq, gp, bs = tiling.q_tile, tiling.group, block_size
-    rows = tq * gp                                 # query rows in one tile
+    gp, bs = tiling.group, block_size
     chunk = tiling.kv_pages * bs                   # KV positions in one chunk
     max_blocks = bt_ref.shape[1]
     d = q_ref.shape[-1]
@@ -102,9 +102,6 @@ def _ragged_paged_attention_kernel(
     q_len = qs_ref[b + 1] - q_start
     seq_len = lens_ref[b]
     ctx = seq_len - q_len                          # position of the sequence's first query token
-    num_tiles = lax.div(q_len + tq - 1, tq)
-    # tile i belongs to split i % q_splits: this program's tiles are split, split + S, ...
-    my_tiles = lax.div(jnp.maximum(num_tiles - split, 0) + tiling.q_splits - 1, tiling.q_splits)
 
     def load_chunk(ref, c):
         """K or V positions [c * chunk, (c + 1) * chunk) of this sequence: [(H,) chunk, D]."""
@@ -125,19 +122,30 @@ def _ragged_paged_attention_kernel(
             parts.append(ref[layer, heads, page, :, :])
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)
 
-    def q_tile(t, carry):
-        i = split + t * tiling.q_splits            # tile index within the sequence
+    def tile_index(row0, rows):
+        """Index arrays of rows [row0, row0 + rows) of this program's heads: each [(H,) rows, D]."""
+        shape = (rows, d) if tiling.heads == 1 else (tiling.heads, rows, d)
+        row = row0 + lax.broadcasted_iota(jnp.int32, shape, len(shape) - 2)
+        col = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+        head = hb if tiling.heads == 1 else hb * tiling.heads + lax.broadcasted_iota(jnp.int32, shape, 0)
+        return head, row, col
+
+    def attend_tile(i, tq):
+        """Query tokens [i * tq, (i + 1) * tq) of the sequence (rows past q_len are not stored)."""
+        rows = tq * gp                             # query rows in the tile
         row0 = (q_start + i * tq) * gp             # first row of the tile in q_ref / o_ref
-        q = q_ref[heads, pl.ds(row0, rows), :]     # [(H,) rows, D]
+        # Tile rows are addressed with index arrays, not pl.ds: the interpreter discharges a
+        # sliced store by padding and copying the whole output, an indexed one is a scatter.
+        tile_idx = tile_index(row0, rows)
+        q = q_ref[tile_idx]                        # [(H,) rows, D]
         q = (q.astype(jnp.float32) * sm_scale).astype(dot_dtype)
-        # query position of each row (rows of one token share it), broadcast over the chunk
-        tok = i * tq + lax.div(lax.broadcasted_iota(jnp.int32, (rows, chunk), 0), gp)
-        q_pos = ctx + tok                          # [rows, chunk]
-        tile_last = ctx + jnp.minimum((i + 1) * tq, q_len)   # exclusive causal limit of the tile
+        # query position of each row (the Gp rows of one token share it), broadcast over the chunk
+        q_pos = ctx + i * tq + lax.div(lax.broadcasted_iota(jnp.int32, (rows, chunk), 0), gp)
+        tile_end = ctx + jnp.minimum((i + 1) * tq, q_len)    # exclusive causal limit of the tile
         lo = jnp.int32(0)
         if window is not None:                     # first position any row of the tile can see
             lo = jnp.maximum(ctx + i * tq - window + 1, 0)
-        c_lo, c_hi = lax.div(lo, chunk), lax.div(tile_last + chunk - 1, chunk)   # all >= 0
+        c_lo, c_hi = lax.div(lo, chunk), lax.div(tile_end + chunk - 1, chunk)   # all >= 0
 
         def kv_chunk(c, state):
             m, l, acc = state                      # running max [(H,) rows], sum [(H,) rows], out [(H,) rows, D]
@@ -167,12 +175,17 @@ def _ragged_paged_attention_kernel(
         _, l, acc = lax.fori_loop(c_lo, c_hi, kv_chunk, init)
         out = (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(o_ref.dtype)
         # store only rows of this sequence's queries (a tile may overrun into the next sequence)
-        valid = (i * tq + lax.div(lax.broadcasted_iota(jnp.int32, (rows, d), 0), gp)) < q_len
-        pl_triton.store(o_ref.at[heads, pl.ds(row0, rows), :], out,
-                        mask=jnp.broadcast_to(valid, out.shape))
-        return carry
+        valid = (i * tq + lax.div(lax.broadcasted_iota(jnp.int32, out.shape, out.ndim - 2), gp)) < q_len
+        pl_triton.store(o_ref.at[tile_idx], out, mask=valid)
 
-    lax.fori_loop(0, my_tiles, q_tile, 0)
+    # Two tile sizes, no branching: a sequence with q_len <= q_tile_small (decode, short chunk)
+    # runs one small tile on split 0; longer ones run big tiles, tile i on split i % q_splits.
+    small = q_len <= tiling.q_tile_small
+    n_small = jnp.where(small & (q_len > 0) & (split == 0), 1, 0)
+    n_big = jnp.where(small, 0, lax.div(q_len + tiling.q_tile - 1, tiling.q_tile))
+    my_big = lax.div(jnp.maximum(n_big - split, 0) + tiling.q_splits - 1, tiling.q_splits)
+    lax.fori_loop(0, n_small, lambda i, c: (attend_tile(i, tiling.q_tile_small), c)[1], 0)
+    lax.fori_loop(0, my_big, lambda t, c: (attend_tile(split + t * tiling.q_splits, tiling.q_tile), c)[1], 0)
 
 
 # ----------------------------------------------------------------------------- pallas_call wrapper
@@ -269,10 +282,11 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
     kvh, bs = k_pages.shape[1], k_pages.shape[3]
     g = nh // kvh
     tiling = tiling or default_tiling(nh, kvh, bs, interpret)
-    if not interpret and any(x & (x - 1) for x in (bs, d, tiling.q_tile * tiling.group)):
+    if not interpret and any(x & (x - 1) for x in (bs, d, tiling.q_tile * tiling.group,
+                                                     tiling.q_tile_small * tiling.group)):
         raise ValueError(f"ragged_paged_attention on GPU needs power-of-two block_size and head_dim, "
                          f"got k_pages {k_pages.shape}")
-    if kvh % tiling.heads or tiling.group < g:
+    if kvh % tiling.heads or tiling.group < g or tiling.q_tile_small > tiling.q_tile:
         raise ValueError(f"tiling {tiling} does not fit {kvh} KV heads with groups of {g}")
 
     # [T, NH, D] -> [KVH, (T + TQ) * Gp, D]: row = token * Gp + g; padding group heads and the
