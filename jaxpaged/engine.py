@@ -24,7 +24,7 @@ from jaxpaged.engine_config import EngineConfig
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.request import Request, RequestStatus
 from jaxpaged.runner import ModelRunner, kv_bytes_per_block
-from jaxpaged.sampler import SamplingRow
+from jaxpaged.detokenizer import TokenDecoder
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler
 from jaxpaged.sequence import RequestGroup, SequenceState
@@ -65,7 +65,7 @@ class LLMEngine:
         enable_compilation_cache(config.compilation_cache_dir
                                  or os.path.join(cache_root(config.download_dir), "xla"))
         loaded = load_model(config.model, dtype=config.dtype, cache_dir=config.download_dir,
-                            tokenizer=config.tokenizer, progress=progress)
+                            tokenizer=config.tokenizer, progress=progress, write_cache=True)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.max_model_len = self._max_model_len()
         graphdef, state = build_state(self.model_config, loaded.params, config.dtype)
@@ -79,6 +79,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len)
         if not config.enforce_eager:
             self.runner.warmup(progress=progress)
+        self._decode_token = TokenDecoder(self.tokenizer)
         self._groups: dict[str, RequestGroup] = {}
         self._seqs: dict[str, SequenceState] = {}
         self._ids = itertools.count()
@@ -138,12 +139,12 @@ class LLMEngine:
         self._check_length(ids)
         arrival = arrival_time if arrival_time is not None else time.time()
         group = RequestGroup(request_id, text, ids, params, arrival)
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
         seqs = []
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(seq_id, ids, params, arrival)
-            seq = SequenceState(req, group, i, self.tokenizer, max_tokens=min(max_tokens, self.max_model_len - len(ids)))
+            seq = SequenceState(req, group, i, self.tokenizer, eos_token_ids=self.model_config.eos_token_ids,
+                                max_model_len=self.max_model_len, decode_token=self._decode_token)
             group.seqs.append(seq)
             self._seqs[seq_id] = seq
             seqs.append(req)
@@ -196,7 +197,7 @@ class LLMEngine:
             for seq in group.seqs:
                 self._seqs.pop(seq.request.request_id, None)
                 if not seq.finished:
-                    seq.finish("abort")
+                    seq.abort()
                     self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
@@ -212,7 +213,7 @@ class LLMEngine:
         for seq_id in out.finished:   # the scheduler gave up on these (they can never fit)
             seq = self._seqs.get(seq_id)
             if seq is not None and not seq.finished:
-                seq.finish("length")
+                seq.finish_length()
                 touched[seq.group.request_id] = seq.group
         if out.scheduled:
             now = time.time()
@@ -226,7 +227,7 @@ class LLMEngine:
                     continue
                 self.scheduler.append_token(s.request.request_id, int(result.tokens[i]))
                 self._generation_tokens_total += 1
-                reason = seq.on_token(result, i, self.max_model_len, self.model_config.eos_token_ids)
+                reason = seq.on_token(result, i)
                 if reason is not None:
                     status = RequestStatus.FINISHED_LENGTH if reason == "length" else RequestStatus.FINISHED_STOPPED
                     self.scheduler.finish_request(s.request.request_id, status)
