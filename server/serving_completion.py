@@ -57,7 +57,10 @@ def completion_logprobs(ctx: ServingContext, token_ids: list[int], entries: list
             result.top_logprobs.append(None)
             continue
         result.token_logprobs.append(clamp_logprob(lp.logprob))
-        top = {ctx.token_text(t, l): clamp_logprob(l.logprob) for t, l in ordered_top(entry, k)}
+        # keyed by text (OpenAI's shape): tokens that decode alike keep the best-ranked value
+        top: dict[str, float] = {}
+        for t, l in ordered_top(entry, k):
+            top.setdefault(ctx.token_text(t, l), clamp_logprob(l.logprob))
         top.setdefault(token, clamp_logprob(lp.logprob))
         result.top_logprobs.append(top)
     return result
