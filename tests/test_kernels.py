@@ -12,6 +12,8 @@ from pallas_kernels import (Tiling, kv_cache_write, kv_cache_write_reference, ra
 from pallas_kernels.ragged_paged_attention import default_tiling
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+_STATIC = ("sm_scale", "soft_cap", "sliding_window", "interpret")
+attention_reference = jax.jit(ragged_paged_attention_reference, static_argnames=_STATIC)
 
 
 def make_batch(q_lens, seq_lens, *, num_heads, num_kv_heads, head_dim, block_size, dtype=jnp.float32,
@@ -66,7 +68,7 @@ def attend(x, fn=ragged_paged_attention, **kw):
 def check_against_reference(x, **kw):
     out = attend(x, **kw)
     kw.pop("tiling", None)
-    ref = attend(x, ragged_paged_attention_reference, **kw)
+    ref = attend(x, attention_reference, **kw)
     out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert out.dtype == x["q"].dtype and out.shape == x["q"].shape
     assert np.isfinite(out32).all(), "kernel output has NaN/inf (read a page it must not)"
@@ -151,7 +153,7 @@ def test_reference_reads_only_its_layer():
     poisoned = dict(x, k=x["k"].at[0].set(jnp.nan), v=x["v"].at[0].set(jnp.nan))
     layer = jnp.int32(1)
     a = attend(poisoned, layer=layer)
-    b = attend(poisoned, ragged_paged_attention_reference, layer=layer)
+    b = attend(poisoned, attention_reference, layer=layer)
     assert np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
@@ -221,7 +223,7 @@ def test_kv_cache_write_then_attend_under_donation():
     kr, vr = kv_cache_write_reference(x["k"], x["v"], k_new, k_new, jnp.asarray(slots, jnp.int32),
                                       layer=jnp.int32(1))
     np.testing.assert_array_equal(_without_null_block(k2), _without_null_block(kr))
-    ref = ragged_paged_attention_reference(x["q"], kr, vr, x["block_tables"], x["seq_lens"],
+    ref = attention_reference(x["q"], kr, vr, x["block_tables"], x["seq_lens"],
                                            x["query_start"], sm_scale=0.125, layer=jnp.int32(1))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
