@@ -1,0 +1,73 @@
+"""The Pallas kernels compiled for a real GPU (interpret=False, Triton) against the jnp references.
+
+Marked `gpu`; skipped where jax sees no GPU. Shapes reuse tests/test_kernels.py's builder
+(NaN in every page the kernel must not read, permuted tables, padding rows/sequences).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import kv_cache_write, kv_cache_write_reference
+from tests.test_kernels import (_without_null_block, boundary_lengths, check_against_reference,
+                                make_batch, make_write)
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_gpu(), reason="no GPU visible to jax")]
+
+
+@pytest.mark.parametrize("block_size,num_heads,num_kv_heads,head_dim",
+                         [(8, 2, 2, 64), (16, 6, 2, 128), (32, 8, 1, 64), (16, 24, 8, 128)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_page_boundaries_on_gpu(block_size, num_heads, num_kv_heads, head_dim, dtype):
+    width = 4
+    lens = boundary_lengths(block_size, width)
+    x = make_batch([1] * len(lens) + lens, lens + lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, block_size=block_size, width=width, dtype=dtype)
+    check_against_reference(x, interpret=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mixed_batch_on_gpu(dtype):
+    rng = np.random.default_rng(1)
+    dec_lens = [int(n) for n in rng.integers(1, 2000, 100)]
+    q_lens = [512, 300, 100, 5] + [1] * len(dec_lens)
+    seq_lens = [512, 900, 1300, 40] + dec_lens
+    x = make_batch(q_lens, seq_lens, num_heads=12, num_kv_heads=4, head_dim=64, block_size=16,
+                   dtype=dtype, pad_seqs=3, pad_tokens=40)
+    check_against_reference(x, interpret=False)
+
+
+@pytest.mark.parametrize("soft_cap,window", [(30.0, None), (None, 100), (20.0, 37)])
+def test_soft_cap_and_sliding_window_on_gpu(soft_cap, window):
+    q_lens, seq_lens = [1, 1, 200, 70, 1], [900, 16, 200, 400, 130]
+    x = make_batch(q_lens, seq_lens, num_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
+                   window=window)
+    check_against_reference(x, interpret=False, soft_cap=soft_cap, sliding_window=window)
+
+
+def test_layer_form_on_gpu():
+    x = make_batch([64, 1, 1], [100, 20, 64], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                   num_layers=3, dtype=jnp.bfloat16)
+    check_against_reference(x, interpret=False, layer=jnp.int32(2))
+
+
+@pytest.mark.parametrize("num_layers", [None, 3])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kv_cache_write_on_gpu(num_layers, dtype):
+    k, v, k_new, v_new, slots = make_write(45, 6, num_layers=num_layers, dtype=dtype, head_dim=128)
+    layer = None if num_layers is None else jnp.int32(1)
+    out = kv_cache_write(k, v, k_new, v_new, slots, layer=layer, interpret=False)
+    ref = kv_cache_write_reference(k, v, k_new, v_new, slots, layer=layer)
+    for a, r in zip(out, ref):
+        np.testing.assert_array_equal(_without_null_block(a), _without_null_block(r))
