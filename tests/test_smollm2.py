@@ -1,0 +1,65 @@
+"""The built-in SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized): greedy tokens equal transformers'.
+
+The reference model is transformers' LlamaForCausalLM filled by transformers' own GGUF reader
+(`load_gguf_checkpoint`, the tensor step of `from_pretrained(gguf_file=...)`), independent of our
+converter; the prompts go through the engine in one batch.
+"""
+import functools
+
+import gguf
+import pytest
+import torch
+
+from jaxpaged import LLM, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+N_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_gguf):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    get_map = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(get_map)   # speeds up transformers' mapping
+    try:
+        with torch.device("meta"):
+            meta = LlamaForCausalLM(LlamaConfig(num_hidden_layers=30, tie_word_embeddings=True))
+        parsed = gguf_utils.load_gguf_checkpoint(smollm2_gguf, return_tensors=True, model_to_load=meta)
+    finally:
+        gguf.get_tensor_name_map = get_map
+    cfg = parsed["config"]
+    config = LlamaConfig(**{**{k: v for k, v in cfg.items() if k != "model_type"}, "tie_word_embeddings": True})
+    model = LlamaForCausalLM(config).eval()
+    missing, _ = model.load_state_dict({k: v.float() for k, v in parsed["tensors"].items()}, strict=False)
+    assert set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
+    return model
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM("smollm2-135m-instruct", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
+               enforce_eager=True, download_dir=str(tmp_path_factory.mktemp("smol-cache")))
+
+
+def test_greedy_tokens_equal_transformers_and_paris(llm, hf_smollm2):
+    tok = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=N_NEW, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            ref = hf_smollm2.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=2,
+                                      eos_token_id=None)[0, ids.shape[1]:].tolist()
+        assert out.outputs[0].token_ids == ref, prompt
+    assert outs[0].outputs[0].text.strip().startswith("Paris")
+
+
+def test_chat_template_generates_an_answer(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0]
+    assert "Paris" in out.text
+    assert out.finish_reason in ("stop", "length")
