@@ -1,0 +1,38 @@
+"""Compile discipline: warmup() compiles the bucket table; a mixed workload afterwards compiles nothing."""
+import numpy as np
+import pytest
+
+from jaxpaged import LLM, SamplingParams
+from jaxpaged.buckets import BucketError, BucketTable
+
+
+def test_bucket_table_lookup_and_out_of_table_raises():
+    table = BucketTable.build(max_num_batched_tokens=64, max_num_seqs=8)
+    assert table.token_buckets == (16, 32, 64) and table.seq_buckets == (4, 8)
+    assert table.lookup(1, 1) == (16, 4)
+    assert table.lookup(17, 5) == (32, 8)
+    assert all(b <= t for t, b in table.pairs())
+    with pytest.raises(BucketError):
+        table.lookup(65, 1)
+    with pytest.raises(BucketError):
+        table.lookup(10, 9)
+
+
+def test_mixed_workload_after_warmup_compiles_nothing(tiny_llama, tmp_path):
+    llm = LLM(tiny_llama, max_model_len=128, block_size=8, max_num_seqs=8, max_num_batched_tokens=64,
+              download_dir=str(tmp_path))
+    runner = llm.llm_engine.runner
+    compiled = runner.num_compiled()
+    assert compiled == len(runner.buckets.pairs())
+    rng = np.random.default_rng(0)
+    prompts, params = [], []
+    for i in range(100):
+        prompts.append(rng.integers(3, 320, int(rng.integers(1, 90))).tolist())
+        params.append(SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.0])), top_p=float(rng.choice([1.0, 0.9])),
+                                     top_k=int(rng.choice([0, 5])), seed=int(rng.integers(0, 5)) if i % 3 else None,
+                                     max_tokens=int(rng.integers(1, 30)), min_tokens=int(rng.integers(0, 2)),
+                                     ignore_eos=bool(i % 2)))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) >= 1 for o in outs] == [True] * 100
+    assert runner.num_compiled() == compiled
+    assert llm.llm_engine.get_stats().kv_cache_usage == 0.0
