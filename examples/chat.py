@@ -10,7 +10,9 @@ from jaxpaged import LLM, SamplingParams
 
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m-instruct"
-    llm = LLM(model=model)
+    # enforce_eager: skip warmup(), which compiles every bucket shape up front (minutes on CPU);
+    # a short script compiles only the few shapes it uses, on first use.
+    llm = LLM(model=model, enforce_eager=True)
     messages = [
         {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
         {"role": "user", "content": "What is the capital of France?"},

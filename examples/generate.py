@@ -19,7 +19,9 @@ PROMPTS = [
 
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m-instruct"
-    llm = LLM(model=model)
+    # enforce_eager: skip warmup(), which compiles every bucket shape up front (minutes on CPU);
+    # a short script compiles only the few shapes it uses, on first use.
+    llm = LLM(model=model, enforce_eager=True)
     params = SamplingParams(temperature=0.0, max_tokens=32)  # temperature 0 = greedy
     for out in llm.generate(PROMPTS, params):
         print(f"prompt: {out.prompt!r}")
