@@ -139,6 +139,32 @@ def run_kernel_benchmark(cases: list[Case] | None = None, *, num_heads=8, num_kv
     return rows
 
 
+def run_decode_bandwidth(contexts=(1024, 2048, 4096, 8192, 16384, 32768), *, num_seqs=16, num_heads=32,
+                         num_kv_heads=8, head_dim=128, block_size=16, dtype=jnp.bfloat16, repeats=10,
+                         interpret: bool | None = None) -> list[dict]:
+    """Decode attention's effective HBM bandwidth (K+V bytes read / time) per context length,
+    next to the device's copy bandwidth (2 x bytes / time of copying a same-sized array).
+    Meant for a GPU; rows: context, kernel_ms, kernel_gbps, copy_gbps, fraction."""
+    dtype = jnp.dtype(dtype)
+    rows = []
+    attend = jax.jit(lambda q, k, v, bt, sl, qs: ragged_paged_attention(
+        q, k, v, bt, sl, qs, sm_scale=head_dim ** -0.5, interpret=interpret))
+    copy = jax.jit(lambda x: x + 1)              # reads and writes every byte once
+    for ctx in contexts:
+        case = Case(f"decode ctx {ctx}", (1,) * num_seqs, (ctx,) * num_seqs)
+        x = _make_inputs(case, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         block_size=block_size, num_layers=1, dtype=dtype)
+        k, v = x["k"][0], x["v"][0]
+        ms, _ = _time(attend, (x["q"], k, v, x["bt"], x["lens"], x["qs"]), repeats)
+        kv_bytes = 2 * num_seqs * ctx * num_kv_heads * head_dim * dtype.itemsize
+        copy_ms, _ = _time(copy, (k,), repeats)
+        copy_gbps = 2 * k.size * dtype.itemsize / copy_ms / 1e6
+        rows.append(dict(context=ctx, seqs=num_seqs, kernel_ms=ms, kernel_gbps=kv_bytes / ms / 1e6,
+                         copy_gbps=copy_gbps, fraction=kv_bytes / ms / 1e6 / copy_gbps,
+                         backend=jax.default_backend()))
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'case':<26} {'op':<10} {'T':>5} {'B':>4} {'ctx':>7} {'kernel ms':>10} {'ref ms':>9} {'k/ref':>6} {'max err':>9}"
     lines = [head, "-" * len(head)]
@@ -158,7 +184,15 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--scale", type=int, default=1, help="multiply context lengths")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bandwidth", action="store_true",
+                   help="decode bandwidth at contexts 1k..32k vs copy bandwidth (for a GPU)")
     a = p.parse_args(argv)
+    if a.bandwidth:
+        print(f"{'context':>8} {'seqs':>5} {'kernel ms':>10} {'GB/s':>8} {'copy GB/s':>10} {'fraction':>9}")
+        for r in run_decode_bandwidth(dtype=a.dtype, block_size=a.block_size):
+            print(f"{r['context']:>8} {r['seqs']:>5} {r['kernel_ms']:>10.3f} {r['kernel_gbps']:>8.1f} "
+                  f"{r['copy_gbps']:>10.1f} {r['fraction']:>9.2f}")
+        return
     rows = run_kernel_benchmark(default_cases(a.scale), num_heads=a.heads, num_kv_heads=a.kv_heads,
                                 head_dim=a.head_dim, block_size=a.block_size, dtype=a.dtype,
                                 repeats=a.repeats)

@@ -244,8 +244,8 @@ def _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, s
         fail(f"head_dim of q ({d}) and the cache ({dk}) differ")
     if nh % kvh:
         fail(f"query heads ({nh}) must be a multiple of KV heads ({kvh})")
-    if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:
-        fail("block_tables must be [B, W] int32")
+    if block_tables.ndim != 2 or block_tables.dtype != jnp.int32 or 0 in block_tables.shape:
+        fail("block_tables must be [B, W] int32 with B, W >= 1")
     b = block_tables.shape[0]
     if seq_lens.shape != (b,) or seq_lens.dtype != jnp.int32:
         fail(f"seq_lens must be [{b}] int32")

@@ -30,7 +30,7 @@ def make_batch(q_lens, seq_lens, *, num_heads, num_kv_heads, head_dim, block_siz
     seq_lens = list(seq_lens) + [0] * pad_seqs
     b, bs = len(q_lens), block_size
     pages = [-(-s // bs) for s in seq_lens]
-    width = width or max(pages)
+    width = width or max(pages + [1])
     spare = 4
     num_blocks = 1 + sum(pages) + spare
     perm = rng.permutation(np.arange(1, num_blocks))       # shuffled: tables are non-contiguous
@@ -113,6 +113,16 @@ def test_soft_cap_and_sliding_window(soft_cap, window):
     x = make_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=2, head_dim=64, block_size=8,
                    window=window)
     check_against_reference(x, soft_cap=soft_cap, sliding_window=window)
+
+
+@pytest.mark.parametrize("q_lens,seq_lens,pad_tokens,pad_seqs", [
+    ([1], [1], 0, 0),          # one decode token, nothing padded
+    ([0, 0], [0, 0], 4, 0),    # an all-padding batch: every row comes back 0
+])
+def test_edge_batches(q_lens, seq_lens, pad_tokens, pad_seqs):
+    x = make_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=1, head_dim=64, block_size=16,
+                   pad_tokens=pad_tokens, pad_seqs=pad_seqs)
+    check_against_reference(x)
 
 
 def test_gpu_tiling_in_interpret_mode():
