@@ -12,7 +12,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .errors import invalid_request
+from .errors import OpenAIError, invalid_request
 from .protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse, CompletionResponseChoice,
                        UsageInfo, random_id)
 from .serving import (SAMPLING_FIELDS, ClientDisconnected, ServingContext, SSEResponse, clamp_logprob, merge_streams,
@@ -90,7 +90,15 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             spaces_between_special_tokens=req.spaces_between_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output))
         items.append((f"{request_id}-{i}", ids, params))
-    streams = await ctx.add_all(items, _PARAM_NAMES)
+    try:
+        streams = await ctx.add_all(items, _PARAM_NAMES)
+    except OpenAIError as exc:
+        if exc.param != "prompt_logprobs":
+            raise
+        # an engine without prompt logprobs: echo the prompt with null logprobs for its tokens
+        for _, _, params in items:
+            params.prompt_logprobs = None
+        streams = await ctx.add_all(items, _PARAM_NAMES)
     created = int(time.time())
     if req.stream:
         gen = _stream(ctx, req, request_id, created, prompts, streams)

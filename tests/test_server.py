@@ -402,11 +402,17 @@ def test_n2_logprobs_stop(server):
     assert len(r.choices) == 2 and r.usage.completion_tokens <= 12
     full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 2]
-    if stop.strip():
-        c = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
-                                      extra_body={"ignore_eos": True}).choices[0]
-        assert c.finish_reason == "stop" and c.text == full[:full.find(stop)]
+    # a stop string from the middle of the greedy text (random weights: any printable piece will do)
+    at = next(i for i in range(len(full) // 2, len(full)) if full[i].isprintable() and full[i] != "\ufffd")
+    stop = full[at]
+    c = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True}).choices[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop and c.text == full[:full.find(stop)]
+    # echo + logprobs: the prompt comes back first (with logprobs where the engine provides them)
+    r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    lp, n_prompt = r.choices[0].logprobs, r.usage.prompt_tokens
+    assert r.choices[0].text.startswith(PROMPT) and len(lp.tokens) == n_prompt + r.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.text_offset[0] == 0
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                        temperature=0, logprobs=True, top_logprobs=2)
     content = r.choices[0].logprobs.content
