@@ -1,7 +1,9 @@
 """`python -m jaxpaged.server [--model M] [--host H] [--port P] [engine flags...]`: build the engine, serve with uvicorn.
 
-Shutdown on SIGINT/SIGTERM is uvicorn's: it stops accepting, lets open responses finish for a few
-seconds, then runs the app's lifespan exit, which aborts what is left and stops the engine thread.
+Shutdown on SIGINT/SIGTERM: uvicorn stops accepting connections; at the same moment the async
+engine aborts every request in flight and ends their responses (an SSE error event then [DONE],
+or a 503), so uvicorn's grace period (5 s) is rarely needed; the app's lifespan exit then stops the
+engine thread and the process exits with status 0.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import logging
 import os
 import signal
 import sys
+
+import uvicorn
 
 from .cli import parse_args
 
@@ -27,8 +31,6 @@ def make_engine(config, factory: str | None = None):
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from .app import build_app
 
     logger.info("loading %s", config.model)
@@ -40,10 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     # afterwards re-raises the signal to the handler that was installed before it: make that a clean exit.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                   timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    _Server(server_config, app.state.async_engine).run()
     logger.info("server stopped")
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that, when a shutdown signal arrives, also ends the open streams at once
+    (the engine aborts their requests) instead of letting them run into the grace timeout."""
+
+    def __init__(self, config, async_engine):
+        super().__init__(config)
+        self.async_engine = async_engine
+
+    def handle_exit(self, sig, frame):
+        self.async_engine.begin_shutdown()
+        super().handle_exit(sig, frame)
 
 
 def _exit_cleanly(signum, frame):

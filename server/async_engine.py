@@ -69,7 +69,7 @@ class RequestStream:
 
 @dataclass
 class _Command:
-    kind: str                     # "add" | "abort"
+    kind: str                     # "add" | "abort" | "shutdown"
     request_id: str | list[str]
     prompt: Any = None
     params: Any = None
@@ -95,6 +95,7 @@ class AsyncLLMEngine:
         self._timing: dict[str, _Timing] = {}
         self.last_stats = None
         self.dead_error: BaseException | None = None
+        self._accepting = True
 
     # ------------------------------------------------------------ lifecycle (event loop side)
 
@@ -115,6 +116,13 @@ class AsyncLLMEngine:
         self._thread.join(timeout)
         self._thread = None
 
+    def begin_shutdown(self) -> None:
+        """Thread- and signal-safe: refuse new requests, abort the running ones and end their streams
+        with an error now, so open responses finish instead of holding the shutdown up."""
+        self._accepting = False
+        self._commands.put(_Command("shutdown", ""))
+        self._wake.set()
+
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -124,8 +132,8 @@ class AsyncLLMEngine:
     async def add_request(self, request_id: str, prompt, params,
                           arrival_time: float | None = None) -> RequestStream:
         """Queues a request; returns its stream once the engine accepted it (raises its ValueError)."""
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running")
+        if not self.is_running or not self._accepting:
+            raise EngineDeadError("the engine is not running" if self._accepting else "the server is shutting down")
         stream = RequestStream(request_id)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(_Command("add", request_id, prompt, params,
@@ -202,8 +210,10 @@ class AsyncLLMEngine:
             applied = True
             if cmd.kind == "add":
                 self._apply_add(cmd)
-            else:
+            elif cmd.kind == "abort":
                 self._apply_abort(cmd.request_id)
+            else:
+                self._abort_everything()
         if applied:
             self._refresh_stats()
 
@@ -299,6 +309,10 @@ class AsyncLLMEngine:
                 break
             if cmd.kind == "add" and not cmd.future.done():
                 cmd.future.set_exception(EngineDeadError("the server is shutting down"))
+        self._abort_everything()
+        self._refresh_stats()
+
+    def _abort_everything(self) -> None:
         ids = list(self._streams)
         if ids:
             try:
@@ -306,7 +320,6 @@ class AsyncLLMEngine:
             except Exception:  # noqa: BLE001
                 logger.exception("abort at shutdown failed")
         self._fail_all(EngineDeadError("the server is shutting down"))
-        self._refresh_stats()
 
 
 def _deliver(deliveries) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -530,9 +531,32 @@ def test_errors_keep_serving(server):
 
 
 def test_zz_sigterm_graceful_shutdown(server):
-    """Last in the module: SIGTERM stops the process with exit code 0 (the fixture's stop is then a no-op)."""
+    """Last in the module: SIGTERM with a stream in flight ends that stream ([DONE]) and the process
+    (exit status 0) promptly; the fixture's stop is then a no-op."""
+    seen, first = [], threading.Event()
+
+    def stream():
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 450, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        seen.append(line[6:])
+                        first.set()
+        finally:
+            first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(60)
+    started = time.monotonic()
     rc = server.stop(timeout=30)
+    took = time.monotonic() - started
+    reader.join(30)
     assert rc == 0, server.output()[-3000:]
+    assert took < 4.5, took          # well inside uvicorn's 5 s grace: the stream was ended, not waited for
+    assert seen and seen[-1] == "[DONE]"
     out = server.output()
     assert "Traceback" not in out, out[-3000:]
     assert "engine thread stopped" in out and "server stopped" in out, out[-3000:]
