@@ -3,19 +3,23 @@
 Flow. The wrapper regroups the flat queries `q [T, NH, D]` by KV head into rows
 `q_rows [KVH, (T + TQ) * Gp, D]` (row = token * Gp + g, the GQA group zero-padded to
 Gp, plus TQ zero tokens at the end so a query tile never reads past the array).
-The grid is (sequence, KV-head block, query split). Each program walks its
-sequence's query tiles of TQ tokens; for each tile it loops over KV chunks (whole
-pages, read through the block table straight from the cache in HBM) from the
-first chunk inside the sliding window up to the tile's causal limit, with an
-online softmax in f32. Tile rows past the sequence's last query are never
-stored (masked store), so no program writes another sequence's rows. The wrapper
-then drops the group padding and zeroes rows at/after query_start[B].
+The grid is (sequence, KV-head block, query split). A program walks its sequence's
+query tiles: one small tile when q_len <= q_tile_small (decodes), else tiles of TQ
+tokens, tile i on split i % q_splits (GPU parallelism for long prefill chunks).
+For each tile it loops over KV chunks (whole pages, read through the block table
+straight from the cache in HBM) from the first chunk inside the sliding window up
+to the tile's causal limit, with an online softmax in f32. Tile rows past the
+sequence's last query are never stored (masked store), so no program writes
+another sequence's rows. The wrapper then drops the group padding and zeroes the
+rows at/after query_start[B], which nobody owns.
 
-Two tilings of the same body:
-- Triton (GPU): one KV head per program, 2-D dots of >= 16 rows, power-of-two
-  shapes, K/V chunks gathered row by row through the block table;
+Two tilings of the same body (`default_tiling`):
+- Triton (GPU): one KV head per program, 2-D dots of >= 16 rows and 64 KV
+  positions, power-of-two shapes, K/V chunks gathered row-wise through the table;
 - interpret (CPU): all KV heads per program (batched dots), K/V pages read as
-  dynamic slices, so the discharged loop runs at about plain-jnp speed.
+  dynamic slices, tile rows as index arrays (a scatter, not a whole-output copy),
+  so the discharged loops run at or below the jnp reference's time.
+The Triton tiling also runs in interpret mode, which is how the tests check it on CPU.
 
 Cache layout (one for both targets): `[KVH, NB, BS, D]` per layer, or
 `[L, KVH, NB, BS, D]` with a traced `layer` index picked inside the kernel.
@@ -313,12 +317,13 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
 
 def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start, *,
                                      sm_scale, soft_cap=None, sliding_window=None, layer=None,
-                                     interpret=None, token_chunk: int = 64):
+                                     interpret=None, token_chunk: int | None = None):
     """Plain-jnp ragged paged attention (same contract as the kernel; `interpret` is ignored).
 
     Each query token gathers its own sequence's pages through the block table and runs a
-    masked softmax over them; tokens go through `lax.map` in chunks of `token_chunk`, so
-    memory stays at token_chunk * W * BS * KVH * D however large the batch.
+    masked softmax over them; tokens go through `lax.map` in chunks of `token_chunk`
+    (default: as many as keep one chunk's gathered K near 2**24 elements), so memory stays
+    at token_chunk * W * BS * KVH * D however large the batch.
     """
     del interpret
     _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
@@ -357,5 +362,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens
         o = jnp.einsum("kgs,ksd->kgd", probs, v, precision=lax.Precision.HIGHEST)
         return o.reshape(nh, d)
 
+    if token_chunk is None:
+        token_chunk = max(1, min(64, 2 ** 24 // (w * bs * kvh * d)))
     out = lax.map(one_token, (q, seq, pos, valid), batch_size=min(token_chunk, t))
     return out.astype(q.dtype)
