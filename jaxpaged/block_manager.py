@@ -253,10 +253,11 @@ class BlockManager:
         t = self._tables[seq_id]
         blocks = t.blocks
         bs = self.block_size
-        need = cdiv(num_tokens, bs) - len(blocks)
+        have = len(blocks)
+        need = (num_tokens + bs - 1) // bs - have
         first = t.num_tokens // bs          # first block written (exists iff partly filled)
         rc = self.ref_cnt
-        if need <= 0 and (first >= len(blocks) or rc[blocks[first]] == 1):
+        if need <= 0 and (first >= have or rc[blocks[first]] == 1):
             # fast path (a decode token into an own, partly filled block)
             if num_tokens > t.num_tokens:
                 t.num_tokens = num_tokens

@@ -85,9 +85,10 @@ class Request:
         return self._token_ids
 
     def append_output_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
+        out = self.output_token_ids
+        out.append(token_id)
         toks = self._token_ids
-        if len(toks) + 1 == self.num_tokens:
+        if len(toks) + 1 == len(self.prompt_token_ids) + len(out):
             toks.append(token_id)
 
     @property

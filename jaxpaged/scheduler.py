@@ -223,8 +223,8 @@ class Scheduler:
             req = running[i]
             rid = req.request_id
             start = req.num_computed_tokens
-            num_tokens = req.num_tokens
-            n = target_of.get(rid, num_tokens) - start
+            num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+            n = (target_of.get(rid, num_tokens) if target_of else num_tokens) - start
             if n <= 0:
                 i += 1
                 continue
@@ -317,13 +317,18 @@ class Scheduler:
         bm = self.block_manager
         caching = self.enable_prefix_caching
         targets = self._prefill_target
+        bs = self.block_size
+        running = RequestStatus.RUNNING
         for sr in out.scheduled:
             req = sr.request
-            if req.status is not RequestStatus.RUNNING or req.num_computed_tokens != sr.start:
+            start = sr.start
+            if req.status is not running or req.num_computed_tokens != start:
                 continue                    # finished (aborted) since schedule()
-            n = sr.start + sr.num_new_tokens
+            n = start + sr.num_new_tokens
             req.num_computed_tokens = n
-            if caching:
+            # a table's hashes always reach its first computed block, so only a block that
+            # became full in this step can need one
+            if caching and n // bs != start // bs:
                 bm.cache_full_blocks(req.request_id, req.all_token_ids, n)
             if targets and req.request_id in targets and n >= targets[req.request_id]:
                 self._fork_group(req)
