@@ -384,3 +384,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                             suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---- the memory figure (python -m jaxpaged.kv_memory_report) -------------------------------
+
+def test_memory_report_figures():
+    from jaxpaged import kv_memory_report as rep
+    u = rep.utilization(num_requests=40, block_size=16, max_model_len=2048, seed=1)
+    assert u["paged"] >= 0.96 and u["final_paged"] >= 0.96
+    assert u["reserved"] < 0.7
+    r = rep.sharing(prompt_len=512, output_len=16, n=4, block_size=16)
+    # prompt[:-1] = 511 tokens = 31 full blocks shared + 4 own last blocks (COW), vs 4 * 32
+    assert (r["group_after_prompt"], r["separate_after_prompt"]) == (35, 128)
+    assert r["saved_peak"] == 3 * 31
