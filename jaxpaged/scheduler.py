@@ -54,7 +54,12 @@ class ScheduledRequest:
     num_new_tokens: int       # tokens computed this step: all_token_ids[start : start + num_new_tokens]
     start: int                # == request.num_computed_tokens at schedule time
     block_table: list[int]    # live table covering >= start + num_new_tokens tokens (read-only)
-    sample: bool              # start + num_new_tokens == request.num_tokens: a token is sampled
+    sample: bool | None = None  # start + num_new_tokens == request.num_tokens at schedule time:
+                                # a token is sampled (computed when not given)
+
+    def __post_init__(self):
+        if self.sample is None:
+            self.sample = self.start + self.num_new_tokens == self.request.num_tokens
 
 
 @dataclass

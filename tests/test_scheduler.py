@@ -382,6 +382,17 @@ def test_group_with_cached_prompt_forks_at_admission():
     loop.run()
 
 
+def test_group_with_a_one_token_prompt():
+    s = make(block_size=4)
+    loop = Loop(s)
+    s.add_request_group(group("g", [12], 3))
+    out = loop.step()                                # nothing to prefill alone: all fork empty tables
+    assert [(sr.request.request_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
+        == [(f"g#{k}", 0, 1, True) for k in range(3)]
+    assert out.block_copies == [] and s.block_manager.num_used_blocks == 3
+    loop.run()
+
+
 def test_group_leader_abort_promotes_the_next_member():
     s = make(block_size=4, budget=4)
     loop = Loop(s)
