@@ -210,8 +210,9 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: Optional[int]
     if use_penalties is None:
         use_penalties = t.history.shape[1] > 0
     x = apply_penalties(logits, t) if use_penalties else logits
-    if t.banned_ids.shape[1] > 0:
-        x = jax.lax.cond(jnp.any(t.banned_ids >= 0), lambda: _ban(x, t.banned_ids), lambda: x)
+    # a scatter of B*S entries: in place when logits are an intermediate of the step (a jit argument
+    # that is not donated costs one [B, V] copy here)
+    x = _ban(x, t.banned_ids)
     greedy = t.temperature <= 0.0                                  # [B] greedy or padding
     zeros = jnp.zeros((B,), jnp.int32)
     # each branch runs only when some row needs it (lax.cond executes one side)
