@@ -3,7 +3,8 @@
 Logprobs follow vLLM's shape: `CompletionOutput.logprobs` is a list with one entry per generated token, each
 a dict {token_id: Logprob} holding the sampled token (first) and the top-N tokens (rank 1..N, best first);
 `RequestOutput.prompt_logprobs` is a list with one entry per prompt token, the first being None.
-`make_logprobs_entry` turns one row of the sampler's output into such a dict.
+`make_logprobs_entry` turns one row of the sampler's output into such a dict, `make_prompt_logprobs` a
+prompt's rows into the prompt_logprobs list.
 """
 from __future__ import annotations
 
@@ -37,6 +38,20 @@ def make_logprobs_entry(token_id: int, logprob: float, rank: int, top_ids: Seque
         if tid not in entry:
             entry[tid] = Logprob(float(lp), i + 1, dec(tid))
     return entry
+
+
+def make_prompt_logprobs(prompt_token_ids: Sequence[int], logprob: Sequence[float], rank: Sequence[int],
+                         top_ids=None, top_logprobs=None,
+                         decode: Optional[Callable[[int], str]] = None) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: [None] for the first prompt token, then one entry per later token i built
+    from row i-1 of the arrays (the logits at position i-1 predict token i), e.g. the output of
+    sampler.token_logprobs(logits[:-1], prompt_ids[1:], N)."""
+    out: PromptLogprobs = [None]
+    for i, tok in enumerate(prompt_token_ids[1:]):
+        ids = top_ids[i] if top_ids is not None else ()
+        lps = top_logprobs[i] if top_logprobs is not None else ()
+        out.append(make_logprobs_entry(tok, logprob[i], rank[i], ids, lps, decode))
+    return out
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from jaxpaged.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestMetrics,
-                              RequestOutput, make_logprobs_entry)
+                              RequestOutput, make_logprobs_entry, make_prompt_logprobs)
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams, SamplingType
 
 BAD = [
@@ -135,3 +135,11 @@ def test_outputs_repr_and_fields():
     assert "request_id=r0" in repr(r) and "outputs=[CompletionOutput(" in repr(r)
     b = BeamSearchOutput([BeamSearchSequence(tokens=[1, 2], text="x", cum_logprob=-1.0)])
     assert b.sequences[0].finish_reason is None and "cum_logprob=-1.0" in repr(b)
+
+
+def test_prompt_logprobs_shape():
+    pl = make_prompt_logprobs([5, 6, 7], [-1.0, -2.0], [1, 4], [[6], [8]], [[-1.0], [-0.5]], decode=str)
+    assert pl[0] is None and len(pl) == 3
+    assert pl[1] == {6: Logprob(-1.0, 1, "6")}
+    assert pl[2] == {7: Logprob(-2.0, 4, "7"), 8: Logprob(-0.5, 1, "8")}
+    assert make_prompt_logprobs([5], [], []) == [None]
