@@ -7,7 +7,8 @@ its jitted step. Per row, in vLLM's order:
   1. penalties (static `use_penalties`): repetition on tokens of prompt + output, then frequency and
      presence on output counts. Counts are built on device by scatter-add from a padded token history;
   2. min_tokens: ids in `banned_ids` (eos + stop_token_ids while the row is short of min_tokens) -> -inf;
-  3. greedy rows (temperature 0, or top_k 1) take the argmax of these logits;
+  3. greedy rows (temperature 0, or top_k 1) take the argmax of these logits (padding rows, temperature
+     -1, return token 0);
   4. other rows: divide by temperature, keep tokens with s >= threshold where the threshold combines
      min-p (s >= max + log(min_p)), top-k (s >= k-th largest) and top-p (the smallest set of most likely
      tokens of the min-p/top-k-filtered distribution whose mass reaches p, vLLM's rule); ties at a
@@ -31,7 +32,6 @@ and counts tokens with logit >= the token's (vLLM's convention).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
