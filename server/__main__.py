@@ -14,8 +14,9 @@ import signal
 import sys
 
 import uvicorn
+from fastapi.middleware.cors import CORSMiddleware
 
-from .cli import parse_args
+from .cli import ignored_flags_given, parse_args
 
 logger = logging.getLogger("jaxpaged.server")
 
@@ -33,17 +34,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .app import build_app
 
+    for flag in ignored_flags_given(args):
+        logger.warning("%s is accepted for vLLM compatibility and ignored", flag)
     logger.info("loading %s", config.model)
     engine = make_engine(config, args.engine_factory)
     api_key = args.api_key or os.environ.get("JAXPAGED_API_KEY") or None
-    app = build_app(engine, args.served_model_name or [config.model], api_key)
+    app = build_app(engine, args.served_model_name or [config.model], api_key,
+                    docs=not args.disable_fastapi_docs)
+    app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
+                       allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
     logger.info("serving %s on http://%s:%d", (args.served_model_name or [config.model])[0], args.host, args.port)
     # uvicorn handles SIGINT/SIGTERM itself (graceful shutdown, then the app's lifespan exit) and
     # afterwards re-raises the signal to the handler that was installed before it: make that a clean exit.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _exit_cleanly)
     server_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                   timeout_graceful_shutdown=5, timeout_keep_alive=5)
+                                   timeout_graceful_shutdown=5, timeout_keep_alive=5,
+                                   root_path=args.root_path or "", ssl_keyfile=args.ssl_keyfile,
+                                   ssl_certfile=args.ssl_certfile,
+                                   access_log=not args.disable_uvicorn_access_log)
     _Server(server_config, app.state.async_engine).run()
     logger.info("server stopped")
     return 0

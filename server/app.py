@@ -33,7 +33,8 @@ from .serving_completion import create_completion
 logger = logging.getLogger("jaxpaged.server")
 
 
-def build_app(engine, served_model_name: str | list[str] | None = None, api_key: str | None = None) -> FastAPI:
+def build_app(engine, served_model_name: str | list[str] | None = None, api_key: str | None = None,
+              *, docs: bool = True) -> FastAPI:
     async_engine = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine)
     names = _model_names(served_model_name, async_engine)
     if async_engine.metrics is None:
@@ -49,7 +50,9 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
             await asyncio.to_thread(async_engine.stop)
             logger.info("engine thread stopped")
 
-    app = FastAPI(title="jaxpaged OpenAI-compatible server", version=jaxpaged.__version__, lifespan=lifespan)
+    no_docs = {} if docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaxpaged OpenAI-compatible server", version=jaxpaged.__version__, lifespan=lifespan,
+                  **no_docs)
     app.state.ctx = ctx
     app.state.async_engine = async_engine
     _install_error_handlers(app)

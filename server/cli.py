@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 
@@ -32,8 +33,6 @@ _HELP = {
     "enforce_eager": "skip the warmup compilation",
     "use_pallas": "attention through the Pallas kernels (else the jnp reference)",
 }
-
-SERVER_FLAGS = ("host", "port", "served_model_name", "api_key", "uvicorn_log_level", "engine_factory")
 
 
 def _base_type(hint) -> tuple[type, bool]:
@@ -79,10 +78,43 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="uvicorn's log level (default: info)")
+    server.add_argument("--allowed-origins", type=json.loads, default=["*"], help="CORS origins, JSON list")
+    server.add_argument("--allowed-methods", type=json.loads, default=["*"], help="CORS methods, JSON list")
+    server.add_argument("--allowed-headers", type=json.loads, default=["*"], help="CORS headers, JSON list")
+    server.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    server.add_argument("--root-path", default=None, help="ASGI root_path when behind a path-based proxy")
+    server.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this key file")
+    server.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate file")
+    server.add_argument("--disable-fastapi-docs", action="store_true", help="no /docs, /redoc, /openapi.json")
+    server.add_argument("--disable-uvicorn-access-log", action="store_true", help="no per-request access log")
     # test hook: "module:callable" called with the EngineConfig instead of LLMEngine
     server.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
     add_engine_args(parser)
+    compat = parser.add_argument_group(
+        "accepted for vLLM compatibility", "vLLM flags that have no meaning here; given ones are logged and ignored")
+    for flag, kind in IGNORED_VLLM_FLAGS.items():
+        if kind is bool:
+            compat.add_argument(flag, action="store_true", default=None)
+        else:
+            compat.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
     return parser
+
+
+# vLLM flags that drop-in launch scripts often pass: accepted so those scripts start, then ignored.
+IGNORED_VLLM_FLAGS = {
+    "--gpu-memory-utilization": float,   # size the KV cache with --num-kv-blocks / --kv-cache-memory-bytes
+    "--swap-space": float,
+    "--trust-remote-code": bool,
+    "--disable-log-requests": bool,
+    "--disable-log-stats": bool,
+    "--enable-chunked-prefill": bool,    # always on: the scheduler chunks prefills
+    "--max-log-len": int,
+}
+
+
+def ignored_flags_given(args: argparse.Namespace) -> list[str]:
+    return [flag for flag in IGNORED_VLLM_FLAGS
+            if getattr(args, flag[2:].replace("-", "_"), None) not in (None, False)]
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -299,7 +299,7 @@ ENGINE_KW = dict(max_model_len=512, num_kv_blocks=72, block_size=16, max_num_seq
                  use_pallas=False)
 SERVER_ARGS = ["--max-model-len", "512", "--num-kv-blocks", "72", "--block-size", "16", "--max-num-seqs", "4",
                "--max-num-batched-tokens", "32", "--no-use-pallas", "--served-model-name", "tiny",
-               "--api-key", API_KEY]
+               "--api-key", API_KEY, "--gpu-memory-utilization", "0.9"]   # a vLLM flag: accepted, ignored
 
 
 def _real_engine_available() -> bool:
@@ -530,9 +530,17 @@ def test_errors_keep_serving(server):
     assert [m.id for m in _client(server).models.list().data] == ["tiny"]
 
 
+def test_cors_and_vllm_flags(server):
+    r = httpx.options(server.url + "/v1/completions", headers={
+        "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "http://example.com")
+    assert "--gpu-memory-utilization is accepted for vLLM compatibility and ignored" in server.output()
+
+
 def test_zz_sigterm_graceful_shutdown(server):
-    """Last in the module: SIGTERM with a stream in flight ends that stream ([DONE]) and the process
-    (exit status 0) promptly; the fixture's stop is then a no-op."""
+    """Last in the module: SIGTERM with a stream in flight ends that stream at once (an error event,
+    then [DONE]) and the process exits with status 0; the fixture's stop is then a no-op."""
     seen, first = [], threading.Event()
 
     def stream():
@@ -542,7 +550,7 @@ def test_zz_sigterm_graceful_shutdown(server):
                               headers={"Authorization": f"Bearer {API_KEY}"}) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
-                        seen.append(line[6:])
+                        seen.append((time.monotonic(), line[6:]))
                         first.set()
         finally:
             first.set()
@@ -550,13 +558,13 @@ def test_zz_sigterm_graceful_shutdown(server):
     reader = threading.Thread(target=stream)
     reader.start()
     assert first.wait(60)
-    started = time.monotonic()
-    rc = server.stop(timeout=30)
-    took = time.monotonic() - started
+    signalled = time.monotonic()
+    rc = server.stop(timeout=60)
     reader.join(30)
     assert rc == 0, server.output()[-3000:]
-    assert took < 4.5, took          # well inside uvicorn's 5 s grace: the stream was ended, not waited for
-    assert seen and seen[-1] == "[DONE]"
+    assert seen and seen[-1][1] == "[DONE]"
+    # ended by the shutdown, well inside uvicorn's 5 s grace period (not waited for nor cut off)
+    assert seen[-1][0] - signalled < 3.0, seen[-1][0] - signalled
     out = server.output()
     assert "Traceback" not in out, out[-3000:]
     assert "engine thread stopped" in out and "server stopped" in out, out[-3000:]
