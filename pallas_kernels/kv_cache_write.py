@@ -10,7 +10,9 @@ picks the layer inside the kernel (no per-layer copy under `lax.scan`).
 
 Tilings: on GPU (Triton) a tile is 16 tokens of one KV head, the overrun of the
 last tile masked at the store; in interpret mode (CPU) one program takes every
-token and head, which the interpreter turns into a single scatter.
+token and head, which the interpreter turns into a single scatter (an element-wise
+one: slower than the reference's row scatter, ~1.5 ms per 1k tokens x 2 heads x 64).
+XLA:CPU upcasts a bf16/f16 scatter to f32 around the whole cache: use f32 on CPU.
 """
 from __future__ import annotations
 

@@ -20,6 +20,9 @@ Two tilings of the same body (`default_tiling`):
   dynamic slices, tile rows as index arrays (a scatter, not a whole-output copy),
   so the discharged loops run at or below the jnp reference's time.
 The Triton tiling also runs in interpret mode, which is how the tests check it on CPU.
+On CPU use an f32 cache: XLA:CPU runs a bf16/f16 dynamic slice in f32 and hoists the
+convert out of the loops, so a 16-bit cache is converted whole on every call (same
+for the jnp reference; measured, not worked around: a uint16 bitcast is a copy too).
 
 Cache layout (one for both targets): `[KVH, NB, BS, D]` per layer, or
 `[L, KVH, NB, BS, D]` with a traced `layer` index picked inside the kernel.
