@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 import jaxpaged
 
-from .async_engine import AsyncLLMEngine, EngineDeadError
+from .async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
 from .errors import OpenAIError, internal_error, invalid_request, pydantic_errors_to_openai, unauthorized
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
@@ -167,6 +167,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return OpenAIError(str(exc), status=503, type="service_unavailable").response()
+
+    @app.exception_handler(EngineStepError)
+    async def engine_step_failed(_: Request, exc: EngineStepError) -> JSONResponse:
+        return internal_error(str(exc)).response()
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

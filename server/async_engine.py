@@ -26,7 +26,11 @@ logger = logging.getLogger("jaxpaged.server")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped (shutdown or a failed step); the request cannot continue."""
+    """The engine thread stopped (shutdown or a crash); the request cannot continue."""
+
+
+class EngineStepError(RuntimeError):
+    """engine.step() raised; the requests in that step were aborted (the engine keeps serving)."""
 
 
 @dataclass
@@ -252,7 +256,7 @@ class AsyncLLMEngine:
                 self.engine.abort_request(ids)
             except Exception:  # noqa: BLE001
                 logger.exception("abort after a failed step failed")
-            self._fail_all(RuntimeError(f"engine step failed: {exc!r}"))
+            self._fail_all(EngineStepError(f"engine step failed: {exc!r}"))
             self._refresh_stats()
             return
         now = time.time()

@@ -261,6 +261,32 @@ def test_fake_metrics_move_and_engine_single_thread(fake):
     assert len(engine._thread_ids) == 1 and threading.get_ident() not in engine._thread_ids
 
 
+class _FlakyEngine(FakeEngine):
+    """Raises from step() while `fail` is set (as a broken kernel would)."""
+    fail = False
+
+    def step(self):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("boom")
+        return super().step()
+
+
+def test_fake_step_failure_fails_requests_not_server():
+    engine = _FlakyEngine(max_model_len=64)
+    with TestClient(build_app(engine, "m")) as client:
+        engine.fail = True
+        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_server_error"
+        engine.fail = True
+        with client.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 3, "stream": True}) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        assert engine.get_stats().kv_cache_usage == 0.0          # the failed requests were aborted
+        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and client.get("/health").status_code == 200
+
+
 def test_fake_api_key():
     with TestClient(build_app(FakeEngine(max_model_len=64), "m", api_key="sekrit")) as client:
         body = {"prompt": "x", "max_tokens": 1}
@@ -473,6 +499,13 @@ def test_disconnect_frees_blocks(server):
     after = server.metrics()
     assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 400
     assert after["jaxpaged:e2e_request_latency_seconds_count"] == before["jaxpaged:e2e_request_latency_seconds_count"]
+    # a non-streamed request whose client gives up (times out and closes) is aborted too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 450},
+                   headers=headers, timeout=0.3)
+    wait_for(lambda: _idle(server), timeout=60, what="KV blocks freed after a non-streamed client left")
+    final = server.metrics()
+    assert final["jaxpaged:e2e_request_latency_seconds_count"] == before["jaxpaged:e2e_request_latency_seconds_count"]
 
 
 def test_64_concurrent_streams(server):
