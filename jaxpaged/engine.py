@@ -138,21 +138,26 @@ class LLMEngine:
             raise ValueError("prompt_logprobs: not supported yet by this engine")
         self._check_length(ids)
         arrival = arrival_time if arrival_time is not None else time.time()
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n: {params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
         group = RequestGroup(request_id, text, ids, params, arrival)
-        seqs = []
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(seq_id, ids, params, arrival)
-            seq = SequenceState(req, group, i, self.tokenizer, eos_token_ids=self.model_config.eos_token_ids,
-                                max_model_len=self.max_model_len, decode_token=self._decode_token)
-            group.seqs.append(seq)
-            self._seqs[seq_id] = seq
-            seqs.append(req)
-        self._groups[request_id] = group
-        if params.n == 1:
-            self.scheduler.add_request(seqs[0])
+            # n > 1 with a seed: sample i uses seed + i (vLLM), else every sample would be identical
+            child_params = params if params.n == 1 or params.seed is None else params.clone()
+            if child_params is not params:
+                child_params.seed = params.seed + i
+            req = Request(seq_id, ids, child_params, arrival)
+            group.seqs.append(SequenceState(req, group, i, self.tokenizer, eos_token_ids=self.model_config.eos_token_ids,
+                                            max_model_len=self.max_model_len, decode_token=self._decode_token))
+        reqs = [seq.request for seq in group.seqs]
+        if params.n == 1:     # the scheduler validates too: register with it before storing anything
+            self.scheduler.add_request(reqs[0])
         else:
-            self.scheduler.add_request_group(seqs)
+            self.scheduler.add_request_group(reqs)
+        self._groups[request_id] = group
+        for seq in group.seqs:
+            self._seqs[seq.request.request_id] = seq
         self._prompt_tokens_total += len(ids)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:

@@ -98,18 +98,18 @@ class ModelRunner:
         for t, b in tqdm(pairs, desc="Compiling step buckets", disable=not progress):
             inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
                                        num_tokens_padded=t, num_seqs_padded=b)
-            self._run(inputs, self._sampling([], b), num_logprobs=0, use_penalties=False)
+            self._run(inputs, self._sampling([], b), num_logprobs=None, use_penalties=False)
 
     # ---- one step -------------------------------------------------------------------------------
     def execute(self, scheduled, block_copies, sampling_rows) -> StepResult:
         """Runs one step over `scheduled` (list of ScheduledRequest); returns rows for all of them.
 
         sampling_rows: one SamplingRow per scheduled sequence (None where no token is sampled).
-        Variants (static): logprobs are computed with K = max_logprobs when any row asks for them;
-        the penalty path only when a row uses penalties.
+        Variants (static): logprobs are computed with K = max_logprobs when any row asks for them
+        (None: no logprob work at all); the penalty path only when a row uses penalties.
         """
         want_lp = any(r is not None and r.params.logprobs is not None for r in sampling_rows)
-        num_logprobs = self.config.max_logprobs if want_lp else 0
+        num_logprobs = self.config.max_logprobs if want_lp else None
         use_penalties = needs_penalties(sampling_rows)
         if block_copies:
             self._copy_blocks(block_copies)
@@ -120,8 +120,8 @@ class ModelRunner:
         out = self._run(inputs, self._sampling(sampling_rows, b, use_penalties), num_logprobs=num_logprobs, use_penalties=use_penalties)
         n = len(scheduled)
         host = jax.device_get(out)
-        top_ids = host.top_ids[:n] if num_logprobs else None
-        top_lp = host.top_logprobs[:n] if num_logprobs else None
+        top_ids = host.top_ids[:n] if want_lp else None
+        top_lp = host.top_logprobs[:n] if want_lp else None
         return StepResult(host.tokens[:n], host.logprob[:n], host.rank[:n], top_ids, top_lp)
 
     def _sampling(self, rows, pad_to: int, use_penalties: bool = False) -> SamplingTensors:
