@@ -192,8 +192,10 @@ def _without_null_block(x):
     return np.asarray(x[..., 1:, :, :], np.float32)
 
 
-@pytest.mark.parametrize("num_layers,tile", [(None, None), (3, None), (3, (16, 1)), (None, (4, 1))])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+# tile None: the interpret tiling (one scatter); (16, 1) / (4, 1): the GPU tiling, whose last
+# tile overruns T and is masked
+@pytest.mark.parametrize("num_layers,tile,dtype", [(None, None, jnp.float32), (3, None, jnp.bfloat16),
+                                                   (3, (16, 1), jnp.float32), (None, (4, 1), jnp.bfloat16)])
 def test_kv_cache_write_matches_reference(num_layers, tile, dtype):
     k, v, k_new, v_new, slots = make_write(21, 6, num_layers=num_layers, dtype=dtype)
     layer = None if num_layers is None else jnp.int32(1)
