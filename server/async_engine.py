@@ -222,8 +222,8 @@ class AsyncLLMEngine:
             self._refresh_stats()
 
     def _apply_add(self, cmd: _Command) -> None:
-        if cmd.future.cancelled():
-            return
+        if not cmd.future.set_running_or_notify_cancel():
+            return   # the caller went away first; from here on the future cannot be cancelled
         try:
             self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -311,7 +311,7 @@ class AsyncLLMEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if cmd.kind == "add" and not cmd.future.done():
+            if cmd.kind == "add" and cmd.future.set_running_or_notify_cancel():
                 cmd.future.set_exception(EngineDeadError("the server is shutting down"))
         self._abort_everything()
         self._refresh_stats()

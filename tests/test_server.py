@@ -299,6 +299,40 @@ def test_fake_api_key():
         assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
 
 
+def test_async_engine_batches_aborts_and_reports_errors():
+    from jaxpaged.sampling_params import SamplingParams
+    from jaxpaged.server.async_engine import AsyncLLMEngine
+
+    async def main():
+        engine = FakeEngine(max_model_len=64, step_delay=0.001)
+        aeng = AsyncLLMEngine(engine)
+        aeng.start()
+        try:
+            async def run(i):
+                outs = [o async for o in aeng.generate(f"r{i}", [10 + i], SamplingParams(max_tokens=5))]
+                return outs[-1]
+
+            finals = await asyncio.gather(*(run(i) for i in range(10)))
+            assert [f.outputs[0].token_ids for f in finals] == [expected_tokens([10 + i], 5) for i in range(10)]
+            assert engine.num_steps <= 8                     # 10 requests x 5 tokens ran together
+            with pytest.raises(ValueError, match="max_tokens"):
+                await aeng.add_request("bad", [1], SamplingParams(max_tokens=1000))
+            # a consumer that stops early aborts its request and frees its blocks
+            gen = aeng.generate("long", [5], SamplingParams(max_tokens=60, ignore_eos=True))
+            await gen.__anext__()
+            await gen.aclose()
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if not engine.requests and aeng.get_stats().kv_cache_usage == 0.0:
+                    break
+            assert not engine.requests and aeng.get_stats().kv_cache_usage == 0.0
+        finally:
+            await asyncio.to_thread(aeng.stop)
+        assert not aeng.is_running and len(engine._thread_ids) == 1
+
+    asyncio.run(main())
+
+
 def test_cli_flags_from_engine_config():
     args, config = parse_args(["--model", "m", "--max-model-len", "128", "--block-size", "32", "--num-kv-blocks",
                                "10", "--no-enable-prefix-caching", "--served-model-name", "a", "b",
