@@ -134,8 +134,6 @@ class LLMEngine:
         text, ids = self._tokenize(prompt)
         params.validate(vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs,
                         max_model_len=self.max_model_len)
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs: not supported yet by this engine")
         self._check_length(ids)
         arrival = arrival_time if arrival_time is not None else time.time()
         if params.n > self.config.max_num_seqs:
@@ -147,7 +145,8 @@ class LLMEngine:
             child_params = params if params.n == 1 or params.seed is None else params.clone()
             if child_params is not params:
                 child_params.seed = params.seed + i
-            req = Request(seq_id, ids, child_params, arrival)
+            req = Request(seq_id, ids, child_params, arrival,
+                          skip_prefix_cache=params.prompt_logprobs is not None)
             group.seqs.append(SequenceState(req, group, i, self.tokenizer, eos_token_ids=self.model_config.eos_token_ids,
                                             max_model_len=self.max_model_len, decode_token=self._decode_token))
         reqs = [seq.request for seq in group.seqs]
@@ -223,7 +222,11 @@ class LLMEngine:
         if out.scheduled:
             now = time.time()
             rows = [self._seqs[s.request.request_id].sampling_row() if s.sample else None for s in out.scheduled]
-            result = self.runner.execute(out.scheduled, out.block_copies, rows)
+            want_prompt_lp = any(self._seqs[s.request.request_id].group.needs_prompt_logprobs(s.start)
+                                 for s in out.scheduled)
+            result = self.runner.execute(out.scheduled, out.block_copies, rows, prompt_logprobs=want_prompt_lp)
+            if want_prompt_lp:
+                self._record_prompt_logprobs(out.scheduled, result)
             self.scheduler.update_from_output(out)
             for i, s in enumerate(out.scheduled):
                 seq = self._seqs[s.request.request_id]
@@ -245,6 +248,14 @@ class LLMEngine:
                 for seq in group.seqs:
                     self._seqs.pop(seq.request.request_id, None)
         return outputs
+
+    def _record_prompt_logprobs(self, scheduled, result) -> None:
+        row = 0   # flat rows follow the scheduled order (step_inputs.py)
+        for s in scheduled:
+            group = self._seqs[s.request.request_id].group
+            if group.needs_prompt_logprobs(s.start):
+                group.record_prompt_logprobs(s.start, s.num_new_tokens, row, result, self._decode_token)
+            row += s.num_new_tokens
 
     def get_stats(self) -> EngineStats:
         s = self.scheduler.stats()

@@ -56,6 +56,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_cached_tokens: int = 0           # tokens served from the prefix cache at the (last) admission
     num_preemptions: int = 0
+    # no prefix-cache hits at admission: the request needs logits at every prompt position
+    # (prompt_logprobs), which cached blocks cannot give
+    skip_prefix_cache: bool = False
     # prompt + output, kept in step with output_token_ids by append_output_token (and rebuilt
     # when someone appended to output_token_ids directly).
     _token_ids: list[int] = field(default_factory=list, init=False, repr=False)

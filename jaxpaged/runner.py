@@ -25,7 +25,7 @@ from jaxpaged.config import ModelConfig
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.models import jnp_dtype
 from jaxpaged.models.layers import AttentionMetadata, AttentionOptions
-from jaxpaged.sampler import SamplingTensors, needs_penalties, sample
+from jaxpaged.sampler import SamplingTensors, needs_penalties, sample, token_logprobs
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ class StepResult:
     rank: np.ndarray           # [n] int32
     top_ids: np.ndarray | None        # [n, K] int32 when logprobs were requested
     top_logprobs: np.ndarray | None   # [n, K] f32
+    # prompt logprobs variant only: per flat row (row r scores the token after row r's position)
+    prompt_logprob: np.ndarray | None = None    # [num_tokens] f32
+    prompt_rank: np.ndarray | None = None       # [num_tokens] int32
+    prompt_top_ids: np.ndarray | None = None    # [num_tokens, K] int32
+    prompt_top_logprobs: np.ndarray | None = None  # [num_tokens, K] f32
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
@@ -48,7 +53,10 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
 
 
-def _step_impl(graphdef, opts, num_logprobs, use_penalties, state, kv_cache, inputs, sampling):
+def _step_impl(graphdef, opts, num_logprobs, use_penalties, prompt_logprobs, state, kv_cache, inputs,
+               sampling):
+    """One jitted step. Static: num_logprobs (None / K), use_penalties, prompt_logprobs (None / K: score
+    next_token_ids at every flat row, for requests that asked for prompt logprobs)."""
     model = nnx.merge(graphdef, state)
     meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
                              inputs["query_start"])
@@ -56,7 +64,11 @@ def _step_impl(graphdef, opts, num_logprobs, use_penalties, state, kv_cache, inp
     last = jnp.take(hidden, inputs["logits_indices"], axis=0)      # [B, H]
     logits = model.logits(last)                                    # [B, V] f32
     out = sample(logits, sampling, num_logprobs=num_logprobs, use_penalties=use_penalties)
-    return kv_cache, out
+    prompt_out = None
+    if prompt_logprobs is not None:
+        # logits of every row [T, V]: only in this variant (a [T, H] x [H, V] matmul is costly)
+        prompt_out = token_logprobs(model.logits(hidden), inputs["next_token_ids"], prompt_logprobs)
+    return kv_cache, out, prompt_out
 
 
 def _copy_blocks_impl(kv_cache, src, dst):
@@ -83,7 +95,7 @@ class ModelRunner:
         opts = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
                                 sliding_window=model_config.sliding_window, use_pallas=config.use_pallas)
         self._step = jax.jit(functools.partial(_step_impl, graphdef, opts),
-                             static_argnums=(0, 1), donate_argnums=(3,))
+                             static_argnums=(0, 1, 2), donate_argnums=(4,))
         self._copy = jax.jit(_copy_blocks_impl, donate_argnums=(0,))
 
     # ---- compile discipline -------------------------------------------------------------------
@@ -98,15 +110,16 @@ class ModelRunner:
         for t, b in tqdm(pairs, desc="Compiling step buckets", disable=not progress):
             inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
                                        num_tokens_padded=t, num_seqs_padded=b)
-            self._run(inputs, self._sampling([], b), num_logprobs=None, use_penalties=False)
+            self._run(inputs, self._sampling([], b), num_logprobs=None, use_penalties=False, prompt_logprobs=None)
 
     # ---- one step -------------------------------------------------------------------------------
-    def execute(self, scheduled, block_copies, sampling_rows) -> StepResult:
+    def execute(self, scheduled, block_copies, sampling_rows, prompt_logprobs: bool = False) -> StepResult:
         """Runs one step over `scheduled` (list of ScheduledRequest); returns rows for all of them.
 
         sampling_rows: one SamplingRow per scheduled sequence (None where no token is sampled).
         Variants (static): logprobs are computed with K = max_logprobs when any row asks for them
-        (None: no logprob work at all); the penalty path only when a row uses penalties.
+        (None: no logprob work at all); the penalty path only when a row uses penalties; prompt
+        logprobs (K = max_logprobs) for every flat row when `prompt_logprobs`.
         """
         want_lp = any(r is not None and r.params.logprobs is not None for r in sampling_rows)
         num_logprobs = self.config.max_logprobs if want_lp else None
@@ -116,13 +129,19 @@ class ModelRunner:
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         t, b = self.buckets.lookup(num_tokens, len(scheduled))
         inputs = build_step_inputs(scheduled, block_size=self.block_size, table_width=self.table_width,
-                                   num_tokens_padded=t, num_seqs_padded=b)
-        out = self._run(inputs, self._sampling(sampling_rows, b, use_penalties), num_logprobs=num_logprobs, use_penalties=use_penalties)
+                                   num_tokens_padded=t, num_seqs_padded=b, with_next_tokens=prompt_logprobs)
+        out, prompt_out = self._run(inputs, self._sampling(sampling_rows, b, use_penalties),
+                                    num_logprobs=num_logprobs, use_penalties=use_penalties,
+                                    prompt_logprobs=self.config.max_logprobs if prompt_logprobs else None)
         n = len(scheduled)
-        host = jax.device_get(out)
+        host, prompt_host = jax.device_get((out, prompt_out))
         top_ids = host.top_ids[:n] if want_lp else None
         top_lp = host.top_logprobs[:n] if want_lp else None
-        return StepResult(host.tokens[:n], host.logprob[:n], host.rank[:n], top_ids, top_lp)
+        result = StepResult(host.tokens[:n], host.logprob[:n], host.rank[:n], top_ids, top_lp)
+        if prompt_host is not None:
+            (result.prompt_logprob, result.prompt_rank, result.prompt_top_ids,
+             result.prompt_top_logprobs) = (a[:num_tokens] for a in prompt_host)
+        return result
 
     def _sampling(self, rows, pad_to: int, use_penalties: bool = False) -> SamplingTensors:
         # Fixed widths keep the compiled shapes inside the table: the token history spans
@@ -134,11 +153,13 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids, history_len=self.table_width * self.block_size if use_penalties else 0,
             banned_width=1 << (banned - 1).bit_length())
 
-    def _run(self, inputs: StepInputs, sampling, *, num_logprobs: int, use_penalties: bool):
-        arrays = {k: getattr(inputs, k) for k in ("token_ids", "positions", "slot_mapping", "block_tables",
-                                                  "seq_lens", "query_start", "logits_indices")}
-        self.kv_cache, out = self._step(num_logprobs, use_penalties, self.state, self.kv_cache, arrays, sampling)
-        return out
+    def _run(self, inputs: StepInputs, sampling, *, num_logprobs, use_penalties: bool, prompt_logprobs):
+        names = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start",
+                 "logits_indices") + (("next_token_ids",) if prompt_logprobs is not None else ())
+        arrays = {k: getattr(inputs, k) for k in names}
+        self.kv_cache, out, prompt_out = self._step(num_logprobs, use_penalties, prompt_logprobs, self.state,
+                                                    self.kv_cache, arrays, sampling)
+        return out, prompt_out
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         size = next((c for c in COPY_BUCKETS if c >= len(copies)), None)

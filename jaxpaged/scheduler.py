@@ -274,7 +274,7 @@ class Scheduler:
             if len(self.running) + self._reserved_seats + seats > self.max_num_seqs:
                 break
             prefix = EMPTY_PREFIX
-            if self.enable_prefix_caching:
+            if self.enable_prefix_caching and not req.skip_prefix_cache:
                 prefix = bm.find_cached_prefix(req.all_token_ids, req.num_tokens)
             num_cached = prefix.num_blocks * bs
             n = min(self._prefill_target.get(rid, req.num_tokens) - num_cached, budget)

@@ -21,6 +21,25 @@ class RequestGroup:
         self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, prompt_token_ids, params
         self.seqs: list[SequenceState] = []
         self.metrics = RequestMetrics(arrival_time=arrival)
+        # prompt_logprobs: entry i scores prompt token i (entry 0 is None, as in vLLM); filled as the
+        # prompt's chunks are computed (rows of position p score token p + 1)
+        self.prompt_logprobs = [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
+        self._prompt_lp_done = 1
+
+    def needs_prompt_logprobs(self, start: int) -> bool:
+        """Whether a chunk starting at `start` computes positions still missing prompt logprobs."""
+        return self.prompt_logprobs is not None and self._prompt_lp_done < len(self.prompt_token_ids) \
+            and start < len(self.prompt_token_ids) - 1
+
+    def record_prompt_logprobs(self, start: int, n: int, row: int, result, decode) -> None:
+        k = self.params.prompt_logprobs
+        ids = self.prompt_token_ids
+        for p in range(start, min(start + n, len(ids) - 1)):
+            r = row + p - start
+            self.prompt_logprobs[p + 1] = make_logprobs_entry(
+                ids[p + 1], result.prompt_logprob[r], result.prompt_rank[r],
+                result.prompt_top_ids[r, :k], result.prompt_top_logprobs[r, :k], decode=decode)
+            self._prompt_lp_done = max(self._prompt_lp_done, p + 2)
 
     def mark_scheduled(self, now: float) -> None:
         if self.metrics.first_scheduled_time is None:
@@ -34,7 +53,7 @@ class RequestGroup:
         outs = [s.completion() for s in self.seqs]
         cached = max((s.request.num_cached_tokens for s in self.seqs), default=0)
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-                             prompt_logprobs=None, outputs=outs, finished=self.finished, metrics=self.metrics,
+                             prompt_logprobs=self.prompt_logprobs, outputs=outs, finished=self.finished, metrics=self.metrics,
                              num_cached_tokens=cached)
 
 

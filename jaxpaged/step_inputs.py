@@ -22,13 +22,18 @@ class StepInputs:
     seq_lens: np.ndarray        # [B] int32   context incl. this step's tokens; 0 = padding sequence
     query_start: np.ndarray     # [B+1] int32
     logits_indices: np.ndarray  # [B] int32   flat row of each sequence's last token (0 for padding)
+    next_token_ids: np.ndarray | None  # [T] int32 token at position + 1 of each row (prompt logprobs), else None
     num_tokens: int             # real (unpadded) token count
     num_seqs: int               # real (unpadded) sequence count
 
 
 def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_tokens_padded: int,
-                      num_seqs_padded: int) -> StepInputs:
-    """scheduled: list of ScheduledRequest (request, start, num_new_tokens, block_table)."""
+                      num_seqs_padded: int, with_next_tokens: bool = False) -> StepInputs:
+    """scheduled: list of ScheduledRequest (request, start, num_new_tokens, block_table).
+
+    with_next_tokens: also fill next_token_ids (row r at position p holds token p + 1 of its sequence,
+    0 where that token is not known yet), which prompt logprobs score.
+    """
     t_pad, b_pad = num_tokens_padded, num_seqs_padded
     token_ids = np.zeros(t_pad, np.int32)
     positions = np.zeros(t_pad, np.int32)
@@ -37,6 +42,7 @@ def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_token
     seq_lens = np.zeros(b_pad, np.int32)
     query_start = np.zeros(b_pad + 1, np.int32)
     logits_indices = np.zeros(b_pad, np.int32)
+    next_ids = np.zeros(t_pad, np.int32) if with_next_tokens else None
     row = 0
     for b, s in enumerate(scheduled):
         n, start = s.num_new_tokens, s.start
@@ -47,12 +53,15 @@ def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_token
         positions[row: row + n] = pos
         slots[row: row + n] = table[pos // block_size] * block_size + pos % block_size
         seq_lens[b] = start + n
+        if with_next_tokens:
+            nxt = _token_slice(s.request, start + 1, n)   # shorter by one at the sequence's end
+            next_ids[row: row + len(nxt)] = nxt
         row += n
         query_start[b + 1] = row
         logits_indices[b] = row - 1
     query_start[len(scheduled) + 1:] = row   # padding sequences: empty query ranges at the end
     return StepInputs(token_ids, positions, slots, block_tables, seq_lens, query_start, logits_indices,
-                      num_tokens=row, num_seqs=len(scheduled))
+                      next_ids, num_tokens=row, num_seqs=len(scheduled))
 
 
 def _token_slice(request, start: int, n: int) -> list[int]:

@@ -159,3 +159,17 @@ def test_bad_input_raises_value_error_and_engine_keeps_serving(llm, expected, pr
 def test_max_tokens_below_one_is_rejected():
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+
+
+def test_prompt_logprobs_match_transformers_across_chunks(llm):
+    prompt = PROMPTS[1]   # 100 tokens: split into chunks by the 128-token budget when batched with others
+    outs = llm.generate([PROMPTS[2], prompt], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3),
+                        use_tqdm=False)
+    plp = outs[1].prompt_logprobs
+    ref = hf_logprobs(hf_model("llama"), prompt)
+    assert len(plp) == len(prompt) and plp[0] is None
+    for i in range(1, len(prompt)):
+        entry, row = plp[i], ref[i - 1]
+        assert abs(entry[prompt[i]].logprob - row[prompt[i]]) < 1e-4
+        assert entry[prompt[i]].rank == 1 + int((row > row[prompt[i]]).sum())
+        assert set(np.argsort(-row)[:3].tolist()) <= set(entry)
