@@ -1,0 +1,35 @@
+"""python -m jaxpaged.bench {throughput,latency,serve,kernel,startup} [options]; --help on each.
+
+  throughput  offline requests/s and tok/s, side by side with transformers / vLLM (--backend jaxpaged,hf,vllm)
+  latency     one batch size: per-step time, host vs device split, FLOP ceiling, device-step breakdown
+  serve       against a running server: Poisson arrivals or fixed concurrency; TTFT, TPOT, ITL, E2E
+  kernel      the attention kernels against their jnp references
+  startup     cold start (empty caches) vs warm start (converted params and compilations cached)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+COMMANDS = ("throughput", "latency", "serve", "kernel", "startup")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxpaged.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        mod = importlib.import_module(f"jaxpaged.bench.{name}")
+        p = sub.add_parser(name, help=mod.__doc__.splitlines()[0], description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_args(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = make_parser().parse_args(argv)
+    args._module.run(args)
+
+
+if __name__ == "__main__":
+    main()

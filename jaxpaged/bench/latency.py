@@ -1,0 +1,314 @@
+"""`bench latency`: where one engine step's time goes, at one or several decode batch sizes.
+
+    python -m jaxpaged.bench latency --batch-size 64 --input-len 256 --output-len 64
+    python -m jaxpaged.bench latency --batch-sizes 1,8,32,128 --flops --breakdown
+
+For each batch size B: B requests of `input-len` random prompt tokens each generate `output-len`
+tokens (ignore_eos, greedy) through LLMEngine.step; the first `--skip` decode steps (compilation)
+are dropped. Every step is split (profiling.StepTimer) into host scheduling, input building,
+sampling-input building, the device step (block_until_ready) and the rest (device->host copy,
+scheduler update, detokenization). Decode-step time is set against the machine's matmul FLOP
+ceiling (`--flops`: big jnp matmuls, f32 and bf16) via the model's FLOPs per token.
+
+`--breakdown` replays the captured decode step (and the largest prefill step) through variants of
+the jitted step: as the engine runs it, with the jnp attention instead of Pallas, without the
+attention call (KV write and read skipped), with the KV write but no attention read, the forward
+only (no LM head, no sampling), the LM head alone, and the sampler alone (greedy and top-p).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def add_args(p) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-sizes", default=None, help="comma-separated; overrides --batch-size")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=24)
+    p.add_argument("--skip", type=int, default=3, help="decode steps dropped per batch size (compilation)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch size")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--no-use-pallas", dest="use_pallas", action="store_false")
+    p.add_argument("--flops", action="store_true", help="measure the matmul FLOP ceiling (f32, bf16)")
+    p.add_argument("--breakdown", action="store_true", help="device-step variants on the captured steps")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per variant / matmul")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--download-dir", default=None)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+def model_flops_per_token(cfg, context: int = 0) -> float:
+    """Matmul FLOPs of one token through the model incl. the LM head, plus attention at `context`."""
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    per_layer = h * cfg.num_heads * d * 2 + 2 * h * cfg.num_kv_heads * d + 3 * h * i
+    attn = 4 * cfg.num_heads * d * context
+    return 2.0 * (cfg.num_layers * per_layer + h * cfg.vocab_size) + cfg.num_layers * attn
+
+
+def _median_ms(fn, repeats: int, with_cpu: bool = False):
+    """Median wall ms of fn() after one untimed call; with_cpu: (wall ms, median process CPU ms)."""
+    import jax
+    jax.block_until_ready(fn())
+    ts, cs = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
+    wall, cpu = 1e3 * float(np.median(ts)), 1e3 * float(np.median(cs))
+    return (wall, cpu) if with_cpu else wall
+
+
+def matmul_ceiling(repeats: int = 5, n: int = 2048, hidden: int = 576, inter: int = 1536) -> list[dict]:
+    """GFLOP/s of square n^3 matmuls and of the model's MLP-shaped matmul at a few row counts."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for dtype in ("float32", "bfloat16"):
+        a = jnp.asarray(rng.standard_normal((n, n)), dtype)
+        b = jnp.asarray(rng.standard_normal((n, n)), dtype)
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        ms = _median_ms(lambda: f(a, b), repeats)
+        rows.append(dict(shape=f"{n}x{n}x{n}", dtype=dtype, ms=ms, gflops=2 * n ** 3 / ms / 1e6))
+        w = jnp.asarray(rng.standard_normal((hidden, inter)), dtype)
+        for m in (1, 2, 8, 32, 128, 512):
+            x = jnp.asarray(rng.standard_normal((m, hidden)), dtype)
+            ms = _median_ms(lambda: f(x, w), max(repeats, 20))
+            rows.append(dict(shape=f"{m}x{hidden}x{inter}", dtype=dtype, ms=ms, gflops=2 * m * hidden * inter / ms / 1e6))
+    return rows
+
+
+# ---------------------------------------------------------------------------- engine runs
+
+class _Capture:
+    """Keeps the inputs of the last decode step and of the largest prefill step the runner built."""
+
+    def __init__(self, runner):
+        import jaxpaged.runner as runner_mod
+        self.mod, self.runner = runner_mod, runner
+        self.build, self.sampling = runner_mod.build_step_inputs, runner._sampling
+        self.decode = self.prefill = None
+        self._last = None
+
+        def build(*a, **kw):
+            inp = self.build(*a, **kw)
+            self._last = inp
+            return inp
+
+        def sampling(*a, **kw):
+            s = self.sampling(*a, **kw)
+            inp = self._last
+            if inp is not None and inp.num_tokens > 0:
+                if inp.num_tokens == inp.num_seqs:
+                    self.decode = (inp, s)
+                elif self.prefill is None or inp.num_tokens >= self.prefill[0].num_tokens:
+                    self.prefill = (inp, s)
+            return s
+
+        runner_mod.build_step_inputs = build
+        runner._sampling = sampling
+
+    def close(self):
+        self.mod.build_step_inputs = self.build
+        self.runner.__dict__.pop("_sampling", None)
+
+
+def run_batch(llm, batch: int, args, capture: bool = False):
+    """Runs one batch through the engine; returns (decode records, all records, capture or None)."""
+    from jaxpaged import SamplingParams
+    from jaxpaged.bench.profiling import StepTimer
+
+    engine = llm.llm_engine
+    rng = np.random.default_rng(args.seed + batch)
+    vocab = engine.model_config.vocab_size
+    for i in range(batch):
+        engine.add_request(f"lat-{batch}-{i}", rng.integers(100, vocab, args.input_len).tolist(),
+                           SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True))
+    cap = _Capture(engine.runner) if capture else None
+    timer = StepTimer(engine)
+    try:
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        timer.close()
+        if cap is not None:
+            cap.close()
+    decode = [r for r in timer.records if r.is_decode and r.num_seqs == batch][args.skip:]
+    return decode, timer, cap
+
+
+def _split_line(recs) -> dict:
+    from jaxpaged.bench.profiling import PARTS
+    n = max(1, len(recs))
+    out = {p: 1e3 * sum(r.times[p] for r in recs) / n for p in PARTS + ("step", "device_cpu")}
+    out["host"] = out["step"] - out["device"]
+    return out
+
+
+# ---------------------------------------------------------------------------- device-step variants
+
+def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
+    """[(variant, wall ms, CPU ms)] for the captured (StepInputs, SamplingTensors) through variants of the step."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jaxpaged.models.llama as llama_mod
+    from jaxpaged.models.layers import AttentionMetadata, paged_attention
+    from jaxpaged.runner import _step_impl
+    from jaxpaged.sampler import SamplingTensors, sample
+
+    graphdef, opts = runner._step.__wrapped__.args
+    inputs, sampling = captured
+    keys = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_indices")
+    arrays = {k: jnp.asarray(getattr(inputs, k)) for k in keys}
+    sampling = jax.tree.map(jnp.asarray, sampling)
+    state = runner.state
+    results = []
+
+    def time_step(name, opts_v, attention=None):
+        """A fresh jit of the engine's step with `opts_v`; `attention` replaces paged_attention while tracing."""
+        fn = jax.jit(functools.partial(_step_impl, graphdef, opts_v), static_argnums=(0, 1), donate_argnums=(3,))
+        saved = llama_mod.paged_attention
+        if attention is not None:
+            llama_mod.paged_attention = attention
+        try:
+            runner.kv_cache, out = fn(0, False, state, runner.kv_cache, arrays, sampling)   # compile
+            jax.block_until_ready(out)
+        finally:
+            llama_mod.paged_attention = saved
+        ts, cs = [], []
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            runner.kv_cache, out = fn(0, False, state, runner.kv_cache, arrays, sampling)
+            jax.block_until_ready(out)
+            ts.append(time.perf_counter() - t0)
+            cs.append(time.process_time() - c0)
+        results.append((name, 1e3 * float(np.median(ts)), 1e3 * float(np.median(cs))))
+
+    def no_attention(q, k, v, kv_cache, layer, meta, o):
+        return q, kv_cache
+
+    def write_only(q, k, v, kv_cache, layer, meta, o):
+        from pallas_kernels import kv_cache_write, kv_cache_write_reference
+        write = kv_cache_write if o.use_pallas else kv_cache_write_reference
+        return q, write(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping, layer=layer)
+
+    time_step(f"full step (as the engine runs it, pallas={opts.use_pallas})", opts)
+    other = dataclasses_replace(opts, use_pallas=not opts.use_pallas)
+    time_step(f"full step, pallas={other.use_pallas}", other)
+    time_step("no attention (no KV write, no read)", opts, no_attention)
+    time_step("KV write only (no attention read)", opts, write_only)
+
+    def forward_only(state, kv, arrays):
+        model = nnx.merge(graphdef, state)
+        meta = AttentionMetadata(arrays["slot_mapping"], arrays["block_tables"], arrays["seq_lens"],
+                                 arrays["query_start"])
+        hidden, kv = model.forward(arrays["token_ids"], arrays["positions"], kv, meta, opts)
+        return kv, jnp.take(hidden, arrays["logits_indices"], axis=0)
+
+    fwd = jax.jit(forward_only, donate_argnums=(1,))
+    runner.kv_cache, last = fwd(state, runner.kv_cache, arrays)
+    ts, cs = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        runner.kv_cache, last = fwd(state, runner.kv_cache, arrays)
+        jax.block_until_ready(last)
+        ts.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
+    results.append(("forward only (no LM head, no sampling)", 1e3 * float(np.median(ts)), 1e3 * float(np.median(cs))))
+
+    head = jax.jit(lambda state, x: nnx.merge(graphdef, state).logits(x))
+    results.append(("LM head alone [B, H] -> [B, V]", *_median_ms(lambda: head(state, last), repeats, True)))
+    logits = head(state, last)
+    greedy = jax.jit(lambda lg, s: sample(lg, s, num_logprobs=0, use_penalties=False))
+    results.append(("sampler alone, greedy", *_median_ms(lambda: greedy(logits, sampling), repeats, True)))
+    b = logits.shape[0]
+    topp = dataclasses_replace(sampling, temperature=jnp.full((b,), 0.8, jnp.float32),
+                               top_p=jnp.full((b,), 0.9, jnp.float32))
+    results.append(("sampler alone, temperature 0.8 top_p 0.9",
+                    *_median_ms(lambda: greedy(logits, topp), repeats, True)))
+    return results
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+    return dataclasses.replace(obj, **kw)
+
+
+# ---------------------------------------------------------------------------- main
+
+def run(args) -> dict:
+    import jax
+
+    from jaxpaged import LLM
+
+    sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else [args.batch_size]
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f}; backend {jax.default_backend()}, {os.cpu_count()} cpus")
+    report = {}
+    if args.flops:
+        rows = matmul_ceiling(args.repeats)
+        report["matmul"] = rows
+        print("matmul FLOP ceiling (jnp.dot, f32 accumulation):")
+        for r in rows:
+            print(f"  {r['dtype']:<9} {r['shape']:<16} {r['ms']:9.3f} ms  {r['gflops']:7.1f} GFLOP/s")
+    ceiling = {d: max(r["gflops"] for r in report.get("matmul", []) if r["dtype"] == d)
+               for d in ("float32", "bfloat16")} if args.flops else {}
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs or max(max(sizes), 2),
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              use_pallas=args.use_pallas, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+    print(f"engine start (load, no warmup: shapes compile on first use) {time.perf_counter() - t0:.1f} s; "
+          f"buckets T={llm.llm_engine.runner.buckets.token_buckets} B={llm.llm_engine.runner.buckets.seq_buckets}")
+    cfg = llm.llm_engine.model_config
+    rows = []
+    for bsz in sizes:
+        decode, timer, cap = run_batch(llm, bsz, args, capture=args.breakdown)
+        if not decode:
+            print(f"B={bsz}: no steady decode steps (raise --output-len above --skip)")
+            continue
+        s = _split_line(decode)
+        ctx = args.input_len + args.output_len // 2
+        flops = bsz * model_flops_per_token(cfg, ctx)
+        r = dict(batch=bsz, padded=(decode[0].tokens_padded, decode[0].seqs_padded), steps=len(decode), **s,
+                 gflops=flops / s["device"] / 1e6, tok_s=bsz / s["step"] * 1e3)
+        if ceiling:
+            r["of_ceiling"] = r["gflops"] / ceiling[args.dtype]
+        rows.append(r)
+        prefill = [x for x in timer.records if not x.is_decode]
+        pf = _split_line(prefill) if prefill else None
+        print(f"B={bsz:<4} decode step {s['step']:8.2f} ms = host {s['host']:6.2f} ms (schedule {s['schedule']:.2f}, "
+              f"inputs {s['inputs']:.2f}, sampling inputs {s['sampling_inputs']:.2f}, other {s['other']:.2f}) "
+              f"+ device {s['device']:8.2f} ms (CPU {s['device_cpu']:.1f} ms); padded (T, B)={r['padded']}; {r['tok_s']:.1f} tok/s; "
+              f"{r['gflops']:.1f} GFLOP/s" + (f" = {100 * r['of_ceiling']:.0f}% of the {args.dtype} matmul ceiling"
+                                              if ceiling else ""))
+        if pf:
+            print(f"       prefill steps: {len(prefill)}, mean {pf['step']:.1f} ms (device {pf['device']:.1f} ms)")
+        if args.breakdown and cap is not None:
+            for label, captured in (("decode", cap.decode), ("prefill", cap.prefill)):
+                if captured is None:
+                    continue
+                inp = captured[0]
+                print(f"  device-step breakdown, {label} step: {inp.num_tokens} tokens / {inp.num_seqs} seqs, "
+                      f"padded T={len(inp.token_ids)} B={len(inp.seq_lens)}, "
+                      f"context {int(inp.seq_lens.sum())} tokens")
+                print(f"    {'variant':<48} {'wall ms':>9} {'CPU ms':>9}")
+                for name, ms, cpu in breakdown(llm.llm_engine.runner, captured, args.repeats):
+                    print(f"    {name:<48} {ms:9.2f} {cpu:9.2f}")
+    report["decode"] = rows
+    report["num_compiled"] = llm.llm_engine.runner.num_compiled()
+    print(f"compiled step executables: {report['num_compiled']} (bucket table has "
+          f"{len(llm.llm_engine.runner.buckets.pairs())} pairs); load average now {os.getloadavg()[0]:.2f}")
+    return report
