@@ -23,10 +23,11 @@ import numpy as np
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.request import Request, RequestStatus
-from jaxpaged.runner import ModelRunner, kv_bytes_per_block
+from jaxpaged.runner import ModelRunner, kv_bytes_per_block, resolve_kv_cache_dtype
 from jaxpaged.detokenizer import TokenDecoder
 from jaxpaged.sampling_params import SamplingParams
 from jaxpaged.scheduler import Scheduler
+from jaxpaged.sharding import make_mesh, place_params, prepare_params
 from jaxpaged.sequence import RequestGroup, SequenceState
 
 logger = logging.getLogger(__name__)
@@ -68,15 +69,19 @@ class LLMEngine:
                             tokenizer=config.tokenizer, progress=progress, write_cache=True)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.max_model_len = self._max_model_len()
-        graphdef, state = build_state(self.model_config, loaded.params, config.dtype)
-        state = jax.device_put(state)
+        # tensor_parallel_size > 1: a "tp" mesh, params laid out and placed per shard (sharding.py)
+        self.mesh = make_mesh(config.tensor_parallel_size)
+        self.model_config, params = prepare_params(self.model_config, loaded.params, config.tensor_parallel_size)
+        graphdef, state = build_state(self.model_config, params, config.dtype)
+        state = place_params(state, self.mesh)
         num_blocks = self._num_blocks()
         self.scheduler = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,
                                    enable_prefix_caching=config.enable_prefix_caching)
-        self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len)
+        self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len,
+                                  mesh=self.mesh)
         if not config.enforce_eager:
             self.runner.warmup(progress=progress)
         self._decode_token = TokenDecoder(self.tokenizer)
@@ -105,7 +110,7 @@ class LLMEngine:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, cfg.dtype)
+        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, resolve_kv_cache_dtype(cfg))
         if cfg.kv_cache_memory_bytes is not None:
             n = cfg.kv_cache_memory_bytes // per_block
             if n < 2:

@@ -33,9 +33,13 @@ class EngineConfig:
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache (default <cache>/xla)
     enforce_eager: bool = False           # skip warmup(); shapes still come from the bucket table
     use_pallas: bool = True               # attention through pallas_kernels (False: the jnp reference)
+    # "auto": float32 on CPU (XLA CPU widens a 16-bit cache on every slice), else the model's dtype
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        if self.kv_cache_dtype != "auto":
+            object.__setattr__(self, "kv_cache_dtype", check_dtype(self.kv_cache_dtype))
         if self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size: expected one of [8, 16, 32], got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "max_logprobs"):

@@ -26,6 +26,7 @@ from jaxpaged.engine_config import EngineConfig
 from jaxpaged.models import jnp_dtype
 from jaxpaged.models.layers import AttentionMetadata, AttentionOptions
 from jaxpaged.sampler import SamplingTensors, needs_penalties, sample, token_logprobs
+from jaxpaged.sharding import constrain_kv, constrain_step_outputs, zeros_kv_cache
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,27 @@ class StepResult:
     prompt_top_logprobs: np.ndarray | None = None  # [num_tokens, K] f32
 
 
+def resolve_kv_cache_dtype(config: EngineConfig) -> str:
+    """The KV cache's dtype name: explicit, or "auto" = float32 on CPU, the model's dtype elsewhere."""
+    if config.kv_cache_dtype != "auto":
+        return config.kv_cache_dtype
+    return "float32" if jax.default_backend() == "cpu" else config.dtype
+
+
+def store_bf16_as_uint16(state):
+    """bf16 leaves -> their uint16 bit patterns (models/layers.read bit-casts them back per layer).
+
+    On XLA CPU a bf16 array sliced inside the layer scan is upcast whole on every call; a uint16
+    array is sliced as raw bits. Other backends keep bf16 as is.
+    """
+    if jax.default_backend() != "cpu":
+        return state
+    cast = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+    return jax.tree_util.tree_map(cast, state)
+
+
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
+    """dtype: the KV cache's dtype name."""
     itemsize = 2 if dtype == "bfloat16" else 4
     return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
 
@@ -79,24 +100,25 @@ def _copy_blocks_impl(kv_cache, src, dst):
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, graphdef, state,
-                 num_blocks: int, max_model_len: int):
+                 num_blocks: int, max_model_len: int, mesh=None):
         self.config, self.model_config = config, model_config
         self.block_size = config.block_size
         self.num_blocks = num_blocks
         self.table_width = -(-max_model_len // self.block_size)   # ceil: blocks of the longest sequence
         self.buckets = BucketTable.build(config.max_num_batched_tokens, config.max_num_seqs)
-        self.state = state
+        self.state = store_bf16_as_uint16(state)
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         self.generator = np.random.default_rng(config.seed)
-        self.dtype = jnp_dtype(config.dtype)
+        self.dtype = jnp_dtype(resolve_kv_cache_dtype(config))   # the KV cache's
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
                  model_config.head_dim)
-        self.kv_cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        self.kv_cache = zeros_kv_cache(shape, self.dtype, mesh)   # sharded on KVH under a mesh
         opts = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
-                                sliding_window=model_config.sliding_window, use_pallas=config.use_pallas)
-        self._step = jax.jit(functools.partial(_step_impl, graphdef, opts),
+                                sliding_window=model_config.sliding_window, use_pallas=config.use_pallas,
+                                mesh=mesh)
+        self._step = jax.jit(constrain_step_outputs(functools.partial(_step_impl, graphdef, opts), mesh),
                              static_argnums=(0, 1, 2), donate_argnums=(4,))
-        self._copy = jax.jit(_copy_blocks_impl, donate_argnums=(0,))
+        self._copy = jax.jit(constrain_kv(_copy_blocks_impl, mesh), donate_argnums=(0,))
 
     # ---- compile discipline -------------------------------------------------------------------
     def num_compiled(self) -> int:

@@ -63,3 +63,17 @@ def test_chat_template_generates_an_answer(llm):
                    SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0]
     assert "Paris" in out.text
     assert out.finish_reason in ("stop", "length")
+
+
+def test_bfloat16_weights_stored_as_bits_and_still_paris(tmp_path):
+    import jax
+    import numpy as np
+
+    llm = LLM("smollm2-135m-instruct", dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+              max_num_batched_tokens=32, enforce_eager=True, download_dir=str(tmp_path))
+    runner = llm.llm_engine.runner
+    # CPU: bf16 weights travel as uint16 bit patterns, the KV cache stays f32 ("auto")
+    assert {np.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(runner.state)} == {"uint16"}
+    assert runner.kv_cache[0].dtype == np.float32
+    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert out[0].outputs[0].text.strip().startswith("Paris")

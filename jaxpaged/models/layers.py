@@ -6,8 +6,10 @@ one layer's slice per iteration, so compile time does not grow with depth.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,14 @@ from jaxpaged.config import ModelConfig
 
 def _shape(stack: int | None, *dims: int) -> tuple[int, ...]:
     return ((stack,) if stack else ()) + dims
+
+
+def read(p: nnx.Param) -> jax.Array:
+    """A param's value. bf16 weights may be stored as their uint16 bit patterns (see
+    runner.store_bf16_as_uint16): bit-cast back here, inside the layer, so XLA CPU never upcasts a
+    whole stacked [L, ...] bf16 array per step."""
+    x = p[...]
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 def _param(shape, dtype, fill: float = 0.0) -> nnx.Param:
@@ -34,9 +44,9 @@ class Linear(nnx.Module):
         self.bias = _param(_shape(stack, d_out), dtype) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.kernel[...], preferred_element_type=jnp.float32)
+        y = jnp.dot(x, read(self.kernel), preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + read(self.bias).astype(jnp.float32)
         return y.astype(x.dtype)
 
 
@@ -47,11 +57,11 @@ class Embed(nnx.Module):
         self.embedding = _param((num, dim), dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
+        return jnp.take(read(self.embedding), ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied LM head: x [N, H] -> logits [N, V] in f32."""
-        return jnp.dot(x, self.embedding[...].T, preferred_element_type=jnp.float32)
+        return jnp.dot(x, read(self.embedding).T, preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -64,7 +74,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * xf).astype(x.dtype)
+        return (read(self.scale).astype(jnp.float32) * xf).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -80,7 +90,7 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        return (y * read(self.scale).astype(jnp.float32) + read(self.bias).astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -132,6 +142,11 @@ class AttentionOptions:
     sm_scale: float
     sliding_window: int | None = None
     use_pallas: bool = True
+    mesh: Any = None          # jax.sharding.Mesh ("tp" axis) under tensor parallelism (sharding.py), else None
+
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
 
 
 def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: AttentionOptions):
@@ -143,7 +158,16 @@ def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: Att
     from pallas_kernels import kv_cache_write, ragged_paged_attention
     from pallas_kernels import kv_cache_write_reference, ragged_paged_attention_reference
 
+    if opts.mesh is not None:   # tensor parallel: the kernels run on each device's own heads (shard_map)
+        from jaxpaged.sharding import shard_attention
+        local = dataclasses.replace(opts, mesh=None)
+        per_shard = shard_attention(lambda *a: paged_attention(*a, local), opts.mesh)
+        return per_shard(q, k, v, kv_cache, layer, meta)
     k_pages, v_pages = kv_cache
+    out_dtype = q.dtype
+    # the cache may be kept wider than the model (bf16 weights, f32 cache on CPU): the kernels take
+    # q, k, v in the cache's dtype
+    q, k, v = (a.astype(k_pages.dtype) for a in (q, k, v))
     if opts.use_pallas:
         write, attend = kv_cache_write, ragged_paged_attention
     else:
@@ -151,7 +175,7 @@ def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: Att
     k_pages, v_pages = write(k_pages, v_pages, k, v, meta.slot_mapping, layer=layer)
     out = attend(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_start,
                  sm_scale=opts.sm_scale, sliding_window=opts.sliding_window, layer=layer)
-    return out, (k_pages, v_pages)
+    return out.astype(out_dtype), (k_pages, v_pages)
 
 
 def scan_layers(layers: nnx.Module, body, carry):

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxpaged.config import ModelConfig
 from jaxpaged.models.layers import (AttentionMetadata, AttentionOptions, Embed, Linear, RMSNorm,
-                                    apply_rope, paged_attention, rope_cos_sin, rope_inv_freq,
+                                    apply_rope, paged_attention, read, rope_cos_sin, rope_inv_freq,
                                     scan_layers)
 
 
@@ -82,4 +82,4 @@ class LlamaForCausalLM(nnx.Module):
         """hidden [N, H] -> logits [N, V] f32."""
         if self.cfg.tie_word_embeddings:
             return self.embed.attend(hidden)
-        return jnp.dot(hidden, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
+        return jnp.dot(hidden, read(self.lm_head.kernel), preferred_element_type=jnp.float32)
