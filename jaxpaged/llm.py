@@ -90,6 +90,13 @@ class LLM:
         # the template already holds any special tokens (bos, role markers): add none
         return list(tok.encode(text, add_special_tokens=False))
 
+    # ---- beam search --------------------------------------------------------------------------------
+    def beam_search(self, prompts, params, use_tqdm: bool = False) -> list:
+        """vLLM's LLM.beam_search (BeamSearchParams -> one BeamSearchOutput per prompt, best sequences first),
+        run inside the engine with beams sharing KV blocks; see jaxpaged/beam_search.py."""
+        from jaxpaged.beam_search import beam_search
+        return beam_search(self.llm_engine, prompts, params, use_tqdm=use_tqdm)
+
 
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
