@@ -27,6 +27,8 @@ _HELP = {
     "max_num_batched_tokens": "token budget of one step",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "seed": "engine seed for unseeded sampling",
+    "tensor_parallel_size": "devices to shard the model over (a 'tp' mesh: heads, MLP and vocabulary split, "
+                            "KV cache split by KV heads; default: 1)",
     "max_logprobs": "largest logprobs / top_logprobs a request may ask for",
     "download_dir": "cache of converted parameters",
     "compilation_cache_dir": "JAX persistent compilation cache",

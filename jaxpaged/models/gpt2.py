@@ -39,7 +39,11 @@ class GPT2Blocks(nnx.Module):
         """x [T, H] -> ([T, H], kv_cache)."""
         cfg = self.cfg
         t = x.shape[0]
-        q, k, v = jnp.split(self.qkv(self.ln_1(x)), 3, axis=-1)   # each [T, H]
+        # qkv columns come grouped per tensor-parallel shard, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]
+        # (sharding.prepare_params; one group, HF's [q | k | v], without tensor parallelism)
+        n = opts.tp_size
+        qkv = self.qkv(self.ln_1(x)).reshape(t, n, 3, cfg.hidden_size // n)
+        q, k, v = (qkv[:, :, i] for i in range(3))                 # each [T, N, H / N]
         shape = (t, cfg.num_heads, cfg.head_dim)
         attn, kv_cache = paged_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
                                          kv_cache, layer, meta, opts)

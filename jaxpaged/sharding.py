@@ -1,0 +1,212 @@
+"""Tensor parallelism over a 1-D device mesh (axis "tp"): parameter layout, placement and the per-shard attention.
+
+`tensor_parallel_size = N > 1` (EngineConfig) turns this on; N == 1 leaves every code path as it was.
+
+  make_mesh(N)                   Mesh over the first N of jax.devices() (all processes' devices under
+                                 jax.distributed), one axis "tp"
+  prepare_params(cfg, params, N) host-side (numpy) layout changes the sharding needs, before build_state:
+                                 KV heads replicated up to N when KVH < N (vLLM's rule), GPT-2's fused qkv
+                                 columns regrouped per shard; returns the (maybe changed) config too
+  place_params(state, mesh)      device_put with a NamedSharding per parameter (param_spec's table)
+  zeros_kv_cache(shape, ..)      the paged cache [L, KVH, NB, BS, D], sharded on KVH, allocated in place
+  constrain_step_outputs(fn, ..) pins a step's outputs: KV cache stays head-sharded (donation keeps
+                                 aliasing), everything else replicated (every process can read it)
+  shard_attention(fn, mesh)      runs cache write + ragged attention per shard under jax.shard_map
+
+The model code stays global (SPMD): XLA's partitioner inserts the collectives the layout implies.
+Megatron-style layout: q/k/v, gate/up are column-parallel (each device owns whole heads / a slice of the
+intermediate dim), o_proj/down are row-parallel (partial sums, one all-reduce each), embedding and LM head
+are split by vocabulary, norms are replicated. A dim that does not divide N (vocabulary, intermediate) is
+replicated instead; heads must divide (error naming tensor_parallel_size).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxpaged.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+AXIS = "tp"
+KV_SPEC = P(None, AXIS, None, None, None)   # [L, KVH, NB, BS, D]: each device owns KVH / N heads' pages
+
+# param path (joined with "/", layer axis included) -> which axis is split over "tp" (None: replicated).
+# Axis indices count from the end so stacked [L, ...] and unstacked params read the same.
+_SPLIT_AXIS = {
+    # llama family
+    "embed/embedding": -2,            # [V, H]        by vocabulary
+    "lm_head/kernel": -1,             # [H, V]        by vocabulary
+    "layers/q_proj/kernel": -1,       # [L, H, NH*D]  column-parallel: whole query heads
+    "layers/q_proj/bias": -1,
+    "layers/k_proj/kernel": -1,       # [L, H, KVH*D] whole KV heads
+    "layers/k_proj/bias": -1,
+    "layers/v_proj/kernel": -1,
+    "layers/v_proj/bias": -1,
+    "layers/o_proj/kernel": -2,       # [L, NH*D, H]  row-parallel
+    "layers/gate_proj/kernel": -1,    # [L, H, I]     column-parallel
+    "layers/up_proj/kernel": -1,
+    "layers/down_proj/kernel": -2,    # [L, I, H]     row-parallel
+    # gpt2
+    "wte/embedding": -2,              # [V, H]        by vocabulary (also the tied LM head)
+    "layers/qkv/kernel": -1,          # [L, H, 3H]    columns regrouped by prepare_params: [q_i k_i v_i] per shard
+    "layers/qkv/bias": -1,
+    "layers/attn_out/kernel": -2,     # [L, H, H]     row-parallel (its bias is added once, replicated)
+    "layers/fc/kernel": -1,           # [L, H, I]
+    "layers/fc/bias": -1,
+    "layers/proj/kernel": -2,         # [L, I, H]     row-parallel
+}
+
+
+def make_mesh(tensor_parallel_size: int) -> Mesh | None:
+    """A 1-D mesh ("tp") over the first N global devices; None for N == 1 (the unsharded path)."""
+    n = int(tensor_parallel_size)
+    if n == 1:
+        return None
+    devices = jax.devices()
+    if n > len(devices):
+        raise ValueError(f"tensor_parallel_size: {n} exceeds the {len(devices)} available "
+                         f"{jax.default_backend()} devices")
+    mesh = Mesh(np.array(devices[:n]), (AXIS,))
+    if jax.process_count() > 1 and not set(mesh.devices.flat) & set(jax.local_devices()):
+        raise ValueError(f"tensor_parallel_size: {n} leaves process {jax.process_index()} without a device "
+                         f"in the mesh; with several processes use all {len(devices)} devices")
+    return mesh
+
+
+def check_divisible(cfg: ModelConfig, n: int) -> int:
+    """Returns r, the factor KV heads are replicated by (1: none). ValueError when heads do not fit N."""
+    if cfg.num_heads % n:
+        raise ValueError(f"tensor_parallel_size: {n} must divide the model's {cfg.num_heads} attention heads")
+    if cfg.num_kv_heads % n == 0:
+        return 1
+    if n % cfg.num_kv_heads:
+        raise ValueError(f"tensor_parallel_size: {n} must divide the model's {cfg.num_kv_heads} KV heads, "
+                         f"or be a multiple of them (then KV heads are replicated)")
+    return n // cfg.num_kv_heads
+
+
+def prepare_params(cfg: ModelConfig, params: dict, n: int) -> tuple[ModelConfig, dict]:
+    """Host-side layout for N shards (numpy in, numpy out; N == 1: unchanged).
+
+    - KVH < N (N a multiple of KVH): each KV head's k/v columns are repeated r = N / KVH times and the
+      config says KVH * r heads, so every device owns one copy; query head h still reads KV head
+      h // (NH / KVH) because (h // (G / r)) // r == h // G. Costs r times the KV cache memory.
+    - GPT-2: c_attn's columns [q | k | v] become [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (q_i: shard i's heads),
+      so a contiguous column split hands each device whole heads of all three; GPT2Blocks reads the
+      projection as [T, N, 3, H / N] (AttentionOptions.tp_size). The Orbax cache keeps HF's order.
+    """
+    if n == 1:
+        return cfg, params
+    r = check_divisible(cfg, n)
+    params = jax.tree_util.tree_map(lambda x: x, params)   # new dicts; leaves shared until replaced
+    layers = params["layers"]
+    if r > 1:
+        for name in ("k_proj", "v_proj"):
+            for leaf, arr in layers[name].items():
+                a = np.asarray(arr)
+                heads = a.reshape(*a.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
+                layers[name][leaf] = np.repeat(heads, r, axis=-2).reshape(*a.shape[:-1], -1)
+        cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r)
+        logger.info("tensor_parallel_size %d > %d KV heads: KV heads replicated x%d", n, cfg.num_kv_heads // r, r)
+    if cfg.family == "gpt2":
+        for leaf, arr in layers["qkv"].items():
+            a = np.asarray(arr)
+            h = cfg.hidden_size
+            grouped = a.reshape(*a.shape[:-1], 3, n, h // n)           # [..., (q|k|v), shard, cols]
+            layers["qkv"][leaf] = np.ascontiguousarray(np.swapaxes(grouped, -3, -2)).reshape(a.shape)
+    return cfg, params
+
+
+def param_spec(path: str, shape: tuple[int, ...], n: int) -> P:
+    """PartitionSpec of one parameter ("a/b/c" path); replicated when its split dim does not divide N."""
+    axis = _SPLIT_AXIS.get(path)
+    if axis is None:
+        return P()
+    if shape[axis] % n:
+        logger.info("param %s %s: dim %d does not divide tensor_parallel_size %d; replicated",
+                    path, shape, shape[axis], n)
+        return P()
+    spec = [None] * len(shape)
+    spec[axis] = AXIS
+    return P(*spec)
+
+
+def param_specs(params: dict, n: int) -> dict:
+    """The PartitionSpec tree of a params dict (same structure)."""
+    def spec(key_path, x):
+        path = "/".join(str(getattr(k, "key", k)) for k in key_path)
+        return param_spec(path, tuple(x.shape), n)
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def place_params(state, mesh: Mesh | None):
+    """Puts an nnx.State (host arrays) on device(s): one NamedSharding per parameter, or plain device_put."""
+    if mesh is None:
+        return jax.device_put(state)
+    from flax import nnx
+    pure = nnx.to_pure_dict(state)
+    specs = param_specs(pure, mesh.size)
+    placed = jax.tree_util.tree_map(lambda x, s: _put_global(x, NamedSharding(mesh, s)), pure, specs)
+    nnx.replace_by_pure_dict(state, placed)
+    return state
+
+
+def _put_global(x, sharding: NamedSharding) -> jax.Array:
+    # make_array_from_callback builds only this process's shards (every process holds the same host copy),
+    # so it works unchanged when the mesh spans several processes.
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def kv_sharding(mesh: Mesh | None) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, KV_SPEC)
+
+
+def zeros_kv_cache(shape: tuple[int, ...], dtype, mesh: Mesh | None):
+    """(k_pages, v_pages) of zeros; with a mesh each device allocates only its own heads' pages."""
+    import jax.numpy as jnp
+    if mesh is None:
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    if shape[1] % mesh.size:
+        raise ValueError(f"tensor_parallel_size: {mesh.size} must divide the KV cache's {shape[1]} heads")
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_sharding(mesh))
+    return make(), make()
+
+
+def constrain_step_outputs(fn, mesh: Mesh | None):
+    """Wraps fn(...) -> (kv_cache, *rest): kv_cache kept head-sharded, rest replicated. Identity without a mesh."""
+    if mesh is None:
+        return fn
+    kv, rep = kv_sharding(mesh), NamedSharding(mesh, P())
+
+    def wrapped(*args, **kwargs):
+        kv_cache, *rest = fn(*args, **kwargs)
+        kv_cache = jax.lax.with_sharding_constraint(kv_cache, (kv, kv))
+        rest = jax.lax.with_sharding_constraint(rest, jax.tree_util.tree_map(lambda _: rep, rest))
+        return (kv_cache, *rest)
+    return wrapped
+
+
+def constrain_kv(fn, mesh: Mesh | None):
+    """Wraps fn(...) -> kv_cache so the result keeps the head sharding (the block-copy step)."""
+    if mesh is None:
+        return fn
+    kv = kv_sharding(mesh)
+    return lambda *args: jax.lax.with_sharding_constraint(fn(*args), (kv, kv))
+
+
+def shard_attention(fn, mesh: Mesh):
+    """fn(q, k, v, kv_cache, layer, meta) on one device's heads, mapped over the mesh with shard_map.
+
+    q [T, NH, D], k/v [T, KVH, D] split on heads; kv_cache pages split on KVH (KV_SPEC); layer and the
+    metadata (slot mapping, block tables, lengths) replicated. Each shard keeps the GQA ratio NH / KVH,
+    so the kernels run unchanged on [T, NH / N, D] and [L, KVH / N, NB, BS, D]. No collectives inside.
+    """
+    heads = P(None, AXIS, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, (KV_SPEC, KV_SPEC), P(), P()),
+                         out_specs=(heads, (KV_SPEC, KV_SPEC)), check_vma=False)

@@ -1,0 +1,62 @@
+"""Subprocess worker of the tensor-parallel and multi-process tests (not collected by pytest).
+
+XLA's host device count and jax.distributed must be set up before JAX initialises its backend, and the
+pytest process has long since done that, so each case runs here:
+
+    python -m tests.tp_worker SPEC_JSON OUT_JSON
+
+SPEC: devices (CPU devices of this process), model, tps (list of tensor_parallel_size to run in turn),
+prompts (token-id lists), max_tokens, use_pallas (bool, or one per tp), download_dir, params (param paths whose per-device
+shard shapes to report), and optionally distributed = {port, num_processes, process_id}.
+OUT: {"tokens": {tp: [[ids] per prompt]}, "shards": {tp: {path: [[shape] per local device]}},
+      "kv_shards": {tp: [[shape] per local device]}, "num_kv_heads": {tp: n}, "global_devices": n}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(spec_path: str, out_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+    import jax
+    dist = spec.get("distributed")
+    if dist:
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{dist['port']}",
+                                   num_processes=dist["num_processes"], process_id=dist["process_id"])
+    from flax import nnx
+
+    from jaxpaged import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    out = {"tokens": {}, "shards": {}, "kv_shards": {}, "num_kv_heads": {}, "global_devices": jax.device_count()}
+    pallas = spec["use_pallas"]
+    for i, tp in enumerate(spec["tps"]):
+        llm = LLM(spec["model"], tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4,
+                  max_num_batched_tokens=64, enforce_eager=True, use_pallas=pallas[i] if isinstance(pallas, list) else pallas,
+                  download_dir=spec["download_dir"])
+        outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+        engine = llm.llm_engine
+        pure = nnx.to_pure_dict(engine.runner.state)
+        shards = {}
+        for path in spec.get("params", []):
+            arr = pure
+            for key in path.split("/"):
+                arr = arr[key]
+            shards[path] = [list(s.data.shape) for s in arr.addressable_shards]
+        key = str(tp)
+        out["tokens"][key] = [o.outputs[0].token_ids for o in outs]
+        out["shards"][key] = shards
+        out["kv_shards"][key] = [list(s.data.shape) for s in engine.runner.kv_cache[0].addressable_shards]
+        out["num_kv_heads"][key] = engine.model_config.num_kv_heads
+        del llm, engine
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
