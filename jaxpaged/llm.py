@@ -54,11 +54,12 @@ class LLM:
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         done: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
         try:
             while len(done) < len(ids) and engine.has_unfinished_requests():
                 for out in engine.step():
-                    if out.finished and out.request_id in set(ids):
+                    if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         bar.update(1)
         except BaseException:
