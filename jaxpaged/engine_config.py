@@ -14,7 +14,7 @@ class EngineConfig:
     """Engine configuration. Field names match vLLM's engine args where vLLM has one.
 
     KV pool size: `num_kv_blocks` when given, else `kv_cache_memory_bytes` / bytes per block,
-    else enough blocks for `max_num_seqs` sequences of `max_model_len` tokens, capped at 4 GiB.
+    else enough blocks for `max_num_seqs` sequences of `max_model_len` tokens, capped at 2 GiB.
     """
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None          # default: the model's own tokenizer

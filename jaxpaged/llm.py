@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxpaged.engine import LLMEngine
@@ -71,23 +72,28 @@ class LLM:
 
     # ---- chat ---------------------------------------------------------------------------------------
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
-        """messages: one conversation (list of {"role", "content"}) or a list of conversations."""
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None, tools: list | None = None) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of conversations.
+
+        content may be a string or OpenAI content parts ([{"type": "text", "text": ...}]);
+        chat_template_kwargs (e.g. {"enable_thinking": False}) and tools go to the chat template.
+        """
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [{"prompt_token_ids": self.chat_prompt_ids(c, chat_template, add_generation_prompt,
-                                                             continue_final_message)} for c in convs]
+                                                             continue_final_message, chat_template_kwargs,
+                                                             tools)} for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def chat_prompt_ids(self, conversation, chat_template=None, add_generation_prompt=True,
-                        continue_final_message=False) -> list[int]:
+                        continue_final_message=False, chat_template_kwargs=None, tools=None) -> list[int]:
         """Token ids of a conversation rendered through the tokenizer's chat template."""
         tok = self.get_tokenizer()
-        for i, m in enumerate(conversation):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}]: each message needs 'role' and 'content'")
-        text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
+        conversation = [_plain_message(i, m) for i, m in enumerate(conversation)]
+        text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False, tools=tools,
                                        add_generation_prompt=add_generation_prompt and not continue_final_message,
-                                       continue_final_message=continue_final_message)
+                                       continue_final_message=continue_final_message,
+                                       **(chat_template_kwargs or {}))
         # the template already holds any special tokens (bos, role markers): add none
         return list(tok.encode(text, add_special_tokens=False))
 
@@ -99,11 +105,31 @@ class LLM:
         return beam_search(self.llm_engine, prompts, params, use_tqdm=use_tqdm)
 
 
+def _plain_message(i: int, m) -> dict:
+    """A chat message with string content (OpenAI text content parts joined); ValueError otherwise."""
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise ValueError(f"messages[{i}]: each message needs 'role' and 'content'")
+    content = m["content"]
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                                 f"are supported, got {part!r}")
+            texts.append(part["text"])
+        return {**m, "content": "".join(texts)}
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"messages[{i}].content: expected a string or a list of text parts")
+    return m
+
+
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+        return [prompts.tolist()]
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
+    if prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
         return [prompts]          # one prompt given as token ids
     if not prompts:
         raise ValueError("prompts: must not be empty")

@@ -121,5 +121,6 @@ class SequenceState:
         r = self.request
         return CompletionOutput(index=self.index, text=self.out.stream_text(), token_ids=list(r.output_token_ids),
                                 cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-                                logprobs=self.logprobs, finish_reason=self.finish_reason,
+                                logprobs=list(self.logprobs) if self.logprobs is not None else None,
+                                finish_reason=self.finish_reason,
                                 stop_reason=self.out.stop_reason)

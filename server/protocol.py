@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 # Strict: "1", 1.0 and true are not integers; an int is a float; floats must be finite.
@@ -39,7 +39,7 @@ class StreamOptions(RequestModel):
 class SamplingFields(RequestModel):
     """Fields shared by completions and chat completions (OpenAI's and vLLM's extras)."""
     model: StrictStr | None = None
-    n: Int64 = 1
+    n: Int64 | None = 1
     best_of: Int64 | None = None
     temperature: Float | None = None
     top_p: Float | None = None
@@ -58,6 +58,11 @@ class SamplingFields(RequestModel):
     skip_special_tokens: StrictBool = True
     spaces_between_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+
+    @field_validator("n")
+    @classmethod
+    def _n_default(cls, v):
+        return 1 if v is None else v     # OpenAI allows "n": null, meaning the default
     user: StrictStr | None = None
     logit_bias: dict[str, Float] | None = None
 

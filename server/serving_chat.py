@@ -93,7 +93,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     choices.sort(key=lambda ch: ch.index)
     usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
                       total_tokens=len(ids) + completion_tokens)
-    body = ChatCompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=choices,
+    body = ChatCompletionResponse(id=request_id, created=created, model=req.model or ctx.model_name, choices=choices,
                                   usage=usage)
     return JSONResponse(body.model_dump(mode="json"))
 
@@ -101,7 +101,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 async def _stream(ctx, req, request_id, created, prompt_tokens, stream, echo):
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(include_usage and req.stream_options.continuous_usage_stats)
-    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model or ctx.model_name}
     sent: dict[int, list] = {}     # choice index -> [chars sent, tokens sent, finished]
 
     def chunk(choices, usage_counts=None):

@@ -143,7 +143,7 @@ def _response(ctx, req, request_id, created, prompts, finals) -> CompletionRespo
     choices.sort(key=lambda ch: ch.index)
     usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       total_tokens=prompt_tokens + completion_tokens)
-    return CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=choices,
+    return CompletionResponse(id=request_id, created=created, model=req.model or ctx.model_name, choices=choices,
                               usage=usage)
 
 
@@ -153,7 +153,7 @@ async def _stream(ctx, req, request_id, created, prompts, streams):
     sent: dict[int, list] = {}     # choice index -> [chars sent, tokens sent, finished]
     completion_tokens: dict[int, int] = {}
     prompt_tokens = sum(len(ids) for _, ids in prompts)
-    base = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name}
+    base = {"id": request_id, "object": "text_completion", "created": created, "model": req.model or ctx.model_name}
     try:
         async with contextlib.aclosing(merge_streams(streams)) as merged:
             async for i, out in merged:

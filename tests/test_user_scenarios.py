@@ -1,8 +1,8 @@
 """User scenarios: a vLLM user's scripts run against jaxpaged, with inputs the other tests do not try.
 
 One module-scoped LLM on a tiny random-weight Llama (enforce_eager, small budgets) serves most
-tests; server scenarios run in-process on FakeEngine. Tests marked xfail(strict=True) pin known
-bugs: each flips to a failure (XPASS) once the bug is fixed, so the marker can be removed then.
+tests; server scenarios run in-process on FakeEngine. Each test pins behaviour a vLLM user relies on
+(several were bugs found by probing the API, fixed since).
 """
 from __future__ import annotations
 
@@ -114,9 +114,6 @@ def test_min_tokens_bans_stop_ids_then_stops(llm):
 
 # ------------------------------------------------------------------ bugs
 
-@pytest.mark.xfail(strict=True, reason="BUG: LLM.chat passes OpenAI content parts ([{'type': 'text', ...}]) "
-                                       "to the template unflattened: rendered as a Python list repr, or a "
-                                       "TypeError with SmolLM2's template (the server flattens them)")
 def test_chat_accepts_openai_content_parts(llm):
     plain = llm.chat([{"role": "user", "content": "Hi there"}], GREEDY, use_tqdm=False)[0]
     parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": " there"}]}],
@@ -124,8 +121,6 @@ def test_chat_accepts_openai_content_parts(llm):
     assert parts.prompt_token_ids == plain.prompt_token_ids
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LLM.chat has no chat_template_kwargs (vLLM's, e.g. Qwen3's "
-                                       "enable_thinking) -> TypeError; the server's chat endpoint has it")
 def test_chat_accepts_chat_template_kwargs(llm):
     tmpl = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if shout %}LOUD {% endif %}assistant:")
@@ -134,8 +129,6 @@ def test_chat_accepts_chat_template_kwargs(llm):
     assert llm.get_tokenizer().decode(out.prompt_token_ids).endswith("LOUD assistant:")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LLM.generate treats a numpy token-id array (or list of np.int64) as a "
-                                       "list of prompts -> ValueError, though LLMEngine.add_request accepts numpy ids")
 def test_generate_accepts_numpy_token_ids(llm):
     ids = [5, 6, 7, 8]
     ref = llm.generate([ids], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
@@ -149,8 +142,6 @@ def fake_aliases():
         yield client
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: responses always name the first --served-model-name; vLLM echoes the "
-                                       "model the request asked for (an alias)")
 def test_server_echoes_requested_model_alias(fake_aliases):
     r = fake_aliases.post("/v1/completions", json={"model": "alias", "prompt": "Hello", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["model"] == "alias"
@@ -159,8 +150,6 @@ def test_server_echoes_requested_model_alias(fake_aliases):
     assert r.status_code == 200 and r.json()["model"] == "alias"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: \"n\": null is valid OpenAI input (n: integer or null, default 1) "
-                                       "but protocol.SamplingFields.n is a non-optional Int64 -> 400")
 def test_server_accepts_null_n(fake_aliases):
     for path, body in (("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "n": None}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
