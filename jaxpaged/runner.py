@@ -4,9 +4,10 @@ becomes device arrays.
 execute(scheduler_output):
   1. copy-on-write block copies (a small jitted scatter, cache donated)
   2. build flat ragged inputs on the host (step_inputs.py), padded to a (T, B) bucket
-  3. step(state, kv_cache, inputs, sampling) — jitted, kv_cache donated:
+  3. forward(state, kv_cache, inputs) — jitted per (T, B), kv_cache donated:
        model.forward over [T] tokens -> hidden [T, H] -> rows of each sequence's last token [B, H]
-       -> logits [B, V] -> sample -> tokens [B] (+ logprobs)
+       -> logits [B, V];  then sample(logits, sampling) — jitted per B, on the device
+       -> tokens [B] (+ logprobs)
   4. one device->host transfer of the sampled ids (and requested logprobs)
 """
 from __future__ import annotations
@@ -74,22 +75,26 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
 
 
-def _step_impl(graphdef, opts, num_logprobs, use_penalties, prompt_logprobs, state, kv_cache, inputs,
-               sampling):
-    """One jitted step. Static: num_logprobs (None / K), use_penalties, prompt_logprobs (None / K: score
-    next_token_ids at every flat row, for requests that asked for prompt logprobs)."""
+def _forward_impl(graphdef, opts, prompt_logprobs, state, kv_cache, inputs):
+    """The model part of a step (jitted per (T, B) bucket): forward over the flat batch, logits of each
+    sequence's last row. Static: prompt_logprobs (None / K: also score next_token_ids at every flat row,
+    for requests that asked for prompt logprobs). Returns (kv_cache, logits [B, V] f32, prompt_out)."""
     model = nnx.merge(graphdef, state)
     meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
                              inputs["query_start"])
     hidden, kv_cache = model.forward(inputs["token_ids"], inputs["positions"], kv_cache, meta, opts)
     last = jnp.take(hidden, inputs["logits_indices"], axis=0)      # [B, H]
     logits = model.logits(last)                                    # [B, V] f32
-    out = sample(logits, sampling, num_logprobs=num_logprobs, use_penalties=use_penalties)
     prompt_out = None
     if prompt_logprobs is not None:
         # logits of every row [T, V]: only in this variant (a [T, H] x [H, V] matmul is costly)
         prompt_out = token_logprobs(model.logits(hidden), inputs["next_token_ids"], prompt_logprobs)
-    return kv_cache, out, prompt_out
+    return kv_cache, logits, prompt_out
+
+
+def _sample_impl(num_logprobs, use_penalties, logits, sampling):
+    """The sampling part of a step (jitted per B bucket only): logits [B, V] never leave the device."""
+    return sample(logits, sampling, num_logprobs=num_logprobs, use_penalties=use_penalties)
 
 
 def _copy_blocks_impl(kv_cache, src, dst):
@@ -116,14 +121,19 @@ class ModelRunner:
         opts = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
                                 sliding_window=model_config.sliding_window, use_pallas=config.use_pallas,
                                 mesh=mesh)
-        self._step = jax.jit(constrain_step_outputs(functools.partial(_step_impl, graphdef, opts), mesh),
-                             static_argnums=(0, 1, 2), donate_argnums=(4,))
+        # A step is two jitted calls chained on the device (no host round trip between them): the model
+        # keyed by (T, B) and the sampler keyed by B alone, so the sampler compiles once per sequence
+        # bucket instead of once per (T, B) pair (it is ~half of a step's compile time on CPU).
+        self._forward = jax.jit(constrain_step_outputs(functools.partial(_forward_impl, graphdef, opts), mesh),
+                                static_argnums=(0,), donate_argnums=(2,))
+        self._sample = jax.jit(_sample_impl, static_argnums=(0, 1))
         self._copy = jax.jit(constrain_kv(_copy_blocks_impl, mesh), donate_argnums=(0,))
 
     # ---- compile discipline -------------------------------------------------------------------
     def num_compiled(self) -> int:
-        """Number of step executables compiled so far (the bucket table bounds it)."""
-        return self._step._cache_size()
+        """Executables compiled so far: forward (one per (T, B) pair and variant) + sampler (one per B
+        and variant). After warmup: len(buckets.pairs()) + len(buckets.seq_buckets)."""
+        return self._forward._cache_size() + self._sample._cache_size()
 
     def warmup(self, progress: bool = True) -> None:
         """Compiles the step for every (T, B) in the bucket table (default sampling variant)."""
@@ -179,9 +189,8 @@ class ModelRunner:
         names = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start",
                  "logits_indices") + (("next_token_ids",) if prompt_logprobs is not None else ())
         arrays = {k: getattr(inputs, k) for k in names}
-        self.kv_cache, out, prompt_out = self._step(num_logprobs, use_penalties, prompt_logprobs, self.state,
-                                                    self.kv_cache, arrays, sampling)
-        return out, prompt_out
+        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays)
+        return self._sample(num_logprobs, use_penalties, logits, sampling), prompt_out
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         size = next((c for c in COPY_BUCKETS if c >= len(copies)), None)
