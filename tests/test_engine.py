@@ -173,3 +173,15 @@ def test_prompt_logprobs_match_transformers_across_chunks(llm):
         assert abs(entry[prompt[i]].logprob - row[prompt[i]]) < 1e-4
         assert entry[prompt[i]].rank == 1 + int((row > row[prompt[i]]).sum())
         assert set(np.argsort(-row)[:3].tolist()) <= set(entry)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "llama_tied", "llama_hd128", "mistral", "qwen2", "qwen3", "gpt2"])
+def test_every_family_greedy_32_tokens_equal_transformers(kind, tiny_model_factory, tmp_path_factory):
+    # the jnp attention path keeps compile time down here; the Pallas path is covered for llama above
+    # and per family in test_models_parity
+    llm = _engine(tiny_model_factory(kind), tmp_path_factory, max_num_batched_tokens=64, max_num_seqs=4,
+                  use_pallas=False)
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[7]]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    model = hf_model(kind)
+    assert _tokens(outs) == [hf_greedy(model, p, N_NEW) for p in prompts]
