@@ -126,7 +126,8 @@ class ModelRunner:
         # bucket instead of once per (T, B) pair (it is ~half of a step's compile time on CPU).
         self._forward = jax.jit(constrain_step_outputs(functools.partial(_forward_impl, graphdef, opts), mesh),
                                 static_argnums=(0,), donate_argnums=(2,))
-        self._sample = jax.jit(_sample_impl, static_argnums=(0, 1))
+        # a fresh partial per runner: jit caches are per callable, so this runner's count is its own
+        self._sample = jax.jit(functools.partial(_sample_impl), static_argnums=(0, 1))
         self._copy = jax.jit(constrain_kv(_copy_blocks_impl, mesh), donate_argnums=(0,))
 
     # ---- compile discipline -------------------------------------------------------------------
