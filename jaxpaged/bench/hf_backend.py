@@ -46,8 +46,10 @@ def _model_from_gguf(path: str):
     get_map = gguf.get_tensor_name_map
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(get_map)   # transformers calls it per tensor
     try:
+        # the name mapping needs a model of the right depth: read the config first
+        layers = gguf_utils.load_gguf_checkpoint(path, return_tensors=False)["config"]["num_hidden_layers"]
         with torch.device("meta"):
-            meta = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1))
+            meta = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=True))
         parsed = gguf_utils.load_gguf_checkpoint(path, return_tensors=True, model_to_load=meta)
     finally:
         gguf.get_tensor_name_map = get_map

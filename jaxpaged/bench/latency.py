@@ -29,7 +29,8 @@ def add_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batch-sizes", default=None, help="comma-separated; overrides --batch-size")
     p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=24)
+    p.add_argument("--output-len", type=int, default=16,
+                   help="decode steps timed with all B sequences decoding (requests get enough extra tokens)")
     p.add_argument("--skip", type=int, default=3, help="decode steps dropped per batch size (compilation)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch size")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -109,7 +110,8 @@ class _Capture:
             inp = self._last
             if inp is not None and inp.num_tokens > 0:
                 if inp.num_tokens == inp.num_seqs:
-                    self.decode = (inp, s)
+                    if self.decode is None or inp.num_seqs >= self.decode[0].num_seqs:
+                        self.decode = (inp, s)   # the widest decode step
                 elif self.prefill is None or inp.num_tokens >= self.prefill[0].num_tokens:
                     self.prefill = (inp, s)
             return s
@@ -130,9 +132,14 @@ def run_batch(llm, batch: int, args, capture: bool = False):
     engine = llm.llm_engine
     rng = np.random.default_rng(args.seed + batch)
     vocab = engine.model_config.vocab_size
+    # chunked prefill: the first requests decode while the last prompts are still prefilling; give
+    # every request enough extra tokens that all B decode together for `skip + output_len` steps
+    budget = engine.config.max_num_batched_tokens
+    extra = -(-batch * args.input_len // max(1, budget - batch)) + 1
     for i in range(batch):
         engine.add_request(f"lat-{batch}-{i}", rng.integers(100, vocab, args.input_len).tolist(),
-                           SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True))
+                           SamplingParams(temperature=0.0, max_tokens=args.skip + args.output_len + extra,
+                                          ignore_eos=True))
     cap = _Capture(engine.runner) if capture else None
     timer = StepTimer(engine)
     try:
@@ -142,7 +149,7 @@ def run_batch(llm, batch: int, args, capture: bool = False):
         timer.close()
         if cap is not None:
             cap.close()
-    decode = [r for r in timer.records if r.is_decode and r.num_seqs == batch][args.skip:]
+    decode = [r for r in timer.records if r.is_decode and r.num_seqs == batch][args.skip:][:args.output_len]
     return decode, timer, cap
 
 
@@ -158,18 +165,15 @@ def _split_line(recs) -> dict:
 
 def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     """[(variant, wall ms, CPU ms)] for the captured (StepInputs, SamplingTensors) through variants of the step."""
-    import functools
-
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import jaxpaged.models.llama as llama_mod
-    from jaxpaged.models.layers import AttentionMetadata, paged_attention
-    from jaxpaged.runner import _step_impl
-    from jaxpaged.sampler import SamplingTensors, sample
+    from jaxpaged.models.layers import AttentionMetadata
+    from jaxpaged.sampler import sample
 
-    graphdef, opts = runner._step.__wrapped__.args
+    graphdef, opts, call = _step_parts(runner)
     inputs, sampling = captured
     keys = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_indices")
     arrays = {k: jnp.asarray(getattr(inputs, k)) for k in keys}
@@ -179,19 +183,19 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
 
     def time_step(name, opts_v, attention=None):
         """A fresh jit of the engine's step with `opts_v`; `attention` replaces paged_attention while tracing."""
-        fn = jax.jit(functools.partial(_step_impl, graphdef, opts_v), static_argnums=(0, 1), donate_argnums=(3,))
+        fn = jax.jit(lambda st, kv, arr, smp: call(opts_v, st, kv, arr, smp), donate_argnums=(1,))
         saved = llama_mod.paged_attention
         if attention is not None:
             llama_mod.paged_attention = attention
         try:
-            runner.kv_cache, out = fn(0, False, state, runner.kv_cache, arrays, sampling)   # compile
+            runner.kv_cache, *out = fn(state, runner.kv_cache, arrays, sampling)   # compile
             jax.block_until_ready(out)
         finally:
             llama_mod.paged_attention = saved
         ts, cs = [], []
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), time.process_time()
-            runner.kv_cache, out = fn(0, False, state, runner.kv_cache, arrays, sampling)
+            runner.kv_cache, *out = fn(state, runner.kv_cache, arrays, sampling)
             jax.block_until_ready(out)
             ts.append(time.perf_counter() - t0)
             cs.append(time.process_time() - c0)
@@ -203,7 +207,8 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     def write_only(q, k, v, kv_cache, layer, meta, o):
         from pallas_kernels import kv_cache_write, kv_cache_write_reference
         write = kv_cache_write if o.use_pallas else kv_cache_write_reference
-        return q, write(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping, layer=layer)
+        kd = kv_cache[0].dtype   # the engine may keep an f32 cache for bf16 weights (CPU)
+        return q, write(kv_cache[0], kv_cache[1], k.astype(kd), v.astype(kd), meta.slot_mapping, layer=layer)
 
     time_step(f"full step (as the engine runs it, pallas={opts.use_pallas})", opts)
     other = dataclasses_replace(opts, use_pallas=not opts.use_pallas)
@@ -232,7 +237,7 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     head = jax.jit(lambda state, x: nnx.merge(graphdef, state).logits(x))
     results.append(("LM head alone [B, H] -> [B, V]", *_median_ms(lambda: head(state, last), repeats, True)))
     logits = head(state, last)
-    greedy = jax.jit(lambda lg, s: sample(lg, s, num_logprobs=0, use_penalties=False))
+    greedy = jax.jit(lambda lg, s: sample(lg, s, num_logprobs=None, use_penalties=False))
     results.append(("sampler alone, greedy", *_median_ms(lambda: greedy(logits, sampling), repeats, True)))
     b = logits.shape[0]
     topp = dataclasses_replace(sampling, temperature=jnp.full((b,), 0.8, jnp.float32),
@@ -240,6 +245,36 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     results.append(("sampler alone, temperature 0.8 top_p 0.9",
                     *_median_ms(lambda: greedy(logits, topp), repeats, True)))
     return results
+
+
+def _step_parts(runner):
+    """(graphdef, opts, call(opts, state, kv, arrays, sampling)): a replica of the engine's step.
+
+    Built from public pieces (abstract_model's graphdef, AttentionOptions, model.forward / logits,
+    sampler.sample; greedy, no logprobs, no penalties), not from the runner's private jitted
+    functions, so it keeps working while the runner is refactored. It runs on the runner's own
+    params (`runner.state`) and KV cache.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxpaged.models import abstract_model
+    from jaxpaged.models.layers import AttentionMetadata, AttentionOptions
+    from jaxpaged.sampler import sample
+
+    cfg, config = runner.model_config, runner.config
+    graphdef, _ = abstract_model(cfg, config.dtype)
+    opts = AttentionOptions(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
+                            use_pallas=config.use_pallas)
+
+    def call(opts_v, state, kv, arrays, sampling):
+        model = nnx.merge(graphdef, state)
+        meta = AttentionMetadata(arrays["slot_mapping"], arrays["block_tables"], arrays["seq_lens"],
+                                 arrays["query_start"])
+        hidden, kv = model.forward(arrays["token_ids"], arrays["positions"], kv, meta, opts_v)
+        logits = model.logits(jnp.take(hidden, arrays["logits_indices"], axis=0))
+        return kv, sample(logits, sampling, num_logprobs=None, use_penalties=False)
+    return graphdef, opts, call
 
 
 def dataclasses_replace(obj, **kw):
@@ -280,7 +315,7 @@ def run(args) -> dict:
             print(f"B={bsz}: no steady decode steps (raise --output-len above --skip)")
             continue
         s = _split_line(decode)
-        ctx = args.input_len + args.output_len // 2
+        ctx = int(np.mean([r.context / r.num_seqs for r in decode]))
         flops = bsz * model_flops_per_token(cfg, ctx)
         r = dict(batch=bsz, padded=(decode[0].tokens_padded, decode[0].seqs_padded), steps=len(decode), **s,
                  gflops=flops / s["device"] / 1e6, tok_s=bsz / s["step"] * 1e3)
@@ -289,7 +324,7 @@ def run(args) -> dict:
         rows.append(r)
         prefill = [x for x in timer.records if not x.is_decode]
         pf = _split_line(prefill) if prefill else None
-        print(f"B={bsz:<4} decode step {s['step']:8.2f} ms = host {s['host']:6.2f} ms (schedule {s['schedule']:.2f}, "
+        print(f"B={bsz:<4} (mean context {ctx}) decode step {s['step']:8.2f} ms = host {s['host']:6.2f} ms (schedule {s['schedule']:.2f}, "
               f"inputs {s['inputs']:.2f}, sampling inputs {s['sampling_inputs']:.2f}, other {s['other']:.2f}) "
               f"+ device {s['device']:8.2f} ms (CPU {s['device_cpu']:.1f} ms); padded (T, B)={r['padded']}; {r['tok_s']:.1f} tok/s; "
               f"{r['gflops']:.1f} GFLOP/s" + (f" = {100 * r['of_ceiling']:.0f}% of the {args.dtype} matmul ceiling"

@@ -30,6 +30,7 @@ class StepRecord:
     num_seqs: int = 0          # real sequences
     tokens_padded: int = 0     # T bucket
     seqs_padded: int = 0       # B bucket
+    context: int = 0           # sum of the sequences' context lengths (seq_lens)
     times: dict = field(default_factory=lambda: defaultdict(float))   # part -> seconds
 
     @property
@@ -90,6 +91,7 @@ class StepTimer:
                 if record_shape:
                     rec.num_tokens, rec.num_seqs = out.num_tokens, out.num_seqs
                     rec.tokens_padded, rec.seqs_padded = len(out.token_ids), len(out.seq_lens)
+                    rec.context = int(out.seq_lens.sum())
             return out
         return wrapper
 

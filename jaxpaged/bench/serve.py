@@ -8,7 +8,8 @@ Each request is a streamed /v1/completions call with the prompt as token ids, gr
 the workload (stream_options.include_usage for the exact token count). Per request: TTFT (time to the
 first streamed token), TPOT ((end-to-end - TTFT) / (output tokens - 1)), ITL (gaps between streamed
 chunks) and end-to-end latency; reported as mean, p50 and p99, with request and token throughput.
-Arrivals: exponential gaps at `rate` requests/s from the seed (rate inf: all at once), optionally
+Each rate gets its own random prompts (seed + rate index), so no rate hits the prefix cache of
+an earlier one. Arrivals: exponential gaps at `rate` requests/s from the seed (rate inf: all at once), optionally
 capped at `--max-concurrency` requests in flight. `--launch` starts the server itself (and stops it).
 """
 from __future__ import annotations
@@ -151,14 +152,18 @@ def run(args) -> list[dict]:
     server = _launch(args) if args.launch else None
     try:
         loaded = load_model(args.model, progress=False)
+        seed = args.seed
         requests = workload.build_requests(args, loaded.tokenizer, loaded.config.vocab_size)
-        del loaded
         name = httpx.get(args.base_url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
         print(f"server model {name}; {workload.summary(requests)}; load average {os.getloadavg()[0]:.2f}")
         rows = []
-        for rate in (float(x) for x in args.request_rates.split(",")):
+        for i, rate in enumerate(float(x) for x in args.request_rates.split(",")):
+            if i and not args.dataset:
+                # fresh random prompts per rate: repeating them would hit the server's prefix cache
+                args.seed = seed + i
+                requests = workload.build_requests(args, loaded.tokenizer, loaded.config.vocab_size)
             s = asyncio.run(run_rate(args.base_url, name, requests, rate, max_concurrency=args.max_concurrency,
-                                     seed=args.seed, ignore_eos=args.ignore_eos, timeout=args.timeout))
+                                     seed=seed, ignore_eos=args.ignore_eos, timeout=args.timeout))
             s["load_avg"] = os.getloadavg()[0]
             rows.append(s)
             print(format_summary(s), flush=True)
