@@ -11,7 +11,6 @@ A user request with n > 1 is a group of n sequences (`<id>#<i>`) that share the 
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -87,7 +86,6 @@ class LLMEngine:
         self._decode_token = TokenDecoder(self.tokenizer)
         self._groups: dict[str, RequestGroup] = {}
         self._seqs: dict[str, SequenceState] = {}
-        self._ids = itertools.count()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import jaxpaged.beam_search as beam_search_module
-from jaxpaged import LLM, BeamSearchParams
+from jaxpaged import BeamSearchParams
+from tests.engine_utils import make_llm
 from tests.hf_reference import hf_logprobs, hf_model
 
 EOS = 2
@@ -22,10 +23,7 @@ def _prompts(lens, seed):
 
 
 def _engine(path, tmp_path_factory, **kw):
-    args = dict(max_model_len=128, block_size=16, max_num_seqs=8, max_num_batched_tokens=64,
-                enforce_eager=True, download_dir=str(tmp_path_factory.getbasetemp() / "jp-cache"))
-    args.update(kw)
-    return LLM(path, **args)
+    return make_llm(path, tmp_path_factory, **{**dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64), **kw})
 
 
 @pytest.fixture(scope="module")

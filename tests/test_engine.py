@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from jaxpaged import LLM, SamplingParams
+from jaxpaged import SamplingParams
+from tests.engine_utils import make_llm
 from tests.hf_reference import hf_greedy, hf_logprobs, hf_model
 
 N_NEW = 32
@@ -25,10 +26,7 @@ def expected():
 
 
 def _engine(path, tmp_path_factory, **kw):
-    args = dict(max_model_len=256, block_size=16, max_num_seqs=16, max_num_batched_tokens=128,
-                enforce_eager=True, download_dir=str(tmp_path_factory.getbasetemp() / "jp-cache"))
-    args.update(kw)
-    return LLM(path, **args)
+    return make_llm(path, tmp_path_factory, **{**dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=128), **kw})
 
 
 @pytest.fixture(scope="module")
