@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from jaxpaged.config import check_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+ATTENTION_BACKENDS = ("auto", "native", "pallas", "jnp")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class EngineConfig:
     download_dir: str | None = None       # the converted-params cache (default ~/.cache/jaxpaged or $JAXPAGED_CACHE)
     compilation_cache_dir: str | None = None  # JAX persistent compilation cache (default <cache>/xla)
     enforce_eager: bool = False           # skip warmup(); shapes still come from the bucket table
-    use_pallas: bool = True               # attention through pallas_kernels (False: the jnp reference)
+    # "auto": "native" (cpu_kernels, C++) on CPU when it builds, else "pallas"; "jnp": the references
+    attention_backend: str = "auto"
     # "auto": float32 on CPU (XLA CPU widens a 16-bit cache on every slice), else the model's dtype
     kv_cache_dtype: str = "auto"
 
@@ -40,6 +42,9 @@ class EngineConfig:
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
         if self.kv_cache_dtype != "auto":
             object.__setattr__(self, "kv_cache_dtype", check_dtype(self.kv_cache_dtype))
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend: expected one of {list(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size: expected one of [8, 16, 32], got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "max_logprobs"):

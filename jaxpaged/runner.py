@@ -57,6 +57,21 @@ def resolve_kv_cache_dtype(config: EngineConfig) -> str:
     return "float32" if jax.default_backend() == "cpu" else config.dtype
 
 
+def resolve_attention_backend(name: str) -> str:
+    """EngineConfig.attention_backend -> the one the runner uses ("auto": native on CPU when the
+    C++ kernels build on this machine, Pallas otherwise)."""
+    if name != "auto":
+        if name == "native" and jax.default_backend() != "cpu":
+            raise ValueError(f"attention_backend: 'native' runs on CPU only, the backend is "
+                             f"{jax.default_backend()}")
+        return name
+    if jax.default_backend() == "cpu":
+        from cpu_kernels import available
+        if available():
+            return "native"
+    return "pallas"
+
+
 def store_bf16_as_uint16(state):
     """bf16 leaves -> their uint16 bit patterns (models/layers.read bit-casts them back per layer).
 
@@ -118,8 +133,9 @@ class ModelRunner:
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
                  model_config.head_dim)
         self.kv_cache = zeros_kv_cache(shape, self.dtype, mesh)   # sharded on KVH under a mesh
+        self.attention_backend = resolve_attention_backend(config.attention_backend)
         opts = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
-                                sliding_window=model_config.sliding_window, use_pallas=config.use_pallas,
+                                sliding_window=model_config.sliding_window, backend=self.attention_backend,
                                 mesh=mesh)
         # A step is two jitted calls chained on the device (no host round trip between them): the model
         # keyed by (T, B) and the sampler keyed by B alone, so the sampler compiles once per sequence

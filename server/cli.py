@@ -33,7 +33,8 @@ _HELP = {
     "download_dir": "cache of converted parameters",
     "compilation_cache_dir": "JAX persistent compilation cache",
     "enforce_eager": "skip the warmup compilation",
-    "use_pallas": "attention through the Pallas kernels (else the jnp reference)",
+    "attention_backend": "attention kernels: auto (native C++ on CPU when it builds, else Pallas), "
+                         "native, pallas, or jnp (the plain-jnp references)",
 }
 
 

@@ -48,6 +48,18 @@ def test_batched_greedy_equals_transformers(llm, expected):
     assert llm.llm_engine.scheduler.stats().kv_cache_usage == 0.0   # nothing leaked
 
 
+def test_default_backend_on_cpu_is_native(llm):
+    assert llm.llm_engine.runner.attention_backend == "native"
+
+
+def test_pallas_backend_greedy_equals_transformers(tiny_llama, tmp_path_factory, expected):
+    # the Pallas kernels (interpret mode) through the whole engine: chunked prefill + decodes mixed
+    llm = _engine(tiny_llama, tmp_path_factory, attention_backend="pallas", max_num_batched_tokens=64)
+    assert llm.llm_engine.runner.attention_backend == "pallas"
+    outs = llm.generate(PROMPTS[:8], GREEDY, use_tqdm=False)
+    assert _tokens(outs) == expected[:8]
+
+
 def test_prefix_caching_hits_and_keeps_outputs(llm, expected):
     shared = PROMPTS[1]   # 100 tokens: 6 full blocks
     llm.generate([shared], GREEDY, use_tqdm=False)
@@ -175,10 +187,9 @@ def test_prompt_logprobs_match_transformers_across_chunks(llm):
 
 @pytest.mark.parametrize("kind", ["llama3", "llama_tied", "llama_hd128", "mistral", "qwen2", "qwen3", "gpt2"])
 def test_every_family_greedy_32_tokens_equal_transformers(kind, tiny_model_factory, tmp_path_factory):
-    # the jnp attention path keeps compile time down here; the Pallas path is covered for llama above
-    # and per family in test_models_parity
-    llm = _engine(tiny_model_factory(kind), tmp_path_factory, max_num_batched_tokens=64, max_num_seqs=4,
-                  use_pallas=False)
+    # the default attention (native on CPU); the Pallas path is covered for llama above and per
+    # family in test_models_parity
+    llm = _engine(tiny_model_factory(kind), tmp_path_factory, max_num_batched_tokens=64, max_num_seqs=4)
     prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[7]]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     model = hf_model(kind)

@@ -65,8 +65,8 @@ def attend(x, fn=ragged_paged_attention, **kw):
     return fn(x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], x["query_start"], **kw)
 
 
-def check_against_reference(x, **kw):
-    out = attend(x, **kw)
+def check_against_reference(x, fn=ragged_paged_attention, **kw):
+    out = attend(x, fn, **kw)
     kw.pop("tiling", None)
     ref = attend(x, attention_reference, **kw)
     out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)

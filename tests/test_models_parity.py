@@ -27,7 +27,7 @@ def _loaded(path: str):
     return m.config, graphdef, state
 
 
-def paged_prefill_logits(path: str, ids: np.ndarray, block_size: int, use_pallas: bool) -> np.ndarray:
+def paged_prefill_logits(path: str, ids: np.ndarray, block_size: int, backend: str) -> np.ndarray:
     """Logits [L, V] of one prompt computed through the paged cache."""
     cfg, graphdef, state = _loaded(path)
     n = len(ids)
@@ -40,7 +40,7 @@ def paged_prefill_logits(path: str, ids: np.ndarray, block_size: int, use_pallas
     meta = AttentionMetadata(jnp.asarray(table[pos // block_size] * block_size + pos % block_size),
                              jnp.asarray(table[None]), jnp.asarray([n], jnp.int32),
                              jnp.asarray([0, n], jnp.int32))
-    opts = AttentionOptions(sm_scale=cfg.head_dim ** -0.5, use_pallas=use_pallas)
+    opts = AttentionOptions(sm_scale=cfg.head_dim ** -0.5, backend=backend)
 
     @jax.jit
     def run(state, kv, ids, pos, meta):
@@ -72,21 +72,23 @@ def test_logits_match_transformers(kind, tiny_model_factory):
     rng = np.random.default_rng(0)
     for n in (1, 17, 333):   # 333 > 300 exercises RoPE far from the origin (and llama3 scaling)
         ids = rng.integers(3, 320, n)
-        ours = paged_prefill_logits(path, ids, block_size=16, use_pallas=False)
+        ours = paged_prefill_logits(path, ids, block_size=16, backend="jnp")
         assert _rel_err(ours, hf_logits(kind, ids)) < 1e-4, (kind, n)
 
 
+@pytest.mark.parametrize("backend", ["pallas", "native"])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
-def test_pallas_paged_path_matches_transformers(block_size, tiny_model_factory):
+def test_kernel_paged_path_matches_transformers(block_size, backend, tiny_model_factory):
     kind = "llama"
     path = tiny_model_factory(kind)
     ids = np.random.default_rng(1).integers(3, 320, 45)   # 45: crosses page boundaries for every size
-    ours = paged_prefill_logits(path, ids, block_size=block_size, use_pallas=True)
+    ours = paged_prefill_logits(path, ids, block_size=block_size, backend=backend)
     assert _rel_err(ours, hf_logits(kind, ids)) < 1e-4
 
 
-def test_pallas_gpt2_and_qwen3_match_transformers(tiny_model_factory):
+@pytest.mark.parametrize("backend", ["pallas", "native"])
+def test_kernels_gpt2_and_qwen3_match_transformers(backend, tiny_model_factory):
     for kind in ("gpt2", "qwen3"):
         ids = np.random.default_rng(2).integers(3, 320, 40)
-        ours = paged_prefill_logits(tiny_model_factory(kind), ids, block_size=16, use_pallas=True)
+        ours = paged_prefill_logits(tiny_model_factory(kind), ids, block_size=16, backend=backend)
         assert _rel_err(ours, hf_logits(kind, ids)) < 1e-4, kind

@@ -31,7 +31,7 @@ def test_two_processes_one_engine_tp4(tmp_path, tiny_llama):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs, outs = [], []
     for pid in range(2):
-        spec = dict(devices=2, model=tiny_llama, tps=[4], prompts=PROMPTS, max_tokens=MAX_TOKENS, use_pallas=False,
+        spec = dict(devices=2, model=tiny_llama, tps=[4], prompts=PROMPTS, max_tokens=MAX_TOKENS, attention_backend="jnp",
                     download_dir=str(tmp_path / f"cache{pid}"), params=["layers/q_proj/kernel"],
                     distributed=dict(port=port, num_processes=2, process_id=pid))
         spec_path, out_path = tmp_path / f"spec{pid}.json", tmp_path / f"out{pid}.json"

@@ -353,12 +353,10 @@ def test_cli_flags_from_engine_config():
 
 API_KEY = "test-key"
 # Small buckets (T in {16, 32}, B = 4) keep compilation short on CPU; 64 concurrent requests then queue
-# and run 4 at a time. Attention uses the jnp reference (--no-use-pallas): Pallas interpret mode traces
-# slowly and misses JAX's persistent compilation cache; the kernels have their own tests.
-ENGINE_KW = dict(max_model_len=512, num_kv_blocks=72, block_size=16, max_num_seqs=4, max_num_batched_tokens=32,
-                 use_pallas=False)
+# and run 4 at a time. Attention takes the default backend (native on CPU); the kernels have their own tests.
+ENGINE_KW = dict(max_model_len=512, num_kv_blocks=72, block_size=16, max_num_seqs=4, max_num_batched_tokens=32)
 SERVER_ARGS = ["--max-model-len", "512", "--num-kv-blocks", "72", "--block-size", "16", "--max-num-seqs", "4",
-               "--max-num-batched-tokens", "32", "--no-use-pallas", "--served-model-name", "tiny",
+               "--max-num-batched-tokens", "32", "--attention-backend", "native", "--served-model-name", "tiny",
                "--api-key", API_KEY, "--gpu-memory-utilization", "0.9"]   # a vLLM flag: accepted, ignored
 
 

@@ -23,7 +23,7 @@ PROMPTS = [[5], [7, 8, 9, 10, 11], list(range(20, 37)), [int(x) for x in np.aran
 def run_worker(tmp_path, name: str, timeout: int = 300, **spec) -> dict:
     spec.setdefault("prompts", PROMPTS)
     spec.setdefault("max_tokens", 8)
-    spec.setdefault("use_pallas", False)
+    spec.setdefault("attention_backend", "jnp")
     spec.setdefault("download_dir", str(tmp_path / "cache"))
     spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
@@ -71,10 +71,12 @@ def test_gpt2_fused_qkv_tp2_tp4_equal_tp1(tmp_path, tiny_model_factory):
     assert s["wpe/embedding"] == [[1024, 64]] * 4          # replicated
 
 
-def test_tp4_replicates_kv_heads_pallas_under_shard_map(tmp_path, tiny_llama):
-    # tiny llama: 4 query heads, 2 KV heads -> TP=4 repeats each KV head twice; attention via the Pallas kernels
-    # (TP=1 runs the jnp reference: one Pallas compile fewer; kernel == reference is test_kernels.py's job)
-    out = run_worker(tmp_path, "llama_kvrep", devices=4, model=tiny_llama, tps=[1, 4], use_pallas=[False, True],
+@pytest.mark.parametrize("backend", ["pallas", "native"])
+def test_tp4_replicates_kv_heads_kernels_under_shard_map(tmp_path, tiny_llama, backend):
+    # tiny llama: 4 query heads, 2 KV heads -> TP=4 repeats each KV head twice; attention via the kernels
+    # (TP=1 runs the jnp reference: one kernel compile fewer; kernel == reference is test_kernels.py's job)
+    out = run_worker(tmp_path, f"llama_kvrep_{backend}", devices=4, model=tiny_llama, tps=[1, 4],
+                     attention_backend=["jnp", backend],
                      prompts=PROMPTS[1:3], max_tokens=6, params=["layers/k_proj/kernel"])
     assert out["tokens"]["4"] == out["tokens"]["1"]
     assert out["num_kv_heads"] == {"1": 2, "4": 4}

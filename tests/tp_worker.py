@@ -6,7 +6,7 @@ pytest process has long since done that, so each case runs here:
     python -m tests.tp_worker SPEC_JSON OUT_JSON
 
 SPEC: devices (CPU devices of this process), model, tps (list of tensor_parallel_size to run in turn),
-prompts (token-id lists), max_tokens, use_pallas (bool, or one per tp), download_dir, params (param paths whose per-device
+prompts (token-id lists), max_tokens, attention_backend (a name, or one per tp), download_dir, params (param paths whose per-device
 shard shapes to report), and optionally distributed = {port, num_processes, process_id}.
 OUT: {"tokens": {tp: [[ids] per prompt]}, "shards": {tp: {path: [[shape] per local device]}},
       "kv_shards": {tp: [[shape] per local device]}, "num_kv_heads": {tp: n}, "global_devices": n}.
@@ -34,10 +34,11 @@ def main(spec_path: str, out_path: str) -> None:
 
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     out = {"tokens": {}, "shards": {}, "kv_shards": {}, "num_kv_heads": {}, "global_devices": jax.device_count()}
-    pallas = spec["use_pallas"]
+    backend = spec["attention_backend"]
     for i, tp in enumerate(spec["tps"]):
         llm = LLM(spec["model"], tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4,
-                  max_num_batched_tokens=64, enforce_eager=True, use_pallas=pallas[i] if isinstance(pallas, list) else pallas,
+                  max_num_batched_tokens=64, enforce_eager=True,
+                  attention_backend=backend[i] if isinstance(backend, list) else backend,
                   download_dir=spec["download_dir"])
         outs = llm.generate(spec["prompts"], params, use_tqdm=False)
         engine = llm.llm_engine

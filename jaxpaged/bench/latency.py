@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from jaxpaged.engine_config import ATTENTION_BACKENDS
+
 
 def add_args(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -35,7 +37,8 @@ def add_args(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch size")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--no-use-pallas", dest="use_pallas", action="store_false")
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="attention kernels (auto: native C++ on CPU, else Pallas)")
     p.add_argument("--flops", action="store_true", help="measure the matmul FLOP ceiling (f32, bf16)")
     p.add_argument("--breakdown", action="store_true", help="device-step variants on the captured steps")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per variant / matmul")
@@ -170,7 +173,7 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     from flax import nnx
 
     import jaxpaged.models.llama as llama_mod
-    from jaxpaged.models.layers import AttentionMetadata
+    from jaxpaged.models.layers import AttentionMetadata, attention_kernels
     from jaxpaged.sampler import sample
 
     graphdef, opts, call = _step_parts(runner)
@@ -205,14 +208,14 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
         return q, kv_cache
 
     def write_only(q, k, v, kv_cache, layer, meta, o):
-        from pallas_kernels import kv_cache_write, kv_cache_write_reference
-        write = kv_cache_write if o.use_pallas else kv_cache_write_reference
+        write, _ = attention_kernels(o.backend)
         kd = kv_cache[0].dtype   # the engine may keep an f32 cache for bf16 weights (CPU)
         return q, write(kv_cache[0], kv_cache[1], k.astype(kd), v.astype(kd), meta.slot_mapping, layer=layer)
 
-    time_step(f"full step (as the engine runs it, pallas={opts.use_pallas})", opts)
-    other = dataclasses_replace(opts, use_pallas=not opts.use_pallas)
-    time_step(f"full step, pallas={other.use_pallas}", other)
+    time_step(f"full step (as the engine runs it, attention {opts.backend})", opts)
+    for other in ("native", "pallas"):
+        if other != opts.backend and (other != "native" or jax.default_backend() == "cpu"):
+            time_step(f"full step, attention {other}", dataclasses_replace(opts, backend=other))
     time_step("no attention (no KV write, no read)", opts, no_attention)
     time_step("KV write only (no attention read)", opts, write_only)
 
@@ -265,7 +268,7 @@ def _step_parts(runner):
     cfg, config = runner.model_config, runner.config
     graphdef, _ = abstract_model(cfg, config.dtype)
     opts = AttentionOptions(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
-                            use_pallas=config.use_pallas)
+                            backend=runner.attention_backend)
 
     def call(opts_v, state, kv, arrays, sampling):
         model = nnx.merge(graphdef, state)
@@ -304,7 +307,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs or max(max(sizes), 2),
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              use_pallas=args.use_pallas, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+              attention_backend=args.attention_backend, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
     print(f"engine start (load, no warmup: shapes compile on first use) {time.perf_counter() - t0:.1f} s; "
           f"buckets T={llm.llm_engine.runner.buckets.token_buckets} B={llm.llm_engine.runner.buckets.seq_buckets}")
     cfg = llm.llm_engine.model_config

@@ -15,6 +15,7 @@ import os
 import time
 
 from jaxpaged.bench import workload
+from jaxpaged.engine_config import ATTENTION_BACKENDS
 
 BACKENDS = ("jaxpaged", "hf", "vllm")
 
@@ -27,8 +28,8 @@ def add_args(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--no-use-pallas", dest="use_pallas", action="store_false",
-                   help="jaxpaged: attention through the jnp reference instead of the Pallas kernel")
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="jaxpaged: attention kernels (auto: native C++ on CPU, else Pallas)")
     p.add_argument("--enforce-eager", action="store_true", help="jaxpaged: no warmup (compiles inside the run)")
     p.add_argument("--download-dir", default=None, help="jaxpaged converted-params cache")
     p.add_argument("--profile", action="store_true", help="jaxpaged: host/device split of every step")
@@ -44,7 +45,7 @@ def run_jaxpaged(args, requests) -> dict:
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              use_pallas=args.use_pallas, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+              attention_backend=args.attention_backend, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
     load_s = time.perf_counter() - t0
     engine = llm.llm_engine
     runner = engine.runner
@@ -67,7 +68,7 @@ def run_jaxpaged(args, requests) -> dict:
                   output_tokens=sum(len(o.outputs[0].token_ids) for o in outs),
                   prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
                   extra=f"load {load_s:.1f} s, compile {compile_s:.1f} s ({compiled_warm} executables; "
-                        f"{runner.num_compiled()} after the run), pallas={args.use_pallas}, "
+                        f"{runner.num_compiled()} after the run), attention {runner.attention_backend}, "
                         f"preemptions {engine.get_stats().num_preemptions}")
     if timer is not None:
         timer.close()

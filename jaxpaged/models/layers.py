@@ -141,12 +141,32 @@ class AttentionOptions:
     """Static (hashable) attention settings for one model/engine."""
     sm_scale: float
     sliding_window: int | None = None
-    use_pallas: bool = True
+    backend: str = "pallas"   # "native" (cpu_kernels), "pallas" or "jnp" (the references); see attention_kernels
     mesh: Any = None          # jax.sharding.Mesh ("tp" axis) under tensor parallelism (sharding.py), else None
 
     @property
     def tp_size(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
+
+
+def attention_kernels(backend: str):
+    """(kv write, attention) functions of a backend; all share pallas_kernels' contracts.
+
+    "native": the C++ attention of cpu_kernels (XLA:CPU only) and XLA's row scatter for the write
+    (the interpreted Pallas write is an element-wise scatter, ~10x slower on CPU);
+    "pallas": both Pallas kernels (interpret mode on CPU); "jnp": both references.
+    """
+    from pallas_kernels import kv_cache_write, kv_cache_write_reference
+    from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+
+    if backend == "native":
+        from cpu_kernels import ragged_paged_attention_cpu
+        return kv_cache_write_reference, ragged_paged_attention_cpu
+    if backend == "pallas":
+        return kv_cache_write, ragged_paged_attention
+    if backend == "jnp":
+        return kv_cache_write_reference, ragged_paged_attention_reference
+    raise ValueError(f"attention backend: expected native, pallas or jnp, got {backend!r}")
 
 
 def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: AttentionOptions):
@@ -155,9 +175,6 @@ def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: Att
     q [T, NH, D]; k, v [T, KVH, D]; kv_cache = (k_pages, v_pages) each [L, KVH, NB, BS, D];
     layer: int32 scalar. Returns (out [T, NH, D], new kv_cache).
     """
-    from pallas_kernels import kv_cache_write, ragged_paged_attention
-    from pallas_kernels import kv_cache_write_reference, ragged_paged_attention_reference
-
     if opts.mesh is not None:   # tensor parallel: the kernels run on each device's own heads (shard_map)
         from jaxpaged.sharding import shard_attention
         local = dataclasses.replace(opts, mesh=None)
@@ -168,10 +185,7 @@ def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: Att
     # the cache may be kept wider than the model (bf16 weights, f32 cache on CPU): the kernels take
     # q, k, v in the cache's dtype
     q, k, v = (a.astype(k_pages.dtype) for a in (q, k, v))
-    if opts.use_pallas:
-        write, attend = kv_cache_write, ragged_paged_attention
-    else:
-        write, attend = kv_cache_write_reference, ragged_paged_attention_reference
+    write, attend = attention_kernels(opts.backend)
     k_pages, v_pages = write(k_pages, v_pages, k, v, meta.slot_mapping, layer=layer)
     out = attend(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_start,
                  sm_scale=opts.sm_scale, sliding_window=opts.sliding_window, layer=layer)

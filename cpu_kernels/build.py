@@ -1,0 +1,105 @@
+"""Compiles the native CPU kernels once per machine and registers them with XLA as FFI targets.
+
+The C++ source is built with the system C++ compiler (`$CXX`, else `c++`/`g++`) against the
+XLA FFI headers jaxlib ships (`jax.ffi.include_dir()`), for this CPU (`-march=native`), into
+`<cache>/cpu_kernels/<hash>/`, the hash covering the source, the flags, jaxlib's version and
+the CPU model: a second start loads the library without compiling. The write is atomic
+(build in a temp dir, rename), so concurrent first starts are safe.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jaxlib
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("ragged_paged_attention.cc")
+TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention"}
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-std=c++17", "-shared",
+         "-fPIC")
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded on this machine."""
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise NativeBuildError("no C++ compiler found (set $CXX, or install g++)")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("JAXPAGED_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxpaged")
+    return Path(root) / "cpu_kernels"
+
+
+def library_path(compiler: str) -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+                 jaxlib.__version__.encode(), _cpu_model().encode()):
+        key.update(part)
+    return _cache_dir() / key.hexdigest()[:16] / "libjaxpaged_cpu_kernels.so"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+        logger.info("compiling the native CPU kernels: %s", " ".join(cmd))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise NativeBuildError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+        target.parent.mkdir(exist_ok=True)
+        os.replace(out, target)          # atomic: a concurrent start sees no half-written file
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """Builds (first time on this machine) and loads the kernels, registering every FFI target.
+    Raises NativeBuildError when that is not possible."""
+    compiler = _compiler()
+    path = library_path(compiler)
+    if not path.exists():
+        _compile(compiler, path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeBuildError(f"loading {path} failed: {e}") from e
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """True when the native kernels built and loaded (logged once when they did not)."""
+    try:
+        load()
+        return True
+    except NativeBuildError as e:
+        logger.warning("native CPU kernels unavailable, falling back to Pallas: %s", e)
+        return False

@@ -1,0 +1,42 @@
+"""Ragged paged attention on XLA:CPU through the native kernel (ragged_paged_attention.cc).
+
+Same contract as pallas_kernels.ragged_paged_attention: q [T, NH, D]; k_pages/v_pages
+[KVH, NB, BS, D] or [L, KVH, NB, BS, D] with `layer`; block_tables [B, W]; seq_lens [B];
+query_start [B+1]. The cache may be f32 or bf16 (read as is, converted per page); q is
+computed in f32 and the result comes back in q's dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpu_kernels.build import load
+from pallas_kernels.ragged_paged_attention import _validate
+
+TARGET = "jaxpaged_ragged_paged_attention"
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret"))
+def ragged_paged_attention_cpu(q, k_pages, v_pages, block_tables, seq_lens, query_start, *, sm_scale,
+                               soft_cap=None, sliding_window=None, layer=None, interpret=None):
+    """Causal attention of a flat ragged batch over a paged KV cache (CPU only; `interpret` is
+    ignored). Returns [T, NH, D] in q's dtype; rows at/after query_start[B] are 0."""
+    del interpret
+    _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
+              sliding_window)
+    if k_pages.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"ragged_paged_attention_cpu: the cache must be float32 or bfloat16, "
+                         f"got {k_pages.dtype}")
+    load()                                       # registers the FFI target (compiles on first use)
+    if k_pages.ndim == 4:                        # one layer: view it as a 1-layer stack (free reshape)
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    out = call(q.astype(jnp.float32), k_pages, v_pages, block_tables, seq_lens, query_start,
+               jnp.asarray(layer, jnp.int32).reshape(1),
+               sm_scale=np.float32(sm_scale),
+               soft_cap=np.float32(0.0 if soft_cap is None else soft_cap),
+               window=np.int32(0 if sliding_window is None else sliding_window))
+    return out.astype(q.dtype)

@@ -1,0 +1,123 @@
+"""The native CPU attention (cpu_kernels, C++ via XLA FFI) against the jnp reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from cpu_kernels import ragged_paged_attention_cpu
+from cpu_kernels.build import FLAGS, library_path, load, _compiler
+from tests.test_kernels import attend, boundary_lengths, check_against_reference, make_batch
+
+
+def check(x, **kw):
+    return check_against_reference(x, ragged_paged_attention_cpu, **kw)
+
+
+def test_builds_once_and_registers():
+    load()
+    path = library_path(_compiler())
+    assert path.exists() and "-march=native" in FLAGS
+    mtime = path.stat().st_mtime_ns
+    load.cache_clear()
+    load()                                     # a second start loads the built library
+    assert path.stat().st_mtime_ns == mtime
+
+
+# GQA ratio 1, 3, 8, 9 (SmolLM2's 3 KV heads x 3); head_dim 64, 128 and a non-power-of-two 80
+@pytest.mark.parametrize("block_size,num_heads,num_kv_heads,head_dim",
+                         [(8, 2, 2, 64), (16, 6, 2, 128), (32, 8, 1, 64), (16, 9, 3, 64), (8, 4, 2, 80)])
+def test_page_boundaries_decode_and_prefill(block_size, num_heads, num_kv_heads, head_dim):
+    width = 4
+    lens = boundary_lengths(block_size, width)
+    x = make_batch([1] * len(lens) + lens, lens + lens, num_heads=num_heads,
+                   num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size, width=width)
+    check(x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mixed_batch_and_query_tile_edges(dtype):
+    # query tiles are 16 tokens: chunks of 15, 16, 17, 33 tokens cross tile edges; 20 decodes mixed in
+    rng = np.random.default_rng(1)
+    dec_lens = [int(n) for n in rng.integers(1, 200, 20)]
+    q_lens = [70, 33, 100, 5, 15, 16, 17] + [1] * len(dec_lens)
+    seq_lens = [70, 150, 130, 40, 15, 48, 80] + dec_lens
+    x = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, head_dim=64, block_size=16,
+                   dtype=dtype, pad_seqs=3, pad_tokens=9)
+    check(x)
+
+
+def test_bf16_cache_with_f32_queries_matches_f32():
+    # the engine may keep a bf16 cache: the kernel reads bf16 pages, computes in f32
+    x = make_batch([1, 9, 1], [40, 60, 17], num_heads=4, num_kv_heads=2, head_dim=64, block_size=8)
+    kb, vb = x["k"].astype(jnp.bfloat16), x["v"].astype(jnp.bfloat16)
+    xb = dict(x, q=x["q"].astype(jnp.bfloat16), k=kb, v=vb)
+    xr = dict(x, k=kb.astype(jnp.float32), v=vb.astype(jnp.float32))
+    out = np.asarray(attend(xb, ragged_paged_attention_cpu), np.float32)
+    ref = np.asarray(attend(dict(xr, q=xb["q"].astype(jnp.float32)), ragged_paged_attention_cpu))
+    np.testing.assert_allclose(out, ref, atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("soft_cap,window", [(8.0, None), (None, 20), (5.0, 33), (None, 1)])
+def test_soft_cap_and_sliding_window(soft_cap, window):
+    q_lens, seq_lens = [1, 1, 40, 17, 1], [90, 16, 40, 100, 33]
+    x = make_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=2, head_dim=64, block_size=8,
+                   window=window)
+    check(x, soft_cap=soft_cap, sliding_window=window)
+
+
+@pytest.mark.parametrize("q_lens,seq_lens,pad_tokens,pad_seqs", [
+    ([1], [1], 0, 0),
+    ([0, 0], [0, 0], 4, 0),
+])
+def test_edge_batches(q_lens, seq_lens, pad_tokens, pad_seqs):
+    x = make_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=1, head_dim=64, block_size=16,
+                   pad_tokens=pad_tokens, pad_seqs=pad_seqs)
+    check(x)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_batches(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 40))
+    seq_lens = [int(s) for s in rng.integers(1, 300, n)]
+    q_lens = [int(rng.integers(1, s + 1)) if rng.random() < 0.3 else 1 for s in seq_lens]
+    bs = int(rng.choice([8, 16, 32]))
+    kvh = int(rng.choice([1, 2, 3]))
+    x = make_batch(q_lens, seq_lens, num_heads=kvh * int(rng.choice([1, 2, 3, 4])), num_kv_heads=kvh,
+                   head_dim=64, block_size=bs, pad_seqs=int(rng.integers(0, 3)), seed=seed)
+    out = check(x)
+    again = attend(x, ragged_paged_attention_cpu)          # threads race for work items: same answer
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+
+
+def test_layer_form_under_scan_reads_only_its_layer():
+    num_layers = 3
+    x = make_batch([5, 1, 1], [37, 20, 64], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                   num_layers=num_layers)
+    x = dict(x, k=x["k"].at[0].set(jnp.nan), v=x["v"].at[0].set(jnp.nan))    # layer 0 never read below
+    qs = jnp.stack([x["q"] * (i + 1) for i in range(num_layers)])
+
+    def step(_, xs):
+        q, layer = xs
+        return None, ragged_paged_attention_cpu(q, x["k"], x["v"], x["block_tables"], x["seq_lens"],
+                                                x["query_start"], sm_scale=0.125, layer=layer)
+
+    layers = jnp.arange(1, num_layers, dtype=jnp.int32)
+    _, outs = jax.jit(lambda q: jax.lax.scan(step, None, (q, layers)))(qs[1:])
+    for j, i in enumerate(range(1, num_layers)):
+        per_layer = dict(x, q=qs[i], k=x["k"][i], v=x["v"][i])
+        ref = check(per_layer, sm_scale=0.125)
+        np.testing.assert_allclose(np.asarray(outs[j]), np.asarray(ref), atol=1e-6, rtol=0)
+
+
+def test_bad_input_raises_value_error():
+    q = jnp.zeros((8, 4, 64), jnp.float16)
+    k = jnp.zeros((2, 10, 8, 64), jnp.float16)
+    args = (q, k, k, jnp.zeros((3, 4), jnp.int32), jnp.zeros((3,), jnp.int32), jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        ragged_paged_attention_cpu(*args, sm_scale=0.125)
+    with pytest.raises(ValueError, match=r"query_start must be \[4\]"):
+        ragged_paged_attention_cpu(*args[:5], jnp.zeros((3,), jnp.int32), sm_scale=0.125)
