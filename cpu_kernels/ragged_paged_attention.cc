@@ -9,7 +9,7 @@
 //
 // Inputs (row-major):
 //   q      f32  [T, NH, D]              the flat batch's queries (already RoPE'd, unscaled)
-//   k, v   f32 or bf16 [L, KVH, NB, BS, D]  the paged cache (head-major pages)
+//   k, v   f32 or bf16 (or u16 bf16 bits) [L, KVH, NB, BS, D]  the paged cache (head-major pages)
 //   bt     s32  [B, W]                  block table; entries past a sequence's pages are never read
 //   lens   s32  [B]                     context length incl. this step's tokens (0: padding)
 //   qs     s32  [B + 1]                 sequence b's queries are rows [qs[b], qs[b+1])
@@ -38,37 +38,33 @@ namespace {
 constexpr int kQueryTile = 16;          // query tokens per work item (prefill); decodes take 1
 constexpr float kMaskValue = -1e30f;    // finite: exp(m_old - m_new) stays NaN-free
 
-inline float bf16_to_f32(uint16_t x) {
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+inline float bf16_to_f32(uint16_t x) {   // a shift: vectorizes inside simd loops
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
 }
 
-// One page of K or V, converted to f32. K is stored transposed (kt[d * BS + j]) so the score
-// loop runs over keys in SIMD lanes; V keeps its [BS, D] layout (the PV loop runs over d).
-template <typename T>
-void load_page_transposed(const T* src, int bs, int d, float* dst);
-template <typename T>
-void load_page(const T* src, int bs, int d, float* dst);
+// Page rows as f32. A f32 cache is read in place; a bf16 one is converted into `buf`.
+inline const float* row_f32(const float* src, int /*d*/, float* /*buf*/) { return src; }
+inline const float* row_f32(const uint16_t* src, int d, float* buf) {
+#pragma omp simd
+  for (int c = 0; c < d; ++c) buf[c] = bf16_to_f32(src[c]);
+  return buf;
+}
 
-template <>
-void load_page_transposed<float>(const float* src, int bs, int d, float* dst) {
-  for (int j = 0; j < bs; ++j)
-    for (int c = 0; c < d; ++c) dst[c * bs + j] = src[j * d + c];
+// K page [BS, D] -> kt [D, BS] f32 (transposed: the many-row score loop runs over keys in SIMD lanes).
+template <typename T>
+void load_page_transposed(const T* src, int bs, int d, float* dst, float* buf) {
+  for (int j = 0; j < bs; ++j) {
+    const float* row = row_f32(src + j * d, d, buf);
+    for (int c = 0; c < d; ++c) dst[c * bs + j] = row[c];
+  }
 }
-template <>
-void load_page_transposed<uint16_t>(const uint16_t* src, int bs, int d, float* dst) {
-  for (int j = 0; j < bs; ++j)
-    for (int c = 0; c < d; ++c) dst[c * bs + j] = bf16_to_f32(src[j * d + c]);
-}
-template <>
-void load_page<float>(const float* src, int bs, int d, float* dst) {
-  std::memcpy(dst, src, sizeof(float) * bs * d);
-}
-template <>
-void load_page<uint16_t>(const uint16_t* src, int bs, int d, float* dst) {
-  for (int i = 0; i < bs * d; ++i) dst[i] = bf16_to_f32(src[i]);
+
+// Hint the page's cache lines into cache while the current page is computed (pages are scattered,
+// so the hardware prefetcher cannot guess the next one).
+template <typename T>
+inline void prefetch_page(const T* src, int64_t elems) {
+  const char* p = reinterpret_cast<const char*>(src);
+  for (int64_t b = 0; b < elems * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
 struct Problem {
@@ -91,7 +87,7 @@ struct WorkItem {
 
 // Scores of `rows` query rows against one page: s[r * BS + j] = q[r] . k[j] (kt transposed).
 template <int BS>
-inline void page_scores(const float* qrows, int rows, int d, const float* kt, float* s) {
+inline void page_scores_transposed(const float* qrows, int rows, int d, const float* kt, float* s) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {              // 4 rows share each kt[c] load
     float a0[BS] = {}, a1[BS] = {}, a2[BS] = {}, a3[BS] = {};
@@ -125,6 +121,23 @@ inline void page_scores(const float* qrows, int rows, int d, const float* kt, fl
   }
 }
 
+// Same scores for few rows (decodes): one dot product per (row, key), K read in place.
+template <int BS, typename T>
+inline void page_scores_direct(const float* qrows, int rows, int d, const T* kpage, float* buf, float* s) {
+  for (int j = 0; j < BS; ++j) {
+    const float* kj = row_f32(kpage + j * d, d, buf);
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = qrows + r * d;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int c = 0; c < d; ++c) acc += qr[c] * kj[c];
+      s[r * BS + j] = acc;
+    }
+  }
+}
+
+constexpr int kDirectRows = 8;          // up to this many rows per item: scores without transposing K
+
 // One work item: online softmax over the pages its tile can see.
 template <int BS, typename T>
 void attend_item(const Problem& p, const WorkItem& item, std::vector<float>& scratch) {
@@ -136,14 +149,14 @@ void attend_item(const Problem& p, const WorkItem& item, std::vector<float>& scr
   const int64_t seq_len = p.lens[item.seq];
   const int64_t ctx = seq_len - q_len;         // position of the sequence's first query
 
-  scratch.resize(static_cast<size_t>(rows) * (2 * d + BS + 2) + 2 * BS * d);
+  scratch.resize(static_cast<size_t>(rows) * (2 * d + BS + 2) + BS * d + d);
   float* qrows = scratch.data();               // [rows, D] scaled queries
   float* acc = qrows + rows * d;               // [rows, D]
   float* s = acc + rows * d;                   // [rows, BS]
   float* m = s + rows * BS;                    // [rows]
   float* l = m + rows;                         // [rows]
-  float* kt = l + rows;                        // [D, BS]
-  float* vp = kt + BS * d;                     // [BS, D]
+  float* kt = l + rows;                        // [D, BS] (transposed path only)
+  float* buf = kt + BS * d;                    // [D] one bf16 row converted
 
   for (int r = 0; r < rows; ++r) {
     const int64_t tok = q_start + item.tok0 + r / group;
@@ -168,47 +181,70 @@ void attend_item(const Problem& p, const WorkItem& item, std::vector<float>& scr
     int64_t page = p.bt[item.seq * p.table_width + pg];
     if (page < 0 || page >= p.num_blocks) page = 0;          // never follow a garbage entry
     const int64_t off = (head_base + page) * page_elems;
-    load_page_transposed<T>(kbase + off, BS, d, kt);
-    load_page<T>(vbase + off, BS, d, vp);
-    page_scores<BS>(qrows, rows, d, kt, s);
+    if (pg < page_hi && pg + 1 < p.table_width) {
+      int64_t next = p.bt[item.seq * p.table_width + pg + 1];
+      if (next < 0 || next >= p.num_blocks) next = 0;
+      prefetch_page(kbase + (head_base + next) * page_elems, page_elems);
+      prefetch_page(vbase + (head_base + next) * page_elems, page_elems);
+    }
+    if (rows <= kDirectRows) {
+      page_scores_direct<BS, T>(qrows, rows, d, kbase + off, buf, s);
+    } else {
+      load_page_transposed<T>(kbase + off, BS, d, kt, buf);
+      page_scores_transposed<BS>(qrows, rows, d, kt, s);
+    }
+    // softmax statistics per row; s becomes the page's probabilities (0 where not seen)
+    // (branch-free loops over the page's keys: they vectorize, exp included)
+    const int64_t page_pos = pg * BS;
     for (int r = 0; r < rows; ++r) {
       const int64_t qpos = first_pos + r / group;
-      const int64_t kmin = p.window > 0 ? qpos - p.window + 1 : 0;
+      // keys [kmin, kend) are visible to this row (causal, in the sequence, inside the window)
+      const int64_t kend = std::min<int64_t>(qpos + 1, seq_len) - page_pos;
+      const int64_t kmin = (p.window > 0 ? qpos - p.window + 1 : 0) - page_pos;
       float* sr = s + r * BS;
-      float page_max = kMaskValue;
-      bool any = false;
-      for (int j = 0; j < BS; ++j) {
-        const int64_t kpos = pg * BS + j;
-        const bool seen = kpos <= qpos && kpos >= kmin && kpos < seq_len;
-        float x = sr[j];
-        if (p.soft_cap > 0.f) x = p.soft_cap * std::tanh(x / p.soft_cap);
-        sr[j] = seen ? x : kMaskValue;
-        any |= seen;
-        if (seen) page_max = std::max(page_max, x);
+      if (kend <= 0 || kmin >= BS) {             // nothing visible in this page
+        std::fill(sr, sr + BS, 0.f);
+        continue;
       }
-      if (!any) continue;
-      const float m_new = std::max(m[r], page_max);
-      const float alpha = std::exp(m[r] - m_new);
-      float* ar = acc + r * d;
-      float psum = 0.f;
+      if (p.soft_cap > 0.f) {
+        const float cap = p.soft_cap, inv_cap = 1.f / p.soft_cap;
+#pragma omp simd
+        for (int j = 0; j < BS; ++j) sr[j] = cap * std::tanh(sr[j] * inv_cap);
+      }
+      float page_max = kMaskValue;
+#pragma omp simd reduction(max : page_max)
       for (int j = 0; j < BS; ++j) {
-        const float pj = sr[j] == kMaskValue ? 0.f : std::exp(sr[j] - m_new);
+        sr[j] = (j >= kmin && j < kend) ? sr[j] : kMaskValue;
+        page_max = std::max(page_max, sr[j]);
+      }
+      const float m_new = std::max(m[r], page_max);   // a real score: this page has a visible key
+      const float alpha = std::exp(m[r] - m_new);
+      float psum = 0.f;
+#pragma omp simd reduction(+ : psum)
+      for (int j = 0; j < BS; ++j) {
+        const float pj = std::exp(sr[j] - m_new);        // masked: exp(-1e30 - m) == 0
         sr[j] = pj;
         psum += pj;
       }
       if (alpha != 1.f) {
+        float* ar = acc + r * d;
 #pragma omp simd
         for (int c = 0; c < d; ++c) ar[c] *= alpha;
       }
-      for (int j = 0; j < BS; ++j) {
-        const float pj = sr[j];
-        if (pj == 0.f) continue;                 // also keeps masked (maybe NaN) V rows out
-        const float* vj = vp + j * d;
+      l[r] = alpha * l[r] + psum;
+      m[r] = m_new;
+    }
+    // acc[r] += sum_j p[r, j] * v[j]: each V row is read (converted) once for all rows
+    for (int j = 0; j < BS; ++j) {
+      const float* vj = nullptr;
+      for (int r = 0; r < rows; ++r) {
+        const float pj = s[r * BS + j];
+        if (pj == 0.f) continue;               // also keeps masked (maybe NaN) V rows out
+        if (vj == nullptr) vj = row_f32(vbase + off + j * d, d, buf);
+        float* ar = acc + r * d;
 #pragma omp simd
         for (int c = 0; c < d; ++c) ar[c] += pj * vj[c];
       }
-      l[r] = alpha * l[r] + psum;
-      m[r] = m_new;
     }
   }
 
@@ -261,7 +297,8 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   if (qd.size() != 3 || kd.size() != 5 || bd.size() != 2)
     return ffi::Error::InvalidArgument("ragged_paged_attention: expected q [T, NH, D], "
                                        "k/v [L, KVH, NB, BS, D], block_tables [B, W]");
-  const bool bf16 = k.element_type() == ffi::DataType::BF16;
+  // bf16 pages may arrive typed as u16 (their bit patterns): read the same way
+  const bool bf16 = k.element_type() == ffi::DataType::BF16 || k.element_type() == ffi::DataType::U16;
   if (!bf16 && k.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("ragged_paged_attention: cache must be f32 or bf16");
   if (v.element_type() != k.element_type())

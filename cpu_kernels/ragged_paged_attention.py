@@ -3,7 +3,8 @@
 Same contract as pallas_kernels.ragged_paged_attention: q [T, NH, D]; k_pages/v_pages
 [KVH, NB, BS, D] or [L, KVH, NB, BS, D] with `layer`; block_tables [B, W]; seq_lens [B];
 query_start [B+1]. The cache may be f32 or bf16 (read as is, converted per page); q is
-computed in f32 and the result comes back in q's dtype.
+computed in f32 and the result comes back in q's dtype. A bf16 cache may also be held as its
+uint16 bit patterns (the engine's CPU cache: XLA scatters uint16 rows in place); q is then bf16.
 """
 from __future__ import annotations
 
@@ -25,11 +26,16 @@ def ragged_paged_attention_cpu(q, k_pages, v_pages, block_tables, seq_lens, quer
     """Causal attention of a flat ragged batch over a paged KV cache (CPU only; `interpret` is
     ignored). Returns [T, NH, D] in q's dtype; rows at/after query_start[B] are 0."""
     del interpret
-    _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
-              sliding_window)
-    if k_pages.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"ragged_paged_attention_cpu: the cache must be float32 or bfloat16, "
-                         f"got {k_pages.dtype}")
+    if k_pages.dtype == jnp.uint16:              # bf16 bit patterns: check shapes as bf16
+        as_bf16 = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16)
+        _validate(q, as_bf16(k_pages), as_bf16(v_pages), block_tables, seq_lens, query_start, layer,
+                  sm_scale, soft_cap, sliding_window)
+    else:
+        _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
+                  sliding_window)
+    if k_pages.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16):
+        raise ValueError(f"ragged_paged_attention_cpu: the cache must be float32 or bfloat16 (or "
+                         f"bfloat16 held as uint16), got {k_pages.dtype}")
     load()                                       # registers the FFI target (compiles on first use)
     if k_pages.ndim == 4:                        # one layer: view it as a 1-layer stack (free reshape)
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0

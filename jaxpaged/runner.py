@@ -51,15 +51,30 @@ class StepResult:
 
 
 def resolve_kv_cache_dtype(config: EngineConfig) -> str:
-    """The KV cache's dtype name: explicit, or "auto" = float32 on CPU, the model's dtype elsewhere."""
+    """The KV cache's dtype name: explicit, or "auto" = the model's dtype, except float32 under the
+    Pallas/jnp backends on CPU (XLA CPU widens a 16-bit cache around every slice and scatter; the
+    native kernel reads bf16 pages as is)."""
     if config.kv_cache_dtype != "auto":
         return config.kv_cache_dtype
-    return "float32" if jax.default_backend() == "cpu" else config.dtype
+    if jax.default_backend() == "cpu" and resolve_attention_backend(config.attention_backend) != "native":
+        return "float32"
+    return config.dtype
+
+
+def kv_storage_dtype(dtype_name: str, backend: str):
+    """The cache arrays' dtype: a bf16 cache under the native backend is held as its uint16 bit
+    patterns (XLA CPU scatters uint16 rows in place; a bf16 scatter is widened to f32 around the
+    whole cache), which the native kernel reads as bf16."""
+    if dtype_name == "bfloat16" and backend == "native":
+        return jnp.uint16
+    return jnp_dtype(dtype_name)
 
 
 def resolve_attention_backend(name: str) -> str:
     """EngineConfig.attention_backend -> the one the runner uses ("auto": native on CPU when the
     C++ kernels build on this machine, Pallas otherwise)."""
+    if name == "jnp" or name == "pallas":
+        return name
     if name != "auto":
         if name == "native" and jax.default_backend() != "cpu":
             raise ValueError(f"attention_backend: 'native' runs on CPU only, the backend is "
@@ -72,15 +87,24 @@ def resolve_attention_backend(name: str) -> str:
     return "pallas"
 
 
-def store_bf16_as_uint16(state):
-    """bf16 leaves -> their uint16 bit patterns (models/layers.read bit-casts them back per layer).
+def cpu_param_layout(state, vocab_size: int):
+    """How bf16 params are held on XLA CPU (other backends keep bf16 as is):
 
-    On XLA CPU a bf16 array sliced inside the layer scan is upcast whole on every call; a uint16
-    array is sliced as raw bits. Other backends keep bf16 as is.
+    - vocabulary-sized tables (embedding, LM head) -> f32: XLA CPU's bf16 dot of a few rows against
+      [H, V] ran at ~3 GB/s (SmolLM2's head: 32-43 ms at B=4..64), the f32 one in 8-18 ms;
+    - every other bf16 leaf -> its uint16 bit patterns (models/layers.read bit-casts them back per
+      layer): a bf16 array sliced inside the layer scan is upcast whole on every call, a uint16
+      array is sliced as raw bits.
     """
     if jax.default_backend() != "cpu":
         return state
-    cast = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+    def cast(x):
+        if x.dtype != jnp.bfloat16:
+            return x
+        if x.ndim == 2 and vocab_size in x.shape:    # unstacked [V, H] or [H, V]
+            return x.astype(jnp.float32)
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
     return jax.tree_util.tree_map(cast, state)
 
 
@@ -126,14 +150,15 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.table_width = -(-max_model_len // self.block_size)   # ceil: blocks of the longest sequence
         self.buckets = BucketTable.build(config.max_num_batched_tokens, config.max_num_seqs)
-        self.state = store_bf16_as_uint16(state)
+        self.state = cpu_param_layout(state, model_config.vocab_size)
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         self.generator = np.random.default_rng(config.seed)
-        self.dtype = jnp_dtype(resolve_kv_cache_dtype(config))   # the KV cache's
+        self.attention_backend = resolve_attention_backend(config.attention_backend)
+        # the KV cache arrays' dtype (uint16: bf16 bit patterns, see kv_storage_dtype)
+        self.dtype = kv_storage_dtype(resolve_kv_cache_dtype(config), self.attention_backend)
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
                  model_config.head_dim)
         self.kv_cache = zeros_kv_cache(shape, self.dtype, mesh)   # sharded on KVH under a mesh
-        self.attention_backend = resolve_attention_backend(config.attention_backend)
         opts = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
                                 sliding_window=model_config.sliding_window, backend=self.attention_backend,
                                 mesh=mesh)

@@ -7,15 +7,16 @@ from jaxpaged.buckets import BucketError, BucketTable
 
 
 def test_bucket_table_lookup_and_out_of_table_raises():
-    table = BucketTable.build(max_num_batched_tokens=64, max_num_seqs=8)
-    assert table.token_buckets == (16, 32, 64) and table.seq_buckets == (4, 8)
+    table = BucketTable.build(max_num_batched_tokens=64, max_num_seqs=32)
+    assert table.token_buckets == (16, 32, 64) and table.seq_buckets == (4, 8, 16, 32)
     assert table.lookup(1, 1) == (16, 4)
     assert table.lookup(17, 5) == (32, 8)
+    assert table.lookup(20, 20) == (32, 32)                # a decode step of 20 sequences
     assert all(b <= t for t, b in table.pairs())
     with pytest.raises(BucketError):
         table.lookup(65, 1)
     with pytest.raises(BucketError):
-        table.lookup(10, 9)
+        table.lookup(10, 33)
 
 
 def test_mixed_workload_after_warmup_compiles_nothing(tiny_llama, tmp_path):

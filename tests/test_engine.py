@@ -52,6 +52,22 @@ def test_default_backend_on_cpu_is_native(llm):
     assert llm.llm_engine.runner.attention_backend == "native"
 
 
+def test_bf16_cache_held_as_bits_under_native_matches_jnp_bf16_cache(tiny_llama, tmp_path_factory):
+    # "auto" cache dtype: bf16 under native (held as uint16 bits), f32 under the others on CPU;
+    # native over the bit-pattern cache = the jnp reference over a real bf16 cache
+    native = _engine(tiny_llama, tmp_path_factory, dtype="bfloat16", max_num_batched_tokens=64)
+    assert str(native.llm_engine.runner.kv_cache[0].dtype) == "uint16"
+    jnp_ref = _engine(tiny_llama, tmp_path_factory, dtype="bfloat16", max_num_batched_tokens=64,
+                      attention_backend="jnp", kv_cache_dtype="bfloat16")
+    assert str(jnp_ref.llm_engine.runner.kv_cache[0].dtype) == "bfloat16"
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert _tokens(native.generate(PROMPTS[:6], greedy, use_tqdm=False)) == \
+        _tokens(jnp_ref.generate(PROMPTS[:6], greedy, use_tqdm=False))
+    auto_pallas = _engine(tiny_llama, tmp_path_factory, dtype="bfloat16", attention_backend="pallas",
+                          enforce_eager=True)
+    assert str(auto_pallas.llm_engine.runner.kv_cache[0].dtype) == "float32"
+
+
 def test_pallas_backend_greedy_equals_transformers(tiny_llama, tmp_path_factory, expected):
     # the Pallas kernels (interpret mode) through the whole engine: chunked prefill + decodes mixed
     llm = _engine(tiny_llama, tmp_path_factory, attention_backend="pallas", max_num_batched_tokens=64)

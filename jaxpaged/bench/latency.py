@@ -173,7 +173,7 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     from flax import nnx
 
     import jaxpaged.models.llama as llama_mod
-    from jaxpaged.models.layers import AttentionMetadata, attention_kernels
+    from jaxpaged.models.layers import AttentionMetadata, attention_kernels, to_cache_dtype
     from jaxpaged.sampler import sample
 
     graphdef, opts, call = _step_parts(runner)
@@ -210,11 +210,14 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     def write_only(q, k, v, kv_cache, layer, meta, o):
         write, _ = attention_kernels(o.backend)
         kd = kv_cache[0].dtype   # the engine may keep an f32 cache for bf16 weights (CPU)
-        return q, write(kv_cache[0], kv_cache[1], k.astype(kd), v.astype(kd), meta.slot_mapping, layer=layer)
+        return q, write(kv_cache[0], kv_cache[1], to_cache_dtype(k, kd), to_cache_dtype(v, kd),
+                        meta.slot_mapping, layer=layer)
 
     time_step(f"full step (as the engine runs it, attention {opts.backend})", opts)
+    # the other backend on the same cache (not over a uint16 bf16-bits cache: native only)
     for other in ("native", "pallas"):
-        if other != opts.backend and (other != "native" or jax.default_backend() == "cpu"):
+        if (other != opts.backend and (other != "native" or jax.default_backend() == "cpu")
+                and runner.kv_cache[0].dtype != jnp.uint16):
             time_step(f"full step, attention {other}", dataclasses_replace(opts, backend=other))
     time_step("no attention (no KV write, no read)", opts, no_attention)
     time_step("KV write only (no attention read)", opts, write_only)

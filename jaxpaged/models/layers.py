@@ -25,7 +25,7 @@ def _shape(stack: int | None, *dims: int) -> tuple[int, ...]:
 
 def read(p: nnx.Param) -> jax.Array:
     """A param's value. bf16 weights may be stored as their uint16 bit patterns (see
-    runner.store_bf16_as_uint16): bit-cast back here, inside the layer, so XLA CPU never upcasts a
+    runner.cpu_param_layout): bit-cast back here, inside the layer, so XLA CPU never upcasts a
     whole stacked [L, ...] bf16 array per step."""
     x = p[...]
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
@@ -55,13 +55,15 @@ class Embed(nnx.Module):
 
     def __init__(self, num: int, dim: int, *, dtype):
         self.embedding = _param((num, dim), dtype)
+        self.dtype = jnp.dtype(dtype)   # the model's: the table may be held wider (runner.cpu_param_layout)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(read(self.embedding), ids, axis=0)
+        return jnp.take(read(self.embedding), ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Tied LM head: x [N, H] -> logits [N, V] in f32."""
-        return jnp.dot(x, read(self.embedding).T, preferred_element_type=jnp.float32)
+        """Tied LM head: x [N, H] -> logits [N, V] in f32 (in the table's dtype: f32 when held so)."""
+        table = read(self.embedding)
+        return jnp.dot(x.astype(table.dtype), table.T, preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -169,6 +171,13 @@ def attention_kernels(backend: str):
     raise ValueError(f"attention backend: expected native, pallas or jnp, got {backend!r}")
 
 
+def to_cache_dtype(x: jax.Array, cache_dtype) -> jax.Array:
+    """New K or V rows in the cache's storage dtype (uint16 = bf16 bit patterns, native backend)."""
+    if cache_dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(cache_dtype)
+
+
 def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: AttentionOptions):
     """Writes this step's K/V into the paged cache, then attends over it.
 
@@ -182,10 +191,11 @@ def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: Att
         return per_shard(q, k, v, kv_cache, layer, meta)
     k_pages, v_pages = kv_cache
     out_dtype = q.dtype
-    # the cache may be kept wider than the model (bf16 weights, f32 cache on CPU): the kernels take
-    # q, k, v in the cache's dtype
-    q, k, v = (a.astype(k_pages.dtype) for a in (q, k, v))
     write, attend = attention_kernels(opts.backend)
+    k, v = to_cache_dtype(k, k_pages.dtype), to_cache_dtype(v, k_pages.dtype)
+    # the cache may be kept wider than the model (bf16 weights, f32 cache on CPU): the kernels take
+    # q in the cache's dtype (a uint16 cache holds bf16)
+    q = q.astype(jnp.bfloat16 if k_pages.dtype == jnp.uint16 else k_pages.dtype)
     k_pages, v_pages = write(k_pages, v_pages, k, v, meta.slot_mapping, layer=layer)
     out = attend(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_start,
                  sm_scale=opts.sm_scale, sliding_window=opts.sliding_window, layer=layer)
