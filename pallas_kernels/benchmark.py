@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
@@ -95,20 +96,24 @@ def _time_donated(fn, cache, args, repeats):
 
 def run_kernel_benchmark(cases: list[Case] | None = None, *, num_heads=8, num_kv_heads=2, head_dim=64,
                          block_size=16, num_layers=2, dtype=jnp.float32, repeats=3,
-                         interpret: bool | None = None) -> list[dict]:
+                         interpret: bool | None = None, attention=None, label: str = "attention",
+                         with_write: bool = True) -> list[dict]:
     """Kernel vs reference wall time for each case; returns a list of row dicts.
 
     Row keys: case, op ('attention' / 'kv_write'), tokens (T), seqs (B), context (sum of
     seq_lens), kernel_ms, reference_ms, ratio (kernel / reference), max_abs_err, backend.
     The cache is [L, KVH, NB, BS, D] and the kernels read/write it through `layer`.
+    `attention`: another function with ragged_paged_attention's contract to time instead (its rows
+    are labelled `label`); `with_write=False` skips the kv_write rows.
     """
     cases = cases or default_cases()
     dtype = jnp.dtype(dtype)
     sm_scale = head_dim ** -0.5
     layer = jnp.int32(num_layers - 1)
     rows = []
-    attend = jax.jit(lambda q, k, v, bt, sl, qs, layer: ragged_paged_attention(
-        q, k, v, bt, sl, qs, sm_scale=sm_scale, layer=layer, interpret=interpret))
+    kernel = attention or functools.partial(ragged_paged_attention, interpret=interpret)
+    attend = jax.jit(lambda q, k, v, bt, sl, qs, layer: kernel(
+        q, k, v, bt, sl, qs, sm_scale=sm_scale, layer=layer))
     attend_ref = jax.jit(lambda q, k, v, bt, sl, qs, layer: ragged_paged_attention_reference(
         q, k, v, bt, sl, qs, sm_scale=sm_scale, layer=layer))
     # the cache is donated, as in the engine's step: the write must then happen in place
@@ -127,8 +132,10 @@ def run_kernel_benchmark(cases: list[Case] | None = None, *, num_heads=8, num_kv
         k_ms, k_out = _time(attend, a_args, repeats)
         r_ms, r_out = _time(attend_ref, a_args, repeats)
         err = float(jnp.max(jnp.abs(k_out.astype(jnp.float32) - r_out.astype(jnp.float32))))
-        rows.append(dict(common, op="attention", kernel_ms=k_ms, reference_ms=r_ms,
+        rows.append(dict(common, op=label, kernel_ms=k_ms, reference_ms=r_ms,
                          ratio=k_ms / r_ms, max_abs_err=err))
+        if not with_write:
+            continue
         w_args = (x["k_new"], x["v_new"], x["slots"], layer)
         k_ms, k_out = _time_donated(write, (jnp.copy(x["k"]), jnp.copy(x["v"])), w_args, repeats)
         r_ms, r_out = _time_donated(write_ref, (jnp.copy(x["k"]), jnp.copy(x["v"])), w_args, repeats)
@@ -166,10 +173,10 @@ def run_decode_bandwidth(contexts=(1024, 2048, 4096, 8192, 16384, 32768), *, num
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'case':<26} {'op':<10} {'T':>5} {'B':>4} {'ctx':>7} {'kernel ms':>10} {'ref ms':>9} {'k/ref':>6} {'max err':>9}"
+    head = f"{'case':<26} {'op':<18} {'T':>5} {'B':>4} {'ctx':>7} {'kernel ms':>10} {'ref ms':>9} {'k/ref':>6} {'max err':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['case']:<26} {r['op']:<10} {r['tokens']:>5} {r['seqs']:>4} {r['context']:>7} "
+        lines.append(f"{r['case']:<26} {r['op']:<18} {r['tokens']:>5} {r['seqs']:>4} {r['context']:>7} "
                      f"{r['kernel_ms']:>10.2f} {r['reference_ms']:>9.2f} {r['ratio']:>6.2f} "
                      f"{r['max_abs_err']:>9.2e}")
     return "\n".join(lines)

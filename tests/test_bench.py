@@ -21,7 +21,7 @@ def test_throughput_jaxpaged_and_hf_side_by_side(tiny_llama, tmp_path, capsys):
     out = tmp_path / "tp.jsonl"
     main(["throughput", "--model", tiny_llama, "--backend", "jaxpaged,hf", "--num-prompts", "6",
           "--input-len-range", "4:20", "--output-len-range", "3:6", "--ignore-eos", "--max-num-seqs", "4",
-          "--max-num-batched-tokens", "32", "--max-model-len", "64", "--no-use-pallas", "--enforce-eager",
+          "--max-num-batched-tokens", "32", "--max-model-len", "64", "--enforce-eager",
           "--profile", "--hf-batch-size", "4", "--download-dir", str(tmp_path), "--output-json", str(out)])
     text = capsys.readouterr().out
     assert "output tok/s" in text and "ratio jaxpaged/hf" in text and "decode-only steps" in text
@@ -34,7 +34,7 @@ def test_throughput_jaxpaged_and_hf_side_by_side(tiny_llama, tmp_path, capsys):
 
 def test_latency_prints_split(tiny_llama, tmp_path, capsys):
     main(["latency", "--model", tiny_llama, "--batch-sizes", "1,3", "--input-len", "5", "--output-len", "6",
-          "--skip", "1", "--max-num-batched-tokens", "32", "--max-model-len", "64", "--no-use-pallas",
+          "--skip", "1", "--max-num-batched-tokens", "32", "--max-model-len", "64",
           "--download-dir", str(tmp_path)])
     text = capsys.readouterr().out
     assert "B=1 " in text and "B=3 " in text and "host" in text and "device" in text
@@ -45,6 +45,7 @@ def test_kernel_quick(capsys):
     main(["kernel", "--quick"])
     text = capsys.readouterr().out
     assert "attention" in text and "kv_write" in text and "k/ref" in text
+    assert "attention native" in text          # the CPU kernel beside the Pallas one
 
 
 def test_plot_writes_png(tmp_path):

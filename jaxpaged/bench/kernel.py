@@ -1,4 +1,5 @@
-"""`bench kernel`: ragged paged attention and the KV-cache write, Pallas kernel vs jnp reference.
+"""`bench kernel`: ragged paged attention and the KV-cache write, Pallas kernel vs jnp reference (and,
+on CPU, the native attention of cpu_kernels vs the same reference).
 
 Runs pallas_kernels.benchmark.run_kernel_benchmark (decode-only, prefill-only and mixed batches over
 a paged cache with permuted block tables) with the head shapes of a model (default SmolLM2-135M:
@@ -29,8 +30,14 @@ def run(args) -> list[dict]:
     if args.quick:
         from pallas_kernels.benchmark import Case
         cases = [Case("decode 8 seqs", (1,) * 8, tuple(range(40, 360, 40)))]
-    rows = run_kernel_benchmark(cases, num_heads=nh, num_kv_heads=kvh, head_dim=d, block_size=args.block_size,
-                                dtype=args.dtype, repeats=1 if args.quick else args.repeats)
+    common = dict(num_heads=nh, num_kv_heads=kvh, head_dim=d, block_size=args.block_size, dtype=args.dtype,
+                  repeats=1 if args.quick else args.repeats)
+    rows = run_kernel_benchmark(cases, **common)
+    if jax.default_backend() == "cpu":
+        from cpu_kernels import available, ragged_paged_attention_cpu
+        if available():
+            rows += run_kernel_benchmark(cases, attention=ragged_paged_attention_cpu, label="attention native",
+                                         with_write=False, **common)
     print(f"backend={jax.default_backend()} dtype={args.dtype} NH={nh} KVH={kvh} D={d} BS={args.block_size}")
     print(format_table(rows))
     return rows
