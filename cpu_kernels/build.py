@@ -28,11 +28,14 @@ SOURCE = Path(__file__).with_name("ragged_paged_attention.cc")
 TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention"}
 # -ffast-math lets GCC call glibc's vector exp/tanh (libmvec) in the softmax loops; the kernel never
 # relies on NaN/inf arithmetic (masking uses a finite -1e30 and skips zero-probability V rows).
+# Compile and link are separate steps: -ffast-math at link time adds crtfastmath.o, whose constructor
+# turns on flush-to-zero for the whole process when the library loads (subnormals vanish in numpy,
+# torch, everyone); LINK_FLAGS leave it out.
 # -mprefer-vector-width=512: GCC otherwise keeps to 256-bit vectors on AVX-512 CPUs (a 64-wide head
 # row is 4 zmm registers instead of 8 ymm); a no-op elsewhere.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp-simd", "-std=c++17",
-         "-shared", "-fPIC")
-LIBS = ("-lmvec", "-lm")
+         "-fPIC")
+LINK_FLAGS = ("-shared", "-lmvec", "-lm")
 
 
 class NativeBuildError(RuntimeError):
@@ -63,7 +66,7 @@ def _cache_dir() -> Path:
 
 def library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
                  jaxlib.__version__.encode(), _cpu_model().encode()):
         key.update(part)
     return _cache_dir() / key.hexdigest()[:16] / "libjaxpaged_cpu_kernels.so"
@@ -72,12 +75,14 @@ def library_path(compiler: str) -> Path:
 def _compile(compiler: str, target: Path) -> None:
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out), *LIBS]
-        logger.info("compiling the native CPU kernels: %s", " ".join(cmd))
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise NativeBuildError(f"compiling {SOURCE.name} failed:\n{done.stderr[-4000:]}")
+        obj, out = Path(tmp) / "kernels.o", Path(tmp) / target.name
+        for cmd in ([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(SOURCE), "-o", str(obj)],
+                    [compiler, str(obj), "-o", str(out), *LINK_FLAGS]):
+            logger.info("building the native CPU kernels: %s", " ".join(cmd))
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise NativeBuildError(f"building {SOURCE.name} failed ({cmd[0]} exit {done.returncode}):\n"
+                                       f"{done.stderr[-4000:]}")
         target.parent.mkdir(exist_ok=True)
         os.replace(out, target)          # atomic: a concurrent start sees no half-written file
 

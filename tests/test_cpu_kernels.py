@@ -121,3 +121,10 @@ def test_bad_input_raises_value_error():
         ragged_paged_attention_cpu(*args, sm_scale=0.125)
     with pytest.raises(ValueError, match=r"query_start must be \[4\]"):
         ragged_paged_attention_cpu(*args[:5], jnp.zeros((3,), jnp.int32), sm_scale=0.125)
+
+
+def test_loading_keeps_subnormals_for_the_process():
+    # -ffast-math can link crtfastmath.o, which sets flush-to-zero process-wide on load
+    load()
+    tiny = np.float32(1e-39)
+    assert tiny * np.float32(0.5) != 0
