@@ -59,6 +59,41 @@ void load_page_transposed(const T* src, int bs, int d, float* dst, float* buf) {
   }
 }
 
+// A whole page as f32: read in place (f32 cache) or converted into `buf` (bf16).
+inline const float* page_f32(const float* src, int /*n*/, float* /*buf*/) { return src; }
+inline const float* page_f32(const uint16_t* src, int n, float* buf) { return row_f32(src, n, buf); }
+
+// acc_row[D] += sum_j p[j] * v[j, :] over one page. Keys with p == 0 (not visible) are skipped, which
+// also keeps their V rows (possibly NaN garbage past the sequence) out. With D known at compile time
+// the accumulator row stays in registers across the page's keys.
+template <int D>
+inline void pv_row_fixed(float* __restrict acc_row, const float* __restrict p, const float* __restrict v,
+                         int bs) {
+  float a[D];
+  for (int c = 0; c < D; ++c) a[c] = acc_row[c];
+  for (int j = 0; j < bs; ++j) {
+    const float pj = p[j];
+    if (pj == 0.f) continue;
+    const float* vj = v + j * D;
+#pragma omp simd
+    for (int c = 0; c < D; ++c) a[c] += pj * vj[c];
+  }
+  for (int c = 0; c < D; ++c) acc_row[c] = a[c];
+}
+
+inline void pv_row(float* __restrict acc_row, const float* __restrict p, const float* __restrict v, int bs,
+                   int d) {
+  if (d == 64) return pv_row_fixed<64>(acc_row, p, v, bs);
+  if (d == 128) return pv_row_fixed<128>(acc_row, p, v, bs);
+  for (int j = 0; j < bs; ++j) {
+    const float pj = p[j];
+    if (pj == 0.f) continue;
+    const float* vj = v + j * d;
+#pragma omp simd
+    for (int c = 0; c < d; ++c) acc_row[c] += pj * vj[c];
+  }
+}
+
 // Hint the page's cache lines into cache while the current page is computed (pages are scattered,
 // so the hardware prefetcher cannot guess the next one).
 template <typename T>
@@ -149,7 +184,7 @@ void attend_item(const Problem& p, const WorkItem& item, std::vector<float>& scr
   const int64_t seq_len = p.lens[item.seq];
   const int64_t ctx = seq_len - q_len;         // position of the sequence's first query
 
-  scratch.resize(static_cast<size_t>(rows) * (2 * d + BS + 2) + BS * d + d);
+  scratch.resize(static_cast<size_t>(rows) * (2 * d + BS + 2) + 2 * BS * d + d);
   float* qrows = scratch.data();               // [rows, D] scaled queries
   float* acc = qrows + rows * d;               // [rows, D]
   float* s = acc + rows * d;                   // [rows, BS]
@@ -157,6 +192,7 @@ void attend_item(const Problem& p, const WorkItem& item, std::vector<float>& scr
   float* l = m + rows;                         // [rows]
   float* kt = l + rows;                        // [D, BS] (transposed path only)
   float* buf = kt + BS * d;                    // [D] one bf16 row converted
+  float* vbuf = buf + d;                       // [BS, D] a bf16 V page converted
 
   for (int r = 0; r < rows; ++r) {
     const int64_t tok = q_start + item.tok0 + r / group;
@@ -234,18 +270,9 @@ void attend_item(const Problem& p, const WorkItem& item, std::vector<float>& scr
       l[r] = alpha * l[r] + psum;
       m[r] = m_new;
     }
-    // acc[r] += sum_j p[r, j] * v[j]: each V row is read (converted) once for all rows
-    for (int j = 0; j < BS; ++j) {
-      const float* vj = nullptr;
-      for (int r = 0; r < rows; ++r) {
-        const float pj = s[r * BS + j];
-        if (pj == 0.f) continue;               // also keeps masked (maybe NaN) V rows out
-        if (vj == nullptr) vj = row_f32(vbase + off + j * d, d, buf);
-        float* ar = acc + r * d;
-#pragma omp simd
-        for (int c = 0; c < d; ++c) ar[c] += pj * vj[c];
-      }
-    }
+    // acc[r] += sum_j p[r, j] * v[j], row by row with the accumulator row held in registers
+    const float* vpage = page_f32(vbase + off, BS * d, vbuf);
+    for (int r = 0; r < rows; ++r) pv_row(acc + r * d, s + r * BS, vpage, BS, d);
   }
 
   for (int r = 0; r < rows; ++r) {
