@@ -44,8 +44,9 @@ class NativeBuildError(RuntimeError):
 
 def _compiler() -> str:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     raise NativeBuildError("no C++ compiler found (set $CXX, or install g++)")
 
 

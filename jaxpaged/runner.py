@@ -73,12 +73,10 @@ def kv_storage_dtype(dtype_name: str, backend: str):
 def resolve_attention_backend(name: str) -> str:
     """EngineConfig.attention_backend -> the one the runner uses ("auto": native on CPU when the
     C++ kernels build on this machine, Pallas otherwise)."""
-    if name == "jnp" or name == "pallas":
-        return name
+    if name == "native" and jax.default_backend() != "cpu":
+        raise ValueError(f"attention_backend: 'native' runs on CPU only, the backend is "
+                         f"{jax.default_backend()}")
     if name != "auto":
-        if name == "native" and jax.default_backend() != "cpu":
-            raise ValueError(f"attention_backend: 'native' runs on CPU only, the backend is "
-                             f"{jax.default_backend()}")
         return name
     if jax.default_backend() == "cpu":
         from cpu_kernels import available

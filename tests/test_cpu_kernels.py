@@ -1,4 +1,6 @@
-"""The native CPU attention (cpu_kernels, C++ via XLA FFI) against the jnp reference."""
+"""The native CPU attention (cpu_kernels, C++ via XLA FFI) against the jnp reference: what only it
+has (bf16 bit-pattern caches, the build cache, threads). The batch-shape tests it shares with the
+Pallas kernel are parametrized over both in test_kernels.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +11,7 @@ import jax.numpy as jnp
 
 from cpu_kernels import ragged_paged_attention_cpu
 from cpu_kernels.build import FLAGS, library_path, load, _compiler
-from tests.test_kernels import attend, boundary_lengths, check_against_reference, make_batch
+from tests.test_kernels import attend, check_against_reference, make_batch
 
 
 def check(x, **kw):
@@ -26,29 +28,6 @@ def test_builds_once_and_registers():
     assert path.stat().st_mtime_ns == mtime
 
 
-# GQA ratio 1, 3, 8, 9 (SmolLM2's 3 KV heads x 3); head_dim 64, 128 and a non-power-of-two 80
-@pytest.mark.parametrize("block_size,num_heads,num_kv_heads,head_dim",
-                         [(8, 2, 2, 64), (16, 6, 2, 128), (32, 8, 1, 64), (16, 9, 3, 64), (8, 4, 2, 80)])
-def test_page_boundaries_decode_and_prefill(block_size, num_heads, num_kv_heads, head_dim):
-    width = 4
-    lens = boundary_lengths(block_size, width)
-    x = make_batch([1] * len(lens) + lens, lens + lens, num_heads=num_heads,
-                   num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size, width=width)
-    check(x)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mixed_batch_and_query_tile_edges(dtype):
-    # query tiles are 16 tokens: chunks of 15, 16, 17, 33 tokens cross tile edges; 20 decodes mixed in
-    rng = np.random.default_rng(1)
-    dec_lens = [int(n) for n in rng.integers(1, 200, 20)]
-    q_lens = [70, 33, 100, 5, 15, 16, 17] + [1] * len(dec_lens)
-    seq_lens = [70, 150, 130, 40, 15, 48, 80] + dec_lens
-    x = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, head_dim=64, block_size=16,
-                   dtype=dtype, pad_seqs=3, pad_tokens=9)
-    check(x)
-
-
 def test_bf16_cache_with_f32_queries_matches_f32():
     # the engine may keep a bf16 cache: the kernel reads bf16 pages, computes in f32
     x = make_batch([1, 9, 1], [40, 60, 17], num_heads=4, num_kv_heads=2, head_dim=64, block_size=8)
@@ -58,24 +37,6 @@ def test_bf16_cache_with_f32_queries_matches_f32():
     out = np.asarray(attend(xb, ragged_paged_attention_cpu), np.float32)
     ref = np.asarray(attend(dict(xr, q=xb["q"].astype(jnp.float32)), ragged_paged_attention_cpu))
     np.testing.assert_allclose(out, ref, atol=1e-2, rtol=0)
-
-
-@pytest.mark.parametrize("soft_cap,window", [(8.0, None), (None, 20), (5.0, 33), (None, 1)])
-def test_soft_cap_and_sliding_window(soft_cap, window):
-    q_lens, seq_lens = [1, 1, 40, 17, 1], [90, 16, 40, 100, 33]
-    x = make_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=2, head_dim=64, block_size=8,
-                   window=window)
-    check(x, soft_cap=soft_cap, sliding_window=window)
-
-
-@pytest.mark.parametrize("q_lens,seq_lens,pad_tokens,pad_seqs", [
-    ([1], [1], 0, 0),
-    ([0, 0], [0, 0], 4, 0),
-])
-def test_edge_batches(q_lens, seq_lens, pad_tokens, pad_seqs):
-    x = make_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=1, head_dim=64, block_size=16,
-                   pad_tokens=pad_tokens, pad_seqs=pad_seqs)
-    check(x)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -1,4 +1,7 @@
-"""Pallas kernels (interpret mode) against their jnp references on random paged caches."""
+"""Pallas kernels (interpret mode) against their jnp references on random paged caches.
+
+The batch-shape tests also run the native CPU attention (cpu_kernels), which has the same contract;
+its own extras (bf16 bit-pattern caches, build cache, threads) are in test_cpu_kernels.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from cpu_kernels import ragged_paged_attention_cpu
 from pallas_kernels import (Tiling, kv_cache_write, kv_cache_write_reference, ragged_paged_attention,
                             ragged_paged_attention_reference)
 from pallas_kernels.ragged_paged_attention import default_tiling
@@ -14,6 +18,8 @@ from pallas_kernels.ragged_paged_attention import default_tiling
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 _STATIC = ("sm_scale", "soft_cap", "sliding_window", "interpret")
 attention_reference = jax.jit(ragged_paged_attention_reference, static_argnames=_STATIC)
+# the attention kernels with ragged_paged_attention's contract
+KERNELS = [pytest.param(ragged_paged_attention, id="pallas"), pytest.param(ragged_paged_attention_cpu, id="native")]
 
 
 def make_batch(q_lens, seq_lens, *, num_heads, num_kv_heads, head_dim, block_size, dtype=jnp.float32,
@@ -83,46 +89,52 @@ def boundary_lengths(bs, width):
     return [1, bs - 1, bs, bs + 1, width * bs]
 
 
-# GQA ratio 1, 3, 8; head_dim 64 and 128; block sizes 8, 16, 32
+# GQA ratio 1, 3, 8, 9 (SmolLM2's 3 KV heads x 3); head_dim 64, 128 and a non-power-of-two 80;
+# block sizes 8, 16, 32
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("block_size,num_heads,num_kv_heads,head_dim",
-                         [(8, 2, 2, 64), (16, 6, 2, 128), (32, 8, 1, 64)])
-def test_page_boundaries_decode_and_prefill(block_size, num_heads, num_kv_heads, head_dim):
+                         [(8, 2, 2, 64), (16, 6, 2, 128), (32, 8, 1, 64), (16, 9, 3, 64), (8, 4, 2, 80)])
+def test_page_boundaries_decode_and_prefill(kernel, block_size, num_heads, num_kv_heads, head_dim):
     width = 4
     lens = boundary_lengths(block_size, width)
     # each length once as a decode (q_len 1) and once as a whole-prompt prefill (q_len = len)
     x = make_batch([1] * len(lens) + lens, lens + lens, num_heads=num_heads,
                    num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size, width=width)
-    check_against_reference(x)
+    check_against_reference(x, kernel)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mixed_batch_prefill_chunks_and_decodes(dtype):
+def test_mixed_batch_prefill_chunks_and_decodes(kernel, dtype):
     rng = np.random.default_rng(1)
     dec_lens = [int(n) for n in rng.integers(1, 200, 20)]
-    # chunked prefills: a first chunk (q_len = seq_len), later chunks on top of cached tokens
-    q_lens = [70, 33, 100, 5] + [1] * len(dec_lens)
-    seq_lens = [70, 150, 130, 40] + dec_lens
+    # chunked prefills: a first chunk (q_len = seq_len), later chunks on top of cached tokens;
+    # chunks of 15, 16, 17 tokens cross the native kernel's 16-token query tiles
+    q_lens = [70, 33, 100, 5, 15, 16, 17] + [1] * len(dec_lens)
+    seq_lens = [70, 150, 130, 40, 15, 48, 80] + dec_lens
     x = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, head_dim=64, block_size=16,
                    dtype=dtype, pad_seqs=3, pad_tokens=9)
-    check_against_reference(x)
+    check_against_reference(x, kernel)
 
 
-@pytest.mark.parametrize("soft_cap,window", [(8.0, None), (None, 20), (5.0, 33)])
-def test_soft_cap_and_sliding_window(soft_cap, window):
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("soft_cap,window", [(8.0, None), (None, 20), (5.0, 33), (None, 1)])
+def test_soft_cap_and_sliding_window(kernel, soft_cap, window):
     q_lens, seq_lens = [1, 1, 40, 17, 1], [90, 16, 40, 100, 33]
     x = make_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=2, head_dim=64, block_size=8,
                    window=window)
-    check_against_reference(x, soft_cap=soft_cap, sliding_window=window)
+    check_against_reference(x, kernel, soft_cap=soft_cap, sliding_window=window)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("q_lens,seq_lens,pad_tokens,pad_seqs", [
     ([1], [1], 0, 0),          # one decode token, nothing padded
     ([0, 0], [0, 0], 4, 0),    # an all-padding batch: every row comes back 0
 ])
-def test_edge_batches(q_lens, seq_lens, pad_tokens, pad_seqs):
+def test_edge_batches(kernel, q_lens, seq_lens, pad_tokens, pad_seqs):
     x = make_batch(q_lens, seq_lens, num_heads=4, num_kv_heads=1, head_dim=64, block_size=16,
                    pad_tokens=pad_tokens, pad_seqs=pad_seqs)
-    check_against_reference(x)
+    check_against_reference(x, kernel)
 
 
 def test_gpu_tiling_in_interpret_mode():
