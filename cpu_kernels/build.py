@@ -24,7 +24,7 @@ import jaxlib
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("ragged_paged_attention.cc")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("ragged_paged_attention.cc",))
 TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention"}
 # -ffast-math lets GCC call glibc's vector exp/tanh (libmvec) in the softmax loops; the kernel never
 # relies on NaN/inf arithmetic (masking uses a finite -1e30 and skips zero-probability V rows).
@@ -67,7 +67,7 @@ def _cache_dir() -> Path:
 
 def library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
+    for part in (*(src.read_bytes() for src in SOURCES), " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
                  jaxlib.__version__.encode(), _cpu_model().encode()):
         key.update(part)
     return _cache_dir() / key.hexdigest()[:16] / "libjaxpaged_cpu_kernels.so"
@@ -76,14 +76,16 @@ def library_path(compiler: str) -> Path:
 def _compile(compiler: str, target: Path) -> None:
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
-        obj, out = Path(tmp) / "kernels.o", Path(tmp) / target.name
-        for cmd in ([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(SOURCE), "-o", str(obj)],
-                    [compiler, str(obj), "-o", str(out), *LINK_FLAGS]):
+        objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        out = Path(tmp) / target.name
+        compiles = [[compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", str(obj)]
+                    for src, obj in zip(SOURCES, objs)]
+        for cmd in [*compiles, [compiler, *map(str, objs), "-o", str(out), *LINK_FLAGS]]:
             logger.info("building the native CPU kernels: %s", " ".join(cmd))
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                raise NativeBuildError(f"building {SOURCE.name} failed ({cmd[0]} exit {done.returncode}):\n"
-                                       f"{done.stderr[-4000:]}")
+                raise NativeBuildError(f"building the native CPU kernels failed ({cmd[0]} exit "
+                                       f"{done.returncode}):\n{done.stderr[-4000:]}")
         target.parent.mkdir(exist_ok=True)
         os.replace(out, target)          # atomic: a concurrent start sees no half-written file
 
