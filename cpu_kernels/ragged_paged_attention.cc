@@ -35,7 +35,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kQueryTile = 16;          // query tokens per work item (prefill); decodes take 1
 constexpr float kMaskValue = -1e30f;    // finite: exp(m_old - m_new) stays NaN-free
 
 inline float bf16_to_f32(uint16_t x) {   // a shift: vectorizes inside simd loops
@@ -48,15 +47,6 @@ inline const float* row_f32(const uint16_t* src, int d, float* buf) {
 #pragma omp simd
   for (int c = 0; c < d; ++c) buf[c] = bf16_to_f32(src[c]);
   return buf;
-}
-
-// K page [BS, D] -> kt [D, BS] f32 (transposed: the many-row score loop runs over keys in SIMD lanes).
-template <typename T>
-void load_page_transposed(const T* src, int bs, int d, float* dst, float* buf) {
-  for (int j = 0; j < bs; ++j) {
-    const float* row = row_f32(src + j * d, d, buf);
-    for (int c = 0; c < d; ++c) dst[c * bs + j] = row[c];
-  }
 }
 
 // A whole page as f32: read in place (f32 cache) or converted into `buf` (bf16).
@@ -116,47 +106,66 @@ struct Problem {
   int32_t window;
 };
 
+// One work item: rows [row0, row0 + nrows) of a sequence's rows for one KV head. The sequence's
+// flat row i is query token i / G and query head head * G + i % G (G = NH / KVH): the query heads
+// that share a KV head are consecutive rows, so one K/V page read serves all of them.
 struct WorkItem {
-  int32_t seq, head, tok0, ntok;  // query tokens [tok0, tok0 + ntok) of sequence seq (sequence-relative)
+  int32_t seq, head, row0, nrows;
 };
 
-// Scores of `rows` query rows against one page: s[r * BS + j] = q[r] . k[j] (kt transposed).
-template <int BS>
-inline void page_scores_transposed(const float* qrows, int rows, int d, const float* kt, float* s) {
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) {              // 4 rows share each kt[c] load
-    float a0[BS] = {}, a1[BS] = {}, a2[BS] = {}, a3[BS] = {};
-    const float* q0 = qrows + r * d;
-    for (int c = 0; c < d; ++c) {
-      const float* kc = kt + c * BS;
-      const float x0 = q0[c], x1 = q0[d + c], x2 = q0[2 * d + c], x3 = q0[3 * d + c];
-#pragma omp simd
-      for (int j = 0; j < BS; ++j) {
-        a0[j] += x0 * kc[j];
-        a1[j] += x1 * kc[j];
-        a2[j] += x2 * kc[j];
-        a3[j] += x3 * kc[j];
-      }
-    }
-    std::memcpy(s + r * BS, a0, sizeof a0);
-    std::memcpy(s + (r + 1) * BS, a1, sizeof a1);
-    std::memcpy(s + (r + 2) * BS, a2, sizeof a2);
-    std::memcpy(s + (r + 3) * BS, a3, sizeof a3);
+// Where an item's rows come from: row r (0-based within the item) in q / out and its position.
+struct Rows {
+  int64_t q_start;      // flat index of the sequence's first query token
+  int64_t seq_len;
+  int64_t ctx;          // position of the sequence's first query (seq_len - q_len)
+  int64_t num_heads, head_dim;
+  int32_t head, row0, group;
+
+  Rows(const Problem& p, const WorkItem& item)
+      : q_start(p.qs[item.seq]),
+        seq_len(p.lens[item.seq]),
+        ctx(p.lens[item.seq] - (p.qs[item.seq + 1] - p.qs[item.seq])),
+        num_heads(p.num_heads),
+        head_dim(p.head_dim),
+        head(item.head),
+        row0(item.row0),
+        group(static_cast<int32_t>(p.num_heads / p.num_kv_heads)) {}
+
+  int64_t token(int r) const { return (row0 + r) / group; }      // sequence-relative
+  int64_t pos(int r) const { return ctx + token(r); }
+  // element offset of the row's [D] vector in q and in out
+  int64_t offset(int r) const {
+    return ((q_start + token(r)) * num_heads + head * group + (row0 + r) % group) * head_dim;
   }
-  for (; r < rows; ++r) {
-    float a[BS] = {};
-    const float* qr = qrows + r * d;
-    for (int c = 0; c < d; ++c) {
-      const float* kc = kt + c * BS;
-      const float x = qr[c];
-#pragma omp simd
-      for (int j = 0; j < BS; ++j) a[j] += x * kc[j];
+};
+
+// Calls body(pg, off) for each page that rows [0, nrows) may see, in order: pg is the page's index
+// in the sequence, off the element offset of its K (and V) page in the cache. Rows are in position
+// order, so the first row bounds the window and the last one causality.
+template <int BS, typename T, typename Body>
+inline void for_each_page(const Problem& p, const Rows& rows, int nrows, int head, int seq, Body&& body) {
+  const int64_t first_pos = rows.pos(0), last_pos = rows.pos(nrows - 1);   // last_pos < seq_len
+  int64_t lo = 0;
+  if (p.window > 0) lo = std::max<int64_t>(first_pos - p.window + 1, 0);
+  const int64_t page_lo = lo / BS, page_hi = last_pos / BS;  // inclusive page range
+  const int64_t page_elems = static_cast<int64_t>(BS) * p.head_dim;
+  const int64_t head_base = (p.layer * p.num_kv_heads + head) * p.num_blocks;
+  const int32_t* table = p.bt + seq * p.table_width;
+  auto block = [&](int64_t pg) -> int64_t {                  // never follow a garbage entry
+    const int64_t b = table[pg];
+    return b < 0 || b >= p.num_blocks ? 0 : b;
+  };
+  for (int64_t pg = page_lo; pg <= page_hi && pg < p.table_width; ++pg) {
+    if (pg < page_hi && pg + 1 < p.table_width) {
+      const int64_t next = (head_base + block(pg + 1)) * page_elems;
+      prefetch_page(static_cast<const T*>(p.k) + next, page_elems);
+      prefetch_page(static_cast<const T*>(p.v) + next, page_elems);
     }
-    std::memcpy(s + r * BS, a, sizeof a);
+    body(pg, (head_base + block(pg)) * page_elems);
   }
 }
 
-// Same scores for few rows (decodes): one dot product per (row, key), K read in place.
+// Scores for few rows (decodes): one dot product per (row, key), K read in place.
 template <int BS, typename T>
 inline void page_scores_direct(const float* qrows, int rows, int d, const T* kpage, float* buf, float* s) {
   for (int j = 0; j < BS; ++j) {
@@ -171,71 +180,244 @@ inline void page_scores_direct(const float* qrows, int rows, int d, const T* kpa
   }
 }
 
-constexpr int kDirectRows = 8;          // up to this many rows per item: scores without transposing K
+constexpr int kDirectRows = 8;          // items of up to this many rows take attend_direct
 
-// One work item: online softmax over the pages its tile can see.
-template <int BS, typename T>
-void attend_item(const Problem& p, const WorkItem& item, std::vector<float>& scratch) {
+// ---- Lanes path (many rows: prefill): query rows in SIMD lanes -------------------------------------
+// Every per-row quantity is a vector over kLanes rows, so the softmax needs no horizontal reductions;
+// scores and P.V are register-blocked outer products that broadcast K / V elements (K is read
+// row-wise, never transposed). GCC vector extensions keep this plain C++: they lower to zmm under
+// AVX-512 and to narrower registers elsewhere.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;              // one zmm register
+constexpr int kAccRegs = 16;            // accumulators per register block (of 32 registers)
+#else
+constexpr int kLanes = 8;               // one ymm register under AVX2
+constexpr int kAccRegs = 8;             // (of 16 registers)
+#endif
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+constexpr int kTileVecs = 4;                       // row vectors per item, at most
+constexpr int kTileRows = kTileVecs * kLanes;      // rows per work item
+
+inline vf splat(float x) { return vf{} + x; }
+inline vi splat_i(int32_t x) { return vi{} + x; }
+
+// Largest power of two <= n (n >= 1): register-block sizes that divide the power-of-two page size.
+constexpr int pow2_floor(int n) { return n >= 2 ? 2 * pow2_floor(n / 2) : 1; }
+
+// e^x for x <= 0 (relative error ~1e-7). Inputs below -86 give ~e^-86, not 0: callers that need exact
+// zeros select them. x = n ln2 + r, |r| <= ln2 / 2; e^r by its degree-6 Taylor polynomial; 2^n is
+// added to the exponent bits (n >= -125 keeps the result normal).
+inline vf exp_le0(vf x) {
+  x = x > splat(-86.f) ? x : splat(-86.f);
+  const vi n = __builtin_convertvector(x * 1.44269504f - 0.5f, vi);   // round to nearest: truncation
+  const vf nf = __builtin_convertvector(n, vf);                       // of a value <= 0.5 goes up
+  const vf r = x - nf * 0.693145752f - nf * 1.42860677e-6f;           // ln 2 split in two parts
+  vf e = splat(1.f / 720);
+  e = e * r + 1.f / 120;
+  e = e * r + 1.f / 24;
+  e = e * r + 1.f / 6;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  return reinterpret_cast<vf>(reinterpret_cast<vi>(e) + (n << 23));
+}
+
+// cap * tanh(s / cap), through e^(-2|y|) so exp_le0 serves.
+inline vf soft_cap_v(vf s, float cap) {
+  const vf y = s * (1.f / cap);
+  const vf e = exp_le0(-2.f * (y < 0 ? -y : y));
+  const vf t = cap * (1.f - e) / (1.f + e);
+  return y < 0 ? -t : t;
+}
+
+// Scores of one page: st[j * NV + v] = sum_c qt[c * NV + v] * k[j * d + c] (row vector v, key j).
+// A block of KB keys x NV row vectors stays in registers across c; each K element is broadcast once.
+template <int BS, int NV>
+inline void scores_lanes(const vf* __restrict qt, const float* __restrict k, int d, vf* __restrict st) {
+  constexpr int KB = std::min(BS, pow2_floor(kAccRegs / NV));
+  for (int j0 = 0; j0 < BS; j0 += KB) {
+    vf a[KB][NV] = {};
+    const float* kb = k + j0 * d;
+    for (int c = 0; c < d; ++c) {
+      vf q[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) q[v] = qt[c * NV + v];
+#pragma GCC unroll 16
+      for (int i = 0; i < KB; ++i) {
+        const float x = kb[i * d + c];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) a[i][v] += q[v] * x;
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < KB; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) st[(j0 + i) * NV + v] = a[i][v];
+  }
+}
+
+// Online-softmax step over one page: st (scores) becomes the page's probabilities, exactly 0 where a
+// key is not visible; m, l (running max, running sum) are updated and alpha = e^(m_old - m_new), the
+// factor the accumulators still have to be scaled by. Row lanes see keys j with kmin <= j < kend
+// (page-relative).
+template <int BS, int NV>
+inline void softmax_lanes(vf* __restrict st, vf* __restrict m, vf* __restrict l, vf* __restrict alpha,
+                          const vi* kmin, const vi* kend) {
+  const vf masked = splat(kMaskValue);
+  for (int v = 0; v < NV; ++v) {
+    vf page_max = masked;
+    for (int j = 0; j < BS; ++j) {
+      const vi visible = (splat_i(j) >= kmin[v]) & (splat_i(j) < kend[v]);
+      const vf s = visible ? st[j * NV + v] : masked;        // also drops NaN from garbage K rows
+      st[j * NV + v] = s;
+      page_max = page_max > s ? page_max : s;
+    }
+    const vf m_new = m[v] > page_max ? m[v] : page_max;
+    vf sum = {};
+    for (int j = 0; j < BS; ++j) {
+      const vf s = st[j * NV + v];
+      const vf pj = s > masked ? exp_le0(s - m_new) : vf{};
+      st[j * NV + v] = pj;
+      sum += pj;
+    }
+    alpha[v] = exp_le0(m[v] - m_new);
+    l[v] = alpha[v] * l[v] + sum;
+    m[v] = m_new;
+  }
+}
+
+// acc[c] = alpha * acc[c] + sum_{j < n} v[j * d + c] * pt[j] for head dims [c0, c0 + CB) (each an NV
+// row-vector row of acc): CB x NV accumulators in registers, V elements broadcast.
+template <int NV, int CB>
+inline void pv_block(vf* __restrict acc, const vf* __restrict alpha, const vf* __restrict pt,
+                     const float* __restrict v, int d, int n, int c0) {
+  vf a[CB][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < CB; ++i)
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) a[i][u] = acc[(c0 + i) * NV + u] * alpha[u];
+  for (int j = 0; j < n; ++j) {
+    vf pj[NV];
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) pj[u] = pt[j * NV + u];
+    const float* vj = v + j * d + c0;
+#pragma GCC unroll 16
+    for (int i = 0; i < CB; ++i) {
+      const float x = vj[i];
+#pragma GCC unroll 4
+      for (int u = 0; u < NV; ++u) a[i][u] += pj[u] * x;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < CB; ++i)
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) acc[(c0 + i) * NV + u] = a[i][u];
+}
+
+// P.V over the page's first n keys, the ones inside the sequence: V rows past its end may hold
+// anything, NaN included, and 0 * NaN is NaN.
+template <int NV>
+inline void pv_lanes(vf* acc, const vf* alpha, const vf* pt, const float* v, int d, int n) {
+  constexpr int CB = pow2_floor(kAccRegs / NV);
+  int c0 = 0;
+  for (; c0 + CB <= d; c0 += CB) pv_block<NV, CB>(acc, alpha, pt, v, d, n, c0);
+  for (; c0 < d; ++c0) pv_block<NV, 1>(acc, alpha, pt, v, d, n, c0);
+}
+
+struct Scratch {
+  std::vector<float> f;
+  std::vector<vf> v;
+};
+
+// A work item of up to NV * kLanes rows; row r lives in lane r % kLanes of row vector r / kLanes.
+// Lanes past nrows repeat the last row's position with a zero query, and are never written out.
+template <int BS, typename T, int NV>
+void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
+  const Rows rows(p, item);
   const int d = static_cast<int>(p.head_dim);
-  const int group = static_cast<int>(p.num_heads / p.num_kv_heads);
-  const int rows = item.ntok * group;          // row r = token (r / group), query head h * group + r % group
-  const int64_t q_start = p.qs[item.seq];
-  const int64_t q_len = p.qs[item.seq + 1] - q_start;
-  const int64_t seq_len = p.lens[item.seq];
-  const int64_t ctx = seq_len - q_len;         // position of the sequence's first query
+  scratch.v.resize(static_cast<size_t>(2 * d + BS) * NV);
+  vf* qt = scratch.v.data();          // [D][NV] scaled queries, transposed
+  vf* acc = qt + d * NV;              // [D][NV] unnormalized outputs, transposed
+  vf* st = acc + d * NV;              // [BS][NV] one page's scores, then probabilities
+  scratch.f.resize(2 * BS * d);
+  float* kbuf = scratch.f.data();     // a bf16 page converted (K, V)
+  float* vbuf = kbuf + BS * d;
+  vf m[NV], l[NV], alpha[NV];
+  vi kmin[NV], kend[NV];              // visible keys [kmin, kend) as sequence positions
 
-  scratch.resize(static_cast<size_t>(rows) * (2 * d + BS + 2) + 2 * BS * d + d);
-  float* qrows = scratch.data();               // [rows, D] scaled queries
-  float* acc = qrows + rows * d;               // [rows, D]
-  float* s = acc + rows * d;                   // [rows, BS]
-  float* m = s + rows * BS;                    // [rows]
-  float* l = m + rows;                         // [rows]
-  float* kt = l + rows;                        // [D, BS] (transposed path only)
-  float* buf = kt + BS * d;                    // [D] one bf16 row converted
+  for (int r = 0; r < NV * kLanes; ++r) {
+    const int v = r / kLanes, lane = r % kLanes, rr = std::min(r, item.nrows - 1);
+    const float* src = p.q + rows.offset(rr);
+    for (int c = 0; c < d; ++c) qt[c * NV + v][lane] = r < item.nrows ? src[c] * p.sm_scale : 0.f;
+    const int64_t qpos = rows.pos(rr);
+    kend[v][lane] = static_cast<int32_t>(std::min<int64_t>(qpos + 1, rows.seq_len));
+    kmin[v][lane] = static_cast<int32_t>(p.window > 0 ? qpos - p.window + 1 : 0);
+  }
+  for (int v = 0; v < NV; ++v) {
+    m[v] = splat(kMaskValue);
+    l[v] = vf{};
+  }
+  std::fill(acc, acc + d * NV, vf{});
+
+  for_each_page<BS, T>(p, rows, item.nrows, item.head, item.seq, [&](int64_t pg, int64_t off) {
+    const int32_t page_pos = static_cast<int32_t>(pg * BS);
+    const float* kp = page_f32(static_cast<const T*>(p.k) + off, BS * d, kbuf);
+    scores_lanes<BS, NV>(qt, kp, d, st);
+    if (p.soft_cap > 0.f)
+      for (int i = 0; i < BS * NV; ++i) st[i] = soft_cap_v(st[i], p.soft_cap);
+    vi kmin_pg[NV], kend_pg[NV];      // page-relative
+    for (int v = 0; v < NV; ++v) {
+      kmin_pg[v] = kmin[v] - page_pos;
+      kend_pg[v] = kend[v] - page_pos;
+    }
+    softmax_lanes<BS, NV>(st, m, l, alpha, kmin_pg, kend_pg);
+    const float* vp = page_f32(static_cast<const T*>(p.v) + off, BS * d, vbuf);
+    const int n = static_cast<int>(std::min<int64_t>(BS, rows.seq_len - page_pos));
+    pv_lanes<NV>(acc, alpha, st, vp, d, n);
+  });
+
+  for (int r = 0; r < item.nrows; ++r) {
+    const int v = r / kLanes, lane = r % kLanes;
+    float* dst = p.out + rows.offset(r);
+    const float inv = l[v][lane] > 0.f ? 1.f / l[v][lane] : 0.f;
+    for (int c = 0; c < d; ++c) dst[c] = acc[c * NV + v][lane] * inv;
+  }
+}
+
+// ---- Direct path (few rows: decodes) ----------------------------------------------------------------
+// Rows in memory, one per query head: online softmax per row over the pages, K and V read in place.
+template <int BS, typename T>
+void attend_direct(const Problem& p, const WorkItem& item, Scratch& scratch) {
+  const Rows rows(p, item);
+  const int d = static_cast<int>(p.head_dim);
+  const int nrows = item.nrows;
+  scratch.f.resize(static_cast<size_t>(nrows) * (2 * d + BS + 2) + BS * d + d);
+  float* qrows = scratch.f.data();             // [rows, D] scaled queries
+  float* acc = qrows + nrows * d;              // [rows, D]
+  float* s = acc + nrows * d;                  // [rows, BS]
+  float* m = s + nrows * BS;                   // [rows]
+  float* l = m + nrows;                        // [rows]
+  float* buf = l + nrows;                      // [D] one bf16 row converted
   float* vbuf = buf + d;                       // [BS, D] a bf16 V page converted
 
-  for (int r = 0; r < rows; ++r) {
-    const int64_t tok = q_start + item.tok0 + r / group;
-    const float* src = p.q + (tok * p.num_heads + item.head * group + r % group) * d;
+  for (int r = 0; r < nrows; ++r) {
+    const float* src = p.q + rows.offset(r);
     for (int c = 0; c < d; ++c) qrows[r * d + c] = src[c] * p.sm_scale;
     m[r] = kMaskValue;
     l[r] = 0.f;
   }
-  std::fill(acc, acc + rows * d, 0.f);
+  std::fill(acc, acc + nrows * d, 0.f);
 
-  const int64_t first_pos = ctx + item.tok0;                 // the tile's first query position
-  const int64_t last_pos = first_pos + item.ntok - 1;        // ... and last (< seq_len)
-  int64_t lo = 0;
-  if (p.window > 0) lo = std::max<int64_t>(first_pos - p.window + 1, 0);
-  const int64_t page_lo = lo / BS, page_hi = last_pos / BS;  // inclusive page range
-  const int64_t page_elems = static_cast<int64_t>(BS) * d;
-  const int64_t head_base = (p.layer * p.num_kv_heads + item.head) * p.num_blocks;
-  const T* kbase = static_cast<const T*>(p.k);
-  const T* vbase = static_cast<const T*>(p.v);
-
-  for (int64_t pg = page_lo; pg <= page_hi && pg < p.table_width; ++pg) {
-    int64_t page = p.bt[item.seq * p.table_width + pg];
-    if (page < 0 || page >= p.num_blocks) page = 0;          // never follow a garbage entry
-    const int64_t off = (head_base + page) * page_elems;
-    if (pg < page_hi && pg + 1 < p.table_width) {
-      int64_t next = p.bt[item.seq * p.table_width + pg + 1];
-      if (next < 0 || next >= p.num_blocks) next = 0;
-      prefetch_page(kbase + (head_base + next) * page_elems, page_elems);
-      prefetch_page(vbase + (head_base + next) * page_elems, page_elems);
-    }
-    if (rows <= kDirectRows) {
-      page_scores_direct<BS, T>(qrows, rows, d, kbase + off, buf, s);
-    } else {
-      load_page_transposed<T>(kbase + off, BS, d, kt, buf);
-      page_scores_transposed<BS>(qrows, rows, d, kt, s);
-    }
+  for_each_page<BS, T>(p, rows, nrows, item.head, item.seq, [&](int64_t pg, int64_t off) {
+    page_scores_direct<BS, T>(qrows, nrows, d, static_cast<const T*>(p.k) + off, buf, s);
     // softmax statistics per row; s becomes the page's probabilities (0 where not seen)
     // (branch-free loops over the page's keys: they vectorize, exp included)
     const int64_t page_pos = pg * BS;
-    for (int r = 0; r < rows; ++r) {
-      const int64_t qpos = first_pos + r / group;
+    for (int r = 0; r < nrows; ++r) {
+      const int64_t qpos = rows.pos(r);
       // keys [kmin, kend) are visible to this row (causal, in the sequence, inside the window)
-      const int64_t kend = std::min<int64_t>(qpos + 1, seq_len) - page_pos;
+      const int64_t kend = std::min<int64_t>(qpos + 1, rows.seq_len) - page_pos;
       const int64_t kmin = (p.window > 0 ? qpos - p.window + 1 : 0) - page_pos;
       float* sr = s + r * BS;
       if (kend <= 0 || kmin >= BS) {             // nothing visible in this page
@@ -271,20 +453,31 @@ void attend_item(const Problem& p, const WorkItem& item, std::vector<float>& scr
       m[r] = m_new;
     }
     // acc[r] += sum_j p[r, j] * v[j], row by row with the accumulator row held in registers
-    const float* vpage = page_f32(vbase + off, BS * d, vbuf);
-    for (int r = 0; r < rows; ++r) pv_row(acc + r * d, s + r * BS, vpage, BS, d);
-  }
+    const float* vpage = page_f32(static_cast<const T*>(p.v) + off, BS * d, vbuf);
+    for (int r = 0; r < nrows; ++r) pv_row(acc + r * d, s + r * BS, vpage, BS, d);
+  });
 
-  for (int r = 0; r < rows; ++r) {
-    const int64_t tok = q_start + item.tok0 + r / group;
-    float* dst = p.out + (tok * p.num_heads + item.head * group + r % group) * d;
+  for (int r = 0; r < nrows; ++r) {
+    float* dst = p.out + rows.offset(r);
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
     for (int c = 0; c < d; ++c) dst[c] = acc[r * d + c] * inv;
   }
 }
 
+template <int BS, typename T>
+void attend_item(const Problem& p, const WorkItem& item, Scratch& scratch) {
+  if (item.nrows <= kDirectRows) return attend_direct<BS, T>(p, item, scratch);
+  switch ((item.nrows + kLanes - 1) / kLanes) {       // row vectors: 1 .. kTileVecs
+    case 1: return attend_lanes<BS, T, 1>(p, item, scratch);
+    case 2: return attend_lanes<BS, T, 2>(p, item, scratch);
+    case 3: return attend_lanes<BS, T, 3>(p, item, scratch);
+    default: return attend_lanes<BS, T, 4>(p, item, scratch);
+  }
+}
+static_assert(kTileVecs == 4, "attend_item dispatches 1 .. 4 row vectors");
+
 template <typename T>
-void run_item(const Problem& p, const WorkItem& item, std::vector<float>& scratch) {
+void run_item(const Problem& p, const WorkItem& item, Scratch& scratch) {
   switch (p.block_size) {
     case 8: return attend_item<8, T>(p, item, scratch);
     case 16: return attend_item<16, T>(p, item, scratch);
@@ -303,7 +496,7 @@ struct Shared {
   std::atomic<int64_t> done{0};
 
   void drain() {
-    std::vector<float> scratch;
+    Scratch scratch;
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
       if (bf16) run_item<uint16_t>(problem, items[i], scratch);
@@ -360,21 +553,23 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   // Zero first: rows nobody owns (at/after qs[B]) and rows of malformed sequences stay zero.
   std::fill(p.out, p.out + num_tokens * row, 0.f);
 
-  // Long tiles first: the last items to run are short, so the threads finish together.
+  // A sequence has q_len * G rows per KV head (G = NH / KVH), cut into items of kTileRows rows.
+  // Late-ending items first (their rows see the most keys): the last items to run are short, so the
+  // threads finish together.
+  const int64_t group = p.num_heads / p.num_kv_heads;
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int64_t q_len = p.qs[b + 1] - p.qs[b];
     if (q_len <= 0 || p.lens[b] < q_len || p.qs[b] < 0 || p.qs[b + 1] > num_tokens) continue;
-    for (int64_t t0 = 0; t0 < q_len; t0 += kQueryTile)
+    for (int64_t r0 = 0; r0 < q_len * group; r0 += kTileRows)
       for (int64_t h = 0; h < p.num_kv_heads; ++h)
-        shared->items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h),
-                                 static_cast<int32_t>(t0),
-                                 static_cast<int32_t>(std::min<int64_t>(kQueryTile, q_len - t0))});
+        shared->items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), static_cast<int32_t>(r0),
+                                 static_cast<int32_t>(std::min<int64_t>(kTileRows, q_len * group - r0))});
   }
+  auto last_pos = [&](const WorkItem& it) {
+    return p.lens[it.seq] - (p.qs[it.seq + 1] - p.qs[it.seq]) + (it.row0 + it.nrows - 1) / group;
+  };
   std::stable_sort(shared->items.begin(), shared->items.end(),
-                   [&](const WorkItem& a, const WorkItem& b) {
-                     return p.lens[a.seq] - p.qs[a.seq + 1] + p.qs[a.seq] + a.tok0 + a.ntok >
-                            p.lens[b.seq] - p.qs[b.seq + 1] + p.qs[b.seq] + b.tok0 + b.ntok;
-                   });
+                   [&](const WorkItem& a, const WorkItem& b) { return last_pos(a) > last_pos(b); });
 
   const int64_t n = static_cast<int64_t>(shared->items.size());
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
