@@ -190,14 +190,22 @@ constexpr int kDirectRows = 8;          // items of up to this many rows take at
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;              // one zmm register
 constexpr int kAccRegs = 16;            // accumulators per register block (of 32 registers)
-#else
-constexpr int kLanes = 8;               // one ymm register under AVX2
+#elif defined(__AVX__)
+constexpr int kLanes = 8;               // one ymm register
 constexpr int kAccRegs = 8;             // (of 16 registers)
+#else
+constexpr int kLanes = 4;               // one xmm register
+constexpr int kAccRegs = 8;
 #endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 constexpr int kTileVecs = 4;                       // row vectors per item, at most
 constexpr int kTileRows = kTileVecs * kLanes;      // rows per work item
+
+// Unaligned, aliasing-safe views of memory as vectors (memcpy into a vf goes through the stack).
+typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+inline vf loadu(const float* src) { return *reinterpret_cast<const vf_unaligned*>(src); }
+inline void storeu(float* dst, vf x) { *reinterpret_cast<vf_unaligned*>(dst) = x; }
 
 inline vf splat(float x) { return vf{} + x; }
 inline vi splat_i(int32_t x) { return vi{} + x; }
@@ -325,6 +333,72 @@ inline void pv_lanes(vf* acc, const vf* alpha, const vf* pt, const float* v, int
   for (; c0 < d; ++c0) pv_block<NV, 1>(acc, alpha, pt, v, d, n, c0);
 }
 
+// One stage of an in-register kLanes x kLanes transpose: swaps the off-diagonal B x B sub-blocks of
+// every 2B x 2B block, x[i][k + B] <-> x[i + B][k] for i, k with bit B clear.
+template <int B>
+inline void transpose_stage(vf* x) {
+  vi lo, hi;                                   // shuffle indices; >= kLanes picks the second operand
+  for (int k = 0; k < kLanes; ++k) {
+    lo[k] = (k & B) ? kLanes + k - B : k;
+    hi[k] = (k & B) ? kLanes + k : k + B;
+  }
+  for (int i = 0; i < kLanes; ++i) {
+    if (i & B) continue;
+    const vf a = x[i], b = x[i + B];
+    x[i] = __builtin_shuffle(a, b, lo);
+    x[i + B] = __builtin_shuffle(a, b, hi);
+  }
+  if constexpr (B > 1) transpose_stage<B / 2>(x);
+}
+
+// x[i][k] -> x[k][i] for a kLanes x kLanes block held in kLanes vectors.
+inline void transpose_block(vf* x) { transpose_stage<kLanes / 2>(x); }
+
+// qt[c * NV + v] lane i = sm_scale * q of row v * kLanes + i, element c (0 for lanes past nrows):
+// kLanes x kLanes blocks transposed in registers, a scalar loop for head dims past the last block.
+template <int NV>
+void load_queries(const Problem& p, const Rows& rows, int nrows, vf* qt) {
+  const int d = static_cast<int>(p.head_dim);
+  const int dv = d / kLanes * kLanes;
+  for (int v = 0; v < NV; ++v) {
+    for (int c0 = 0; c0 < dv; c0 += kLanes) {
+      vf x[kLanes];
+      for (int i = 0; i < kLanes; ++i) {
+        const int r = v * kLanes + i;
+        x[i] = r < nrows ? loadu(p.q + rows.offset(r) + c0) * p.sm_scale : vf{};
+      }
+      transpose_block(x);
+      for (int k = 0; k < kLanes; ++k) qt[(c0 + k) * NV + v] = x[k];
+    }
+    for (int i = 0; i < kLanes; ++i) {
+      const int r = v * kLanes + i;
+      const float* src = r < nrows ? p.q + rows.offset(r) : nullptr;
+      for (int c = dv; c < d; ++c) qt[c * NV + v][i] = src ? src[c] * p.sm_scale : 0.f;
+    }
+  }
+}
+
+// out row r = acc (transposed, as qt) / l, for rows [0, nrows); the same blocking as load_queries.
+template <int NV>
+void store_outputs(const Problem& p, const Rows& rows, int nrows, const vf* acc, const vf* l) {
+  const int d = static_cast<int>(p.head_dim);
+  const int dv = d / kLanes * kLanes;
+  for (int v = 0; v < NV && v * kLanes < nrows; ++v) {
+    const vf inv = l[v] > 0.f ? 1.f / l[v] : vf{};   // l > 0: every row sees its own key
+    for (int c0 = 0; c0 < dv; c0 += kLanes) {
+      vf x[kLanes];
+      for (int k = 0; k < kLanes; ++k) x[k] = acc[(c0 + k) * NV + v] * inv;
+      transpose_block(x);
+      for (int i = 0; i < kLanes && v * kLanes + i < nrows; ++i)
+        storeu(p.out + rows.offset(v * kLanes + i) + c0, x[i]);
+    }
+    for (int i = 0; i < kLanes && v * kLanes + i < nrows; ++i) {
+      float* dst = p.out + rows.offset(v * kLanes + i);
+      for (int c = dv; c < d; ++c) dst[c] = acc[c * NV + v][i] * inv[i];
+    }
+  }
+}
+
 struct Scratch {
   std::vector<float> f;
   std::vector<vf> v;
@@ -347,13 +421,11 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
   vi kmin[NV], kend[NV];              // visible keys [kmin, kend) as sequence positions
 
   for (int r = 0; r < NV * kLanes; ++r) {
-    const int v = r / kLanes, lane = r % kLanes, rr = std::min(r, item.nrows - 1);
-    const float* src = p.q + rows.offset(rr);
-    for (int c = 0; c < d; ++c) qt[c * NV + v][lane] = r < item.nrows ? src[c] * p.sm_scale : 0.f;
-    const int64_t qpos = rows.pos(rr);
-    kend[v][lane] = static_cast<int32_t>(std::min<int64_t>(qpos + 1, rows.seq_len));
-    kmin[v][lane] = static_cast<int32_t>(p.window > 0 ? qpos - p.window + 1 : 0);
+    const int64_t qpos = rows.pos(std::min(r, item.nrows - 1));
+    kend[r / kLanes][r % kLanes] = static_cast<int32_t>(std::min<int64_t>(qpos + 1, rows.seq_len));
+    kmin[r / kLanes][r % kLanes] = static_cast<int32_t>(p.window > 0 ? qpos - p.window + 1 : 0);
   }
+  load_queries<NV>(p, rows, item.nrows, qt);
   for (int v = 0; v < NV; ++v) {
     m[v] = splat(kMaskValue);
     l[v] = vf{};
@@ -377,12 +449,7 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
     pv_lanes<NV>(acc, alpha, st, vp, d, n);
   });
 
-  for (int r = 0; r < item.nrows; ++r) {
-    const int v = r / kLanes, lane = r % kLanes;
-    float* dst = p.out + rows.offset(r);
-    const float inv = l[v][lane] > 0.f ? 1.f / l[v][lane] : 0.f;
-    for (int c = 0; c < d; ++c) dst[c] = acc[c * NV + v][lane] * inv;
-  }
+  store_outputs<NV>(p, rows, item.nrows, acc, l);
 }
 
 // ---- Direct path (few rows: decodes) ----------------------------------------------------------------
@@ -554,22 +621,21 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   std::fill(p.out, p.out + num_tokens * row, 0.f);
 
   // A sequence has q_len * G rows per KV head (G = NH / KVH), cut into items of kTileRows rows.
-  // Late-ending items first (their rows see the most keys): the last items to run are short, so the
-  // threads finish together.
+  // One (sequence, KV head)'s items run back to back, last rows first: each reads a prefix of the
+  // pages the one before read, still in cache. Longest sequences first: the last items to run are
+  // short, so the threads finish together.
   const int64_t group = p.num_heads / p.num_kv_heads;
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int64_t q_len = p.qs[b + 1] - p.qs[b];
     if (q_len <= 0 || p.lens[b] < q_len || p.qs[b] < 0 || p.qs[b + 1] > num_tokens) continue;
-    for (int64_t r0 = 0; r0 < q_len * group; r0 += kTileRows)
-      for (int64_t h = 0; h < p.num_kv_heads; ++h)
+    const int64_t rows = q_len * group;
+    for (int64_t h = 0; h < p.num_kv_heads; ++h)
+      for (int64_t r0 = (rows - 1) / kTileRows * kTileRows; r0 >= 0; r0 -= kTileRows)
         shared->items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), static_cast<int32_t>(r0),
-                                 static_cast<int32_t>(std::min<int64_t>(kTileRows, q_len * group - r0))});
+                                 static_cast<int32_t>(std::min<int64_t>(kTileRows, rows - r0))});
   }
-  auto last_pos = [&](const WorkItem& it) {
-    return p.lens[it.seq] - (p.qs[it.seq + 1] - p.qs[it.seq]) + (it.row0 + it.nrows - 1) / group;
-  };
   std::stable_sort(shared->items.begin(), shared->items.end(),
-                   [&](const WorkItem& a, const WorkItem& b) { return last_pos(a) > last_pos(b); });
+                   [&](const WorkItem& a, const WorkItem& b) { return p.lens[a.seq] > p.lens[b.seq]; });
 
   const int64_t n = static_cast<int64_t>(shared->items.size());
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
