@@ -268,24 +268,28 @@ inline void scores_lanes(const vf* __restrict qt, const float* __restrict k, int
 // Online-softmax step over one page: st (scores) becomes the page's probabilities, exactly 0 where a
 // key is not visible; m, l (running max, running sum) are updated and alpha = e^(m_old - m_new), the
 // factor the accumulators still have to be scaled by. Row lanes see keys j with kmin <= j < kend
-// (page-relative).
-template <int BS, int NV>
+// (page-relative). Partial = false: every lane sees all BS keys (kmin, kend are not read).
+template <int BS, int NV, bool Partial>
 inline void softmax_lanes(vf* __restrict st, vf* __restrict m, vf* __restrict l, vf* __restrict alpha,
                           const vi* kmin, const vi* kend) {
   const vf masked = splat(kMaskValue);
   for (int v = 0; v < NV; ++v) {
     vf page_max = masked;
     for (int j = 0; j < BS; ++j) {
-      const vi visible = (splat_i(j) >= kmin[v]) & (splat_i(j) < kend[v]);
-      const vf s = visible ? st[j * NV + v] : masked;        // also drops NaN from garbage K rows
-      st[j * NV + v] = s;
+      vf s = st[j * NV + v];
+      if constexpr (Partial) {
+        const vi visible = (splat_i(j) >= kmin[v]) & (splat_i(j) < kend[v]);
+        s = visible ? s : masked;             // also drops NaN from garbage K rows
+        st[j * NV + v] = s;
+      }
       page_max = page_max > s ? page_max : s;
     }
     const vf m_new = m[v] > page_max ? m[v] : page_max;
     vf sum = {};
     for (int j = 0; j < BS; ++j) {
       const vf s = st[j * NV + v];
-      const vf pj = s > masked ? exp_le0(s - m_new) : vf{};
+      vf pj = exp_le0(s - m_new);
+      if constexpr (Partial) pj = s > masked ? pj : vf{};
       st[j * NV + v] = pj;
       sum += pj;
     }
@@ -426,6 +430,9 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
     kmin[r / kLanes][r % kLanes] = static_cast<int32_t>(p.window > 0 ? qpos - p.window + 1 : 0);
   }
   load_queries<NV>(p, rows, item.nrows, qt);
+  // keys [all_see_begin, all_see_end) are visible to every lane (rows are in position order)
+  const int64_t all_see_end = std::min<int64_t>(rows.pos(0) + 1, rows.seq_len);
+  const int64_t all_see_begin = p.window > 0 ? rows.pos(item.nrows - 1) - p.window + 1 : 0;
   for (int v = 0; v < NV; ++v) {
     m[v] = splat(kMaskValue);
     l[v] = vf{};
@@ -443,7 +450,10 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
       kmin_pg[v] = kmin[v] - page_pos;
       kend_pg[v] = kend[v] - page_pos;
     }
-    softmax_lanes<BS, NV>(st, m, l, alpha, kmin_pg, kend_pg);
+    if (page_pos + BS <= all_see_end && page_pos >= all_see_begin)
+      softmax_lanes<BS, NV, false>(st, m, l, alpha, kmin_pg, kend_pg);
+    else
+      softmax_lanes<BS, NV, true>(st, m, l, alpha, kmin_pg, kend_pg);
     const float* vp = page_f32(static_cast<const T*>(p.v) + off, BS * d, vbuf);
     const int n = static_cast<int>(std::min<int64_t>(BS, rows.seq_len - page_pos));
     pv_lanes<NV>(acc, alpha, st, vp, d, n);
