@@ -54,6 +54,34 @@ def test_random_batches(seed):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
 
 
+# Prefill items hold up to 64 (token, query head) rows of one KV head in SIMD lanes (16 per vector under
+# AVX-512, 8 under AVX, 4 otherwise). Cases: items of 9..64 rows (1..4 vectors, the last one partial),
+# tiles that split a token's query heads (64 is no multiple of G = 3, 5), head dims that are no multiple
+# of the vector width (scalar tails in the transposes, 1-wide P.V blocks), window + soft cap.
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (5, 1, 36), (4, 4, 70), (12, 2, 24)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_prefill_tiles(num_heads, num_kv_heads, head_dim, dtype):
+    q_lens = [3, 5, 11, 16, 22, 40, 77, 1]
+    seq_lens = [3, 60, 11, 50, 90, 40, 130, 33]
+    x = make_batch(q_lens, seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   block_size=16, dtype=dtype)
+    check(x)
+    if dtype == jnp.float32:
+        check(make_batch(q_lens, seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         block_size=8, window=25), soft_cap=4.0, sliding_window=25)
+
+
+def test_prefill_ignores_nan_past_the_sequence_end():
+    # the last page's slots past seq_len may hold anything (stale or never written): no NaN may leak
+    x = make_batch([30, 45], [37, 45], num_heads=6, num_kv_heads=2, head_dim=64, block_size=16, seed=3)
+    bt = np.asarray(x["block_tables"])
+    k, v = np.array(x["k"]), np.array(x["v"])
+    for i, s in enumerate([37, 45]):
+        k[:, bt[i, s // 16], s % 16:] = np.nan
+        v[:, bt[i, s // 16], s % 16:] = np.nan
+    check(dict(x, k=jnp.asarray(k), v=jnp.asarray(v)))
+
+
 def test_layer_form_under_scan_reads_only_its_layer():
     num_layers = 3
     x = make_batch([5, 1, 1], [37, 20, 64], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
