@@ -4,8 +4,12 @@
 // Why native: under XLA:CPU every formulation of paged attention we measured (the Pallas
 // kernel in interpret mode, per-page gathers + batched einsums, flat page lists) ran at
 // 2-5 GB/s of K/V, because each op touches tiny [G, D] x [D, BS] tiles and pays a per-op
-// cost. Here one work item is (sequence, KV head, query tile) and its loop over pages runs
-// in registers and L1.
+// cost. Here one work item is (sequence, KV head, up to 64 of its (query token, query head)
+// rows) and its loop over pages runs in registers and L1. Items of a few rows (decodes) take
+// dot products per row (attend_direct); larger ones (prefill) hold the rows in SIMD lanes and
+// run register-blocked outer products for the scores and P.V, K and V read row-wise, the
+// softmax vectorized across rows (attend_lanes). Plain C++ with GCC vector extensions: no
+// ISA-specific intrinsics, so it builds for any x86 (or other) -march.
 //
 // Inputs (row-major):
 //   q      f32  [T, NH, D]              the flat batch's queries (already RoPE'd, unscaled)
@@ -415,7 +419,7 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
   const Rows rows(p, item);
   const int d = static_cast<int>(p.head_dim);
   scratch.v.resize(static_cast<size_t>(2 * d + BS) * NV);
-  vf* qt = scratch.v.data();          // [D][NV] scaled queries, transposed
+  vf* qt = scratch.v.data();          // [D][NV] scaled queries, transposed (lanes = rows)
   vf* acc = qt + d * NV;              // [D][NV] unnormalized outputs, transposed
   vf* st = acc + d * NV;              // [BS][NV] one page's scores, then probabilities
   scratch.f.resize(2 * BS * d);
