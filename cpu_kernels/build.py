@@ -24,8 +24,9 @@ import jaxlib
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("ragged_paged_attention.cc",))
-TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention"}
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("ragged_paged_attention.cc", "matmul.cc"))
+TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention",
+           "jaxpaged_matmul": "JaxpagedMatmul"}
 # -ffast-math lets GCC call glibc's vector exp/tanh (libmvec) in the softmax loops; the kernel never
 # relies on NaN/inf arithmetic (masking uses a finite -1e30 and skips zero-probability V rows).
 # Compile and link are separate steps: -ffast-math at link time adds crtfastmath.o, whose constructor

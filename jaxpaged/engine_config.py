@@ -35,6 +35,9 @@ class EngineConfig:
     enforce_eager: bool = False           # skip warmup(); shapes still come from the bucket table
     # "auto": "native" (cpu_kernels, C++) on CPU when it builds, else "pallas"; "jnp": the references
     attention_backend: str = "auto"
+    # with the native backend: weight matmuls through cpu_kernels/matmul (weights packed at load) where
+    # this CPU has the instructions for the dtype (AVX-512 f32, AMX bf16); False: XLA's dot
+    native_matmul: bool = True
     # "auto": float32 on CPU (XLA CPU widens a 16-bit cache on every slice), else the model's dtype
     kv_cache_dtype: str = "auto"
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cpu_kernels.matmul import packed_matmul
 from jaxpaged.buckets import BucketError, BucketTable
 from jaxpaged.config import ModelConfig
 from jaxpaged.engine_config import EngineConfig
@@ -106,26 +107,65 @@ def cpu_param_layout(state, vocab_size: int):
     return jax.tree_util.tree_map(cast, state)
 
 
+def use_native_matmul(config: EngineConfig, backend: str, mesh) -> bool:
+    """Pre-packed native weight matmuls (cpu_kernels/matmul.py): with the native CPU backend, on one
+    device, for f32 weights on AVX-512 CPUs and bf16 weights on AMX CPUs (elsewhere XLA's dot is
+    the better path); `native_matmul=False` in the EngineConfig turns them off."""
+    if backend != "native" or mesh is not None or not config.native_matmul:
+        return False
+    from cpu_kernels.matmul import worthwhile
+    return worthwhile(jnp_dtype(config.dtype))
+
+
+def _path_names(path) -> tuple[str, ...]:
+    """A state leaf's path as names, without the Variable's trailing "value": ('layers', 'q_proj', 'kernel')."""
+    names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return names[:-1] if names and names[-1] == "value" else names
+
+
+def pack_weights(state, cfg: ModelConfig):
+    """Packs every stacked Linear kernel [L, K, N] for the native matmul, and the LM head [H, V]
+    (the embedding table transposed when tied, else lm_head's kernel): returns (state, head).
+    The embedding table itself stays for the token lookup; an untied lm_head kernel stays unused."""
+    from cpu_kernels.matmul import pack
+
+    def leaf(path, x):
+        names = _path_names(path)
+        return pack(x, stacked=True) if names[-1] == "kernel" and x.ndim == 3 else x
+
+    head = None
+    for path, x in jax.tree_util.tree_leaves_with_path(state):
+        names = _path_names(path)
+        if cfg.tie_word_embeddings and names[-1] == "embedding" and x.shape == (cfg.vocab_size, cfg.hidden_size):
+            head = pack(np.asarray(x).T, stacked=False)
+        elif not cfg.tie_word_embeddings and names[-2:] == ("lm_head", "kernel"):
+            head = pack(x, stacked=False)
+    return jax.tree_util.tree_map_with_path(leaf, state), head
+
+
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
     """dtype: the KV cache's dtype name."""
     itemsize = 2 if dtype == "bfloat16" else 4
     return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
 
 
-def _forward_impl(graphdef, opts, prompt_logprobs, state, kv_cache, inputs):
+def _forward_impl(graphdef, opts, prompt_logprobs, params, kv_cache, inputs):
     """The model part of a step (jitted per (T, B) bucket): forward over the flat batch, logits of each
-    sequence's last row. Static: prompt_logprobs (None / K: also score next_token_ids at every flat row,
-    for requests that asked for prompt logprobs). Returns (kv_cache, logits [B, V] f32, prompt_out)."""
+    sequence's last row. params = (state, packed LM head or None). Static: prompt_logprobs (None / K:
+    also score next_token_ids at every flat row, for requests that asked for prompt logprobs).
+    Returns (kv_cache, logits [B, V] f32, prompt_out)."""
+    state, head = params
     model = nnx.merge(graphdef, state)
+    logits_of = model.logits if head is None else (lambda h: packed_matmul(h, head))
     meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
                              inputs["query_start"])
     hidden, kv_cache = model.forward(inputs["token_ids"], inputs["positions"], kv_cache, meta, opts)
     last = jnp.take(hidden, inputs["logits_indices"], axis=0)      # [B, H]
-    logits = model.logits(last)                                    # [B, V] f32
+    logits = logits_of(last)                                       # [B, V] f32
     prompt_out = None
     if prompt_logprobs is not None:
         # logits of every row [T, V]: only in this variant (a [T, H] x [H, V] matmul is costly)
-        prompt_out = token_logprobs(model.logits(hidden), inputs["next_token_ids"], prompt_logprobs)
+        prompt_out = token_logprobs(logits_of(hidden), inputs["next_token_ids"], prompt_logprobs)
     return kv_cache, logits, prompt_out
 
 
@@ -148,10 +188,14 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.table_width = -(-max_model_len // self.block_size)   # ceil: blocks of the longest sequence
         self.buckets = BucketTable.build(config.max_num_batched_tokens, config.max_num_seqs)
-        self.state = cpu_param_layout(state, model_config.vocab_size)
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         self.generator = np.random.default_rng(config.seed)
         self.attention_backend = resolve_attention_backend(config.attention_backend)
+        self.native_matmul = use_native_matmul(config, self.attention_backend, mesh)
+        self.lm_head = None        # the packed LM head under native matmuls (the model's own otherwise)
+        if self.native_matmul:
+            state, self.lm_head = pack_weights(state, model_config)
+        self.state = cpu_param_layout(state, model_config.vocab_size)
         # the KV cache arrays' dtype (uint16: bf16 bit patterns, see kv_storage_dtype)
         self.dtype = kv_storage_dtype(resolve_kv_cache_dtype(config), self.attention_backend)
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
@@ -232,7 +276,8 @@ class ModelRunner:
         names = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start",
                  "logits_indices") + (("next_token_ids",) if prompt_logprobs is not None else ())
         arrays = {k: getattr(inputs, k) for k in names}
-        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays)
+        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, (self.state, self.lm_head),
+                                                          self.kv_cache, arrays)
         return self._sample(num_logprobs, use_penalties, logits, sampling), prompt_out
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -35,6 +35,8 @@ _HELP = {
     "enforce_eager": "skip the warmup compilation",
     "attention_backend": "attention kernels: auto (native C++ on CPU when it builds, else Pallas), "
                          "native, pallas, or jnp (the plain-jnp references)",
+    "native_matmul": "with the native backend, weight matmuls on pre-packed weights (AVX-512 f32 / AMX "
+                     "bf16 CPUs); --no-native-matmul: XLA's dot",
 }
 
 

@@ -17,6 +17,7 @@ only (no LM head, no sampling), the LM head alone, and the sampler alone (greedy
 """
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -37,6 +38,8 @@ def add_args(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch size")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--native-matmul", action=argparse.BooleanOptionalAction, default=True,
+                   help="jaxpaged: pre-packed native weight matmuls where the CPU has the instructions")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels (auto: native C++ on CPU, else Pallas)")
     p.add_argument("--flops", action="store_true", help="measure the matmul FLOP ceiling (f32, bf16)")
@@ -176,7 +179,7 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     from jaxpaged.models.layers import AttentionMetadata, attention_kernels, to_cache_dtype
     from jaxpaged.sampler import sample
 
-    graphdef, opts, call = _step_parts(runner)
+    graphdef, opts, call, lm_head = _step_parts(runner)
     inputs, sampling = captured
     keys = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_indices")
     arrays = {k: jnp.asarray(getattr(inputs, k)) for k in keys}
@@ -240,7 +243,7 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
         cs.append(time.process_time() - c0)
     results.append(("forward only (no LM head, no sampling)", 1e3 * float(np.median(ts)), 1e3 * float(np.median(cs))))
 
-    head = jax.jit(lambda state, x: nnx.merge(graphdef, state).logits(x))
+    head = jax.jit(lm_head)
     results.append(("LM head alone [B, H] -> [B, V]", *_median_ms(lambda: head(state, last), repeats, True)))
     logits = head(state, last)
     greedy = jax.jit(lambda lg, s: sample(lg, s, num_logprobs=None, use_penalties=False))
@@ -278,9 +281,16 @@ def _step_parts(runner):
         meta = AttentionMetadata(arrays["slot_mapping"], arrays["block_tables"], arrays["seq_lens"],
                                  arrays["query_start"])
         hidden, kv = model.forward(arrays["token_ids"], arrays["positions"], kv, meta, opts_v)
-        logits = model.logits(jnp.take(hidden, arrays["logits_indices"], axis=0))
+        logits = lm_head(state, jnp.take(hidden, arrays["logits_indices"], axis=0))
         return kv, sample(logits, sampling, num_logprobs=None, use_penalties=False)
-    return graphdef, opts, call
+
+    def lm_head(state, x):
+        """The runner's LM head: its packed one under native matmuls, else the model's."""
+        if runner.lm_head is not None:
+            from cpu_kernels.matmul import packed_matmul
+            return packed_matmul(x, runner.lm_head)
+        return nnx.merge(graphdef, state).logits(x)
+    return graphdef, opts, call, lm_head
 
 
 def dataclasses_replace(obj, **kw):
@@ -310,7 +320,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs or max(max(sizes), 2),
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              attention_backend=args.attention_backend, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+              attention_backend=args.attention_backend, native_matmul=args.native_matmul, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
     print(f"engine start (load, no warmup: shapes compile on first use) {time.perf_counter() - t0:.1f} s; "
           f"buckets T={llm.llm_engine.runner.buckets.token_buckets} B={llm.llm_engine.runner.buckets.seq_buckets}")
     cfg = llm.llm_engine.model_config

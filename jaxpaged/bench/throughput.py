@@ -10,6 +10,7 @@ split (host scheduling / input building / device step; see profiling.py).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -28,6 +29,8 @@ def add_args(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--native-matmul", action=argparse.BooleanOptionalAction, default=True,
+                   help="jaxpaged: pre-packed native weight matmuls where the CPU has the instructions")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="jaxpaged: attention kernels (auto: native C++ on CPU, else Pallas)")
     p.add_argument("--enforce-eager", action="store_true", help="jaxpaged: no warmup (compiles inside the run)")
@@ -45,7 +48,7 @@ def run_jaxpaged(args, requests) -> dict:
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              attention_backend=args.attention_backend, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+              attention_backend=args.attention_backend, native_matmul=args.native_matmul, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
     load_s = time.perf_counter() - t0
     engine = llm.llm_engine
     runner = engine.runner
@@ -69,6 +72,7 @@ def run_jaxpaged(args, requests) -> dict:
                   prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
                   extra=f"load {load_s:.1f} s, compile {compile_s:.1f} s ({compiled_warm} executables; "
                         f"{runner.num_compiled()} after the run), attention {runner.attention_backend}, "
+                        f"native matmul {runner.native_matmul}, "
                         f"preemptions {engine.get_stats().num_preemptions}")
     if timer is not None:
         timer.close()

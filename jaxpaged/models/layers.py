@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cpu_kernels.matmul import PackedWeight, packed_matmul
 from jaxpaged.config import ModelConfig
 
 
@@ -44,7 +45,11 @@ class Linear(nnx.Module):
         self.bias = _param(_shape(stack, d_out), dtype) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, read(self.kernel), preferred_element_type=jnp.float32)
+        w = self.kernel.get_value()
+        if isinstance(w, PackedWeight):     # pre-packed for the native CPU matmul (runner.pack_weights)
+            y = packed_matmul(x, w)
+        else:
+            y = jnp.dot(x, read(self.kernel), preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + read(self.bias).astype(jnp.float32)
         return y.astype(x.dtype)
@@ -203,13 +208,23 @@ def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: Att
 
 
 def scan_layers(layers: nnx.Module, body, carry):
-    """Runs body(layer_module, layer_index, carry) -> carry over a stacked layer module with lax.scan."""
+    """Runs body(layer_module, layer_index, carry) -> carry over a stacked layer module with lax.scan.
+
+    Plain leaves are sliced per layer by the scan. PackedWeight leaves are not: the kernel reads
+    its layer of the whole stacked array in place (a slice handed to a custom call is a copy), so
+    each iteration gets the full array with `layer` set to the iteration's index."""
     graphdef, state = nnx.split(layers)
-    num_layers = jax.tree_util.tree_leaves(state)[0].shape[0]
+    is_packed = lambda x: isinstance(x, PackedWeight)
+    leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=is_packed)
+    packed = {i: leaf for i, leaf in enumerate(leaves) if is_packed(leaf)}
+    sliced = [None if i in packed else leaf for i, leaf in enumerate(leaves)]
+    num_layers = (leaves[0].data if is_packed(leaves[0]) else leaves[0]).shape[0]
 
     def step(c, xs):
-        layer_state, idx = xs
+        layer_leaves, idx = xs
+        merged = [packed[i].at_layer(idx) if i in packed else leaf for i, leaf in enumerate(layer_leaves)]
+        layer_state = jax.tree_util.tree_unflatten(treedef, merged)
         return body(nnx.merge(graphdef, layer_state), idx, c), None
 
-    carry, _ = jax.lax.scan(step, carry, (state, jnp.arange(num_layers, dtype=jnp.int32)))
+    carry, _ = jax.lax.scan(step, carry, (sliced, jnp.arange(num_layers, dtype=jnp.int32)))
     return carry

@@ -1,0 +1,348 @@
+// Weight matmuls for XLA:CPU against pre-packed weights, as an XLA FFI custom call:
+//   out[M, N] (f32) = x[M, K] @ W[K, N], W being one layer of a stacked, packed weight.
+//
+// Why native: XLA:CPU's dot packs the weight operand on every call (the weights are constants,
+// so that work is wasted) and, for the few rows of a decode step, streams the weights at
+// ~6-10 GB/s; its bf16 dot at 4-32 rows reaches a fraction of what the AMX units do. Here the
+// weights are laid out once, at load time (cpu_kernels/matmul.py packs them), in the order the
+// inner loops read them, and the stacked [L, ...] array is indexed by `layer` in place (a slice
+// inside the layer scan would be copied before a custom call could read it).
+//
+// Packed layouts (N padded to a multiple of 32 with zero columns, Np; the output has N columns):
+//   f32:  w [L, Np/32, K, 32]            panel j holds columns [32j, 32j+32), row-major in k.
+//   bf16: w [L, Np/16, Kp/32, 16, 32]    (uint16 bit patterns; K padded to Kp, a multiple of 32)
+//         tile (j, kb) is the AMX "VNNI" B tile of columns [16j, 16j+16) and rows
+//         [32kb, 32kb+32): element [r][2c + e] = W[32kb + 2r + e][16j + c].
+// x: f32 [M, K] with f32 weights; bf16 (or its uint16 bits) [M, K] with bf16 weights.
+// layer: s32 [1], the layer of w to use (clamped to [0, L)).
+//
+// Paths: f32 uses AVX-512 FMA register tiles of up to 8 rows x 32 columns when the CPU has
+// AVX-512; bf16 uses AMX tiles (32 x 32 outputs per block) when the CPU has AMX-BF16 and the
+// kernel grants the tile state; otherwise portable loops over the same layouts (slow, correct).
+// Work units (a block of rows x one 32-column panel) are shared by the calling thread and XLA's
+// intra-op pool through an atomic cursor.
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 32;      // output columns per work unit (one f32 panel, two bf16 tiles)
+constexpr int64_t kRowBlockF32 = 128;   // rows per f32 work unit (x rows stay in L2 across panels)
+constexpr int64_t kRowBlockBf16 = 32;   // rows per AMX block: two A tiles
+
+// ---- CPU features ---------------------------------------------------------------------------
+
+// JAXPAGED_NATIVE_PORTABLE=1 (read once per process) forces the portable loops: tests run them on
+// CPUs that have the fast paths.
+bool portable_only() {
+  static const bool on = [] {
+    const char* v = std::getenv("JAXPAGED_NATIVE_PORTABLE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
+
+bool has_avx512() {
+  static const bool ok = !portable_only() && __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+// AMX needs the CPU bits (CPUID.7.0:EDX bit 22 AMX-BF16, bit 24 AMX-TILE) and Linux's permission
+// for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once.
+bool has_amx() {
+  static const bool ok = [] {
+    if (portable_only()) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// ---- f32: AVX-512 register tiles ------------------------------------------------------------
+
+// y[r, 0:cols] = x[r, :] @ panel for r < MR. x rows are `k` apart; panel [k][32]; cols <= 32.
+// MR x 2 zmm accumulators (16 for MR = 8) stay in registers across the whole k loop.
+template <int MR>
+__attribute__((target("avx512f"))) void f32_tile(const float* __restrict x, int64_t k,
+                                                 const float* __restrict panel, float* __restrict y,
+                                                 int64_t ldy, int64_t cols) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; ++i) {
+    const __m512 b0 = _mm512_loadu_ps(panel + i * kPanel);
+    const __m512 b1 = _mm512_loadu_ps(panel + i * kPanel + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * k + i]);
+      acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  const __mmask16 lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 hi = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(y + r * ldy, lo, acc[r][0]);
+    _mm512_mask_storeu_ps(y + r * ldy + 16, hi, acc[r][1]);
+  }
+}
+
+using F32Tile = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t);
+constexpr F32Tile kF32Tiles[9] = {nullptr, f32_tile<1>, f32_tile<2>, f32_tile<3>, f32_tile<4>,
+                                  f32_tile<5>, f32_tile<6>, f32_tile<7>, f32_tile<8>};
+
+// Portable twin of f32_tile (any row count).
+void f32_tile_portable(const float* x, int64_t rows, int64_t k, const float* panel, float* y,
+                       int64_t ldy, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc[kPanel] = {};
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t c = 0; c < kPanel; ++c) acc[c] += x[r * k + i] * panel[i * kPanel + c];
+    std::memcpy(y + r * ldy, acc, cols * sizeof(float));
+  }
+}
+
+// ---- bf16: AMX tiles ------------------------------------------------------------------------
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0, tmm1: A (16 rows x 32 bf16 of x); tmm2, tmm3: B (two 16-column tiles); tmm4..7: C (f32).
+__attribute__((target("amx-tile,amx-bf16"))) void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// c[ROWS][32] (rows ldc floats apart) = x[ROWS rows, Kp] @ (tiles w0 | w1). xs: the rows' A tiles ([ROWS/16][Kp/32][16][32]
+// bf16, see tiled_bf16_rows); w0/w1 point at a tile column's first tile ([Kp/32][16][32] bf16).
+template <int ROWS>
+__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* xs, int64_t kp,
+                                                             const uint16_t* w0, const uint16_t* w1,
+                                                             float* c, int64_t ldc) {
+  _tile_zero(4);
+  _tile_zero(5);
+  if (ROWS == 32) {
+    _tile_zero(6);
+    _tile_zero(7);
+  }
+  const uint16_t* xs1 = xs + 16 * kp;   // the second 16-row strip's tiles
+  for (int64_t kb = 0; kb < kp / 32; ++kb) {
+    _tile_loadd(2, w0 + kb * 512, 64);
+    _tile_loadd(3, w1 + kb * 512, 64);
+    _tile_loadd(0, xs + kb * 512, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(5, 0, 3);
+    if (ROWS == 32) {
+      _tile_loadd(1, xs1 + kb * 512, 64);
+      _tile_dpbf16ps(6, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  _tile_stored(4, c, ldc * 4);
+  _tile_stored(5, c + 16, ldc * 4);
+  if (ROWS == 32) {
+    _tile_stored(6, c + 16 * ldc, ldc * 4);
+    _tile_stored(7, c + 16 * ldc + 16, ldc * 4);
+  }
+}
+
+inline float bf16_to_f32(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Portable twin of amx_block (any row count), reading the same tile layout.
+void bf16_block_portable(const uint16_t* xs, int64_t rows, int64_t kp, const uint16_t* w0,
+                         const uint16_t* w1, float* c) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float acc[kPanel] = {};
+    for (int64_t kk = 0; kk < kp; ++kk) {
+      // x[r][kk] in the A-tile layout: strip r / 16, tile kk / 32, row r % 16, column kk % 32
+      const float a = bf16_to_f32(xs[((r / 16) * (kp / 32) + kk / 32) * 512 + (r % 16) * 32 + kk % 32]);
+      // row kk of W sits in tile kk / 32, tile row (kk % 32) / 2, element parity kk % 2
+      const int64_t off = (kk / 32) * 512 + ((kk % 32) / 2) * 32 + (kk % 2);
+      for (int64_t cc = 0; cc < 16; ++cc) {
+        acc[cc] += a * bf16_to_f32(w0[off + 2 * cc]);
+        acc[16 + cc] += a * bf16_to_f32(w1[off + 2 * cc]);
+      }
+    }
+    std::memcpy(c + r * kPanel, acc, sizeof(acc));
+  }
+}
+
+// ---- work sharing ---------------------------------------------------------------------------
+
+struct Problem {
+  bool bf16 = false;
+  int64_t m = 0, n = 0, k = 0;     // true sizes
+  int64_t kp = 0;                  // bf16: padded K (xs row length)
+  int64_t row_block = 0;           // rows per unit
+  int64_t panels = 0;              // Np / 32
+  const float* x = nullptr;        // f32 path: [M, K]
+  const uint16_t* xs = nullptr;    // bf16 path: x as zero-padded A tiles (tiled_bf16_rows)
+  const void* w = nullptr;         // this layer's packed weight
+  float* out = nullptr;            // [M, N]
+};
+
+// Unit u = (row block u / panels, panel u % panels): consecutive units share x rows.
+void run_f32_unit(const Problem& p, int64_t u) {
+  const int64_t r0 = (u / p.panels) * p.row_block, j = u % p.panels;
+  const int64_t rows = std::min(p.row_block, p.m - r0), cols = std::min(kPanel, p.n - j * kPanel);
+  const float* panel = static_cast<const float*>(p.w) + j * p.k * kPanel;
+  float* y = p.out + r0 * p.n + j * kPanel;
+  const float* x = p.x + r0 * p.k;
+  if (!has_avx512()) return f32_tile_portable(x, rows, p.k, panel, y, p.n, cols);
+  for (int64_t r = 0; r < rows; r += 8) {
+    const int64_t mr = std::min<int64_t>(8, rows - r);
+    kF32Tiles[mr](x + r * p.k, p.k, panel, y + r * p.n, p.n, cols);
+  }
+}
+
+void run_bf16_unit(const Problem& p, int64_t u, bool amx) {
+  // panel-major: a panel's tiles stay in L1 while the row blocks (x, from L2) go by
+  const int64_t row_blocks = (p.m + p.row_block - 1) / p.row_block;
+  const int64_t r0 = (u % row_blocks) * p.row_block, j = u / row_blocks;
+  const int64_t rows = std::min(p.row_block, p.m - r0), cols = std::min(kPanel, p.n - j * kPanel);
+  const int64_t tile_col = (p.kp / 32) * 512;   // bf16 elements per 16-column tile column
+  const uint16_t* w0 = static_cast<const uint16_t*>(p.w) + (2 * j) * tile_col;
+  const uint16_t* xs = p.xs + r0 * p.kp;
+  float* y = p.out + r0 * p.n + j * kPanel;
+  if (amx && cols == kPanel && (rows == 32 || rows == 16)) {   // whole block: tiles straight out
+    if (rows == 32) amx_block<32>(xs, p.kp, w0, w0 + tile_col, y, p.n);
+    else amx_block<16>(xs, p.kp, w0, w0 + tile_col, y, p.n);
+    return;
+  }
+  alignas(64) float c[kRowBlockBf16 * kPanel];
+  if (!amx) bf16_block_portable(xs, rows, p.kp, w0, w0 + tile_col, c);
+  else if (rows > 16) amx_block<32>(xs, p.kp, w0, w0 + tile_col, c, kPanel);
+  else amx_block<16>(xs, p.kp, w0, w0 + tile_col, c, kPanel);   // xs has zero rows up to the block's end
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(p.out + (r0 + r) * p.n + j * kPanel, c + r * kPanel, cols * sizeof(float));
+}
+
+struct Shared {
+  Problem problem;
+  int64_t units = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void drain() {
+    const bool amx = problem.bf16 && has_amx();
+    if (amx) amx_configure();   // tile configuration is per thread
+    int64_t taken = 0;
+    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1), ++taken) {
+      if (problem.bf16) run_bf16_unit(problem, u, amx);
+      else run_f32_unit(problem, u);
+    }
+    if (amx) amx_release();
+    done.fetch_add(taken, std::memory_order_release);
+  }
+};
+
+// x [M, K] -> zero-padded A tiles [Mp/16][Kp/32][16][32] bf16 (Mp a multiple of 32), each tile
+// 1 KB contiguous: row r, column kk lands in strip r / 16, tile kk / 32, at (r % 16, kk % 32).
+const uint16_t* tiled_bf16_rows(const uint16_t* x, int64_t m, int64_t k, int64_t kp) {
+  thread_local std::vector<uint16_t> buf;   // grows to the largest batch, then reused
+  const int64_t mp = (m + kRowBlockBf16 - 1) / kRowBlockBf16 * kRowBlockBf16;
+  buf.assign(mp * kp, 0);
+  for (int64_t r = 0; r < m; ++r) {
+    uint16_t* strip = buf.data() + (r / 16) * 16 * kp + (r % 16) * 32;
+    for (int64_t k0 = 0; k0 < k; k0 += 32)
+      std::memcpy(strip + (k0 / 32) * 512, x + r * k + k0, std::min<int64_t>(32, k - k0) * sizeof(uint16_t));
+  }
+  return buf.data();
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
+                  ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || od.size() != 2 || od[0] != xd[0])
+    return ffi::Error::InvalidArgument("matmul: expected x [M, K] and out [M, N]");
+  const auto wt = w.element_type(), xt = x.element_type();
+  const bool bf16 = wt == ffi::DataType::U16 || wt == ffi::DataType::BF16;
+  auto shared = std::make_shared<Shared>();
+  Problem& p = shared->problem;
+  p.bf16 = bf16;
+  p.m = xd[0];
+  p.k = xd[1];
+  p.n = od[1];
+  p.out = out->typed_data();
+  if (bf16) {
+    if (wd.size() != 5 || wd[3] != 16 || wd[4] != 32 || wd[1] * 16 < p.n || wd[2] * 32 < p.k ||
+        wd[2] * 32 - p.k >= 32 || wd[1] % 2 != 0)
+      return ffi::Error::InvalidArgument("matmul: bf16 weight must be [L, Np/16, Kp/32, 16, 32]");
+    if (xt != ffi::DataType::BF16 && xt != ffi::DataType::U16)
+      return ffi::Error::InvalidArgument("matmul: bf16 weights take bf16 x");
+    p.kp = wd[2] * 32;
+    p.panels = wd[1] / 2;
+    p.row_block = kRowBlockBf16;
+  } else {
+    if (wt != ffi::DataType::F32 || xt != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument("matmul: expected f32 x and weights, or bf16 ones");
+    if (wd.size() != 4 || wd[2] != p.k || wd[3] != kPanel || wd[1] * kPanel < p.n)
+      return ffi::Error::InvalidArgument("matmul: f32 weight must be [L, Np/32, K, 32]");
+    p.panels = wd[1];
+    p.row_block = kRowBlockF32;
+  }
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);
+  const int64_t layer_elems = w.element_count() / wd[0];
+  if (bf16) {
+    p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * layer_elems;
+    p.xs = tiled_bf16_rows(static_cast<const uint16_t*>(x.untyped_data()), p.m, p.k, p.kp);
+  } else {
+    p.w = static_cast<const float*>(w.untyped_data()) + l * layer_elems;
+    p.x = static_cast<const float*>(x.untyped_data());
+  }
+  const int64_t row_blocks = (p.m + p.row_block - 1) / p.row_block;
+  shared->units = row_blocks * p.panels;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->units) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->drain(); });
+  shared->drain();
+  while (shared->done.load(std::memory_order_acquire) < shared->units) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Bit 0: the f32 path uses AVX-512; bit 1: the bf16 path uses AMX. (matmul.py reads this to
+// decide whether packed matmuls beat XLA's dot on this CPU.)
+extern "C" int jaxpaged_matmul_caps() { return (has_avx512() ? 1 : 0) | (has_amx() ? 2 : 0); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpagedMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x [M, K]
+                                  .Arg<ffi::AnyBuffer>()          // packed weight (stacked)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // out [M, N]
