@@ -15,6 +15,9 @@
 //         [32kb, 32kb+32): element [r][2c + e] = W[32kb + 2r + e][16j + c].
 // x: f32 [M, K] with f32 weights; bf16 (or its uint16 bits) [M, K] with bf16 weights.
 // layer: s32 [1], the layer of w to use (clamped to [0, L)).
+// rows:  s32 [1], how many leading rows of x are real (clamped to [0, M]); the rest are bucket
+//        padding: not computed, their output rows are zero. (A decode step padded from 20 to 32
+//        sequences costs 20 rows of weight matmul, not 32.)
 //
 // Paths: f32 uses AVX-512 FMA register tiles of up to 8 rows x 32 columns when the CPU has
 // AVX-512; bf16 uses AMX tiles (32 x 32 outputs per block) when the CPU has AMX-BF16 and the
@@ -284,7 +287,7 @@ const uint16_t* tiled_bf16_rows(const uint16_t* x, int64_t m, int64_t k, int64_t
 }
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
-                  ffi::ResultBuffer<ffi::F32> out) {
+                  ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || od.size() != 2 || od[0] != xd[0])
     return ffi::Error::InvalidArgument("matmul: expected x [M, K] and out [M, N]");
@@ -314,6 +317,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
     p.panels = wd[1];
     p.row_block = kRowBlockF32;
   }
+  // padding rows [valid, M): zero output, no work
+  const int64_t valid = std::clamp<int64_t>(rows.typed_data()[0], 0, p.m);
+  std::fill(p.out + valid * p.n, p.out + p.m * p.n, 0.f);
+  p.m = valid;
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);
   const int64_t layer_elems = w.element_count() / wd[0];
@@ -345,4 +352,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpagedMatmul, Matmul,
                                   .Arg<ffi::AnyBuffer>()          // x [M, K]
                                   .Arg<ffi::AnyBuffer>()          // packed weight (stacked)
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // rows (real rows of x)
                                   .Ret<ffi::Buffer<ffi::F32>>()); // out [M, N]

@@ -43,9 +43,11 @@ def worthwhile(dtype) -> bool:
 @dataclass(frozen=True)
 class PackedWeight:
     """A (stacked) [L, K, N] weight in the kernel's layout. `layer` (int32 scalar) selects the
-    layer inside a scan; None for an unstacked weight (L = 1)."""
+    layer inside a scan; None for an unstacked weight (L = 1). `rows` (int32 scalar): how many
+    leading rows of x are real (the rest are bucket padding, skipped, output 0); None: all."""
     data: jax.Array
     layer: jax.Array | None = None
+    rows: jax.Array | None = None
     k: int = field(default=0, metadata=dict(static=True))
     n: int = field(default=0, metadata=dict(static=True))
 
@@ -53,8 +55,11 @@ class PackedWeight:
     def dtype(self):
         return jnp.dtype(jnp.bfloat16 if self.data.dtype == jnp.uint16 else self.data.dtype)
 
-    def at_layer(self, layer) -> "PackedWeight":
-        return PackedWeight(self.data, layer, self.k, self.n)
+    def at_layer(self, layer, rows=None) -> "PackedWeight":
+        return PackedWeight(self.data, layer, rows, self.k, self.n)
+
+    def with_rows(self, rows) -> "PackedWeight":
+        return PackedWeight(self.data, self.layer, rows, self.k, self.n)
 
 
 def pack(w, *, stacked: bool) -> PackedWeight:
@@ -69,18 +74,18 @@ def pack(w, *, stacked: bool) -> PackedWeight:
         w = np.pad(w, ((0, 0), (0, 0), (0, np_ - n)))
         # [L, K, Np/32, 32] -> [L, Np/32, K, 32]: each 32-column panel contiguous in k
         data = np.ascontiguousarray(w.reshape(n_layers, k, np_ // 32, 32).transpose(0, 2, 1, 3))
-        return PackedWeight(jnp.asarray(data), None, k, n)
+        return PackedWeight(jnp.asarray(data), None, None, k, n)
     bits = w.view(np.uint16) if w.dtype != np.uint16 else w       # bf16 (ml_dtypes) or its bits
     kp = -(-k // 32) * 32
     bits = np.pad(bits, ((0, 0), (0, kp - k), (0, np_ - n)))
     # row 32kb + 2r + e, column 16j + c -> [L, j, kb, r, c, e]: AMX VNNI tiles [16 rows][16 cols x 2]
     tiles = bits.reshape(n_layers, kp // 32, 16, 2, np_ // 16, 16).transpose(0, 4, 1, 2, 5, 3)
     data = np.ascontiguousarray(tiles.reshape(n_layers, np_ // 16, kp // 32, 16, 32))
-    return PackedWeight(jnp.asarray(data), None, k, n)
+    return PackedWeight(jnp.asarray(data), None, None, k, n)
 
 
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
-    """x [M, K] (cast to the weight's dtype) @ W -> [M, N] f32."""
+    """x [M, K] (cast to the weight's dtype) @ W -> [M, N] f32 (rows at/after w.rows are 0)."""
     load()                                         # registers the FFI target (compiles on first use)
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"packed_matmul: x must be [M, {w.k}], got {x.shape}")
@@ -88,6 +93,6 @@ def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
         x = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
     else:
         x = x.astype(jnp.float32)
-    layer = jnp.zeros((1,), jnp.int32) if w.layer is None else jnp.asarray(w.layer, jnp.int32).reshape(1)
+    scalar = lambda v, default: jnp.asarray(default if v is None else v, jnp.int32).reshape(1)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.n), jnp.float32))
-    return call(x, w.data, layer)
+    return call(x, w.data, scalar(w.layer, 0), scalar(w.rows, x.shape[0]))

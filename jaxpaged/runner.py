@@ -156,16 +156,20 @@ def _forward_impl(graphdef, opts, prompt_logprobs, params, kv_cache, inputs):
     Returns (kv_cache, logits [B, V] f32, prompt_out)."""
     state, head = params
     model = nnx.merge(graphdef, state)
-    logits_of = model.logits if head is None else (lambda h: packed_matmul(h, head))
+    def logits_of(h, real_rows):
+        """h [N, H] -> [N, V] f32; under a packed head only the first real_rows rows are computed."""
+        return model.logits(h) if head is None else packed_matmul(h, head.with_rows(real_rows))
     meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
                              inputs["query_start"])
     hidden, kv_cache = model.forward(inputs["token_ids"], inputs["positions"], kv_cache, meta, opts)
     last = jnp.take(hidden, inputs["logits_indices"], axis=0)      # [B, H]
-    logits = logits_of(last)                                       # [B, V] f32
+    # real sequences come first; padding ones have seq_len 0
+    logits = logits_of(last, jnp.sum(inputs["seq_lens"] > 0))      # [B, V] f32
     prompt_out = None
     if prompt_logprobs is not None:
         # logits of every row [T, V]: only in this variant (a [T, H] x [H, V] matmul is costly)
-        prompt_out = token_logprobs(logits_of(hidden), inputs["next_token_ids"], prompt_logprobs)
+        prompt_out = token_logprobs(logits_of(hidden, inputs["query_start"][-1]), inputs["next_token_ids"],
+                                    prompt_logprobs)
     return kv_cache, logits, prompt_out
 
 

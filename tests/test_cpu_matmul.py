@@ -35,7 +35,7 @@ def _stacked(dtype, m, k, n, layers=3, seed=0):
 def test_each_layer_matches_numpy(dtype, m, k, n):
     x, w = _stacked(dtype, m, k, n)
     packed = pack(w, stacked=True)
-    run = jax.jit(lambda x, data, layer: packed_matmul(x, PackedWeight(data, layer, packed.k, packed.n)))
+    run = jax.jit(lambda x, data, layer: packed_matmul(x, PackedWeight(data, layer, None, packed.k, packed.n)))
     for layer in range(w.shape[0]):
         y = np.asarray(run(x, packed.data, jnp.int32(layer)))
         assert y.shape == (m, n) and y.dtype == np.float32
@@ -132,3 +132,16 @@ def test_caps_reports_this_cpu():
     assert bool(caps() & 1) == (" avx512f" in flags)
     if " amx_bf16" not in flags:
         assert not caps() & 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_past_valid_are_skipped_and_zero(dtype):
+    x, w = _stacked(dtype, 40, 64, 48, layers=2)
+    packed = pack(w, stacked=True)
+    run = jax.jit(lambda x, rows: packed_matmul(x, packed.at_layer(jnp.int32(1), rows)))
+    ref = _reference(x, w[1])
+    for rows in (0, 1, 17, 33, 40, 99):          # 99: clamped to M
+        y = np.asarray(run(x, jnp.int32(rows)))
+        real = min(rows, 40)
+        np.testing.assert_allclose(y[:real], ref[:real], rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        assert not y[real:].any()

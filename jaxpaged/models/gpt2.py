@@ -72,7 +72,7 @@ class GPT2LMHeadModel(nnx.Module):
             x, kv = carry
             return layer(x, kv, idx, meta, opts)
 
-        x, kv_cache = scan_layers(self.layers, body, (x, kv_cache))
+        x, kv_cache = scan_layers(self.layers, body, (x, kv_cache), valid_rows=meta.query_start[-1])
         return self.ln_f(x), kv_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

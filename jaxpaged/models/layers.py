@@ -207,12 +207,13 @@ def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: Att
     return out.astype(out_dtype), (k_pages, v_pages)
 
 
-def scan_layers(layers: nnx.Module, body, carry):
+def scan_layers(layers: nnx.Module, body, carry, valid_rows=None):
     """Runs body(layer_module, layer_index, carry) -> carry over a stacked layer module with lax.scan.
 
     Plain leaves are sliced per layer by the scan. PackedWeight leaves are not: the kernel reads
     its layer of the whole stacked array in place (a slice handed to a custom call is a copy), so
-    each iteration gets the full array with `layer` set to the iteration's index."""
+    each iteration gets the full array with `layer` set to the iteration's index, and `rows` to
+    valid_rows (int32 scalar: the flat batch's real tokens; the packed matmul skips the rest)."""
     graphdef, state = nnx.split(layers)
     is_packed = lambda x: isinstance(x, PackedWeight)
     leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=is_packed)
@@ -222,7 +223,8 @@ def scan_layers(layers: nnx.Module, body, carry):
 
     def step(c, xs):
         layer_leaves, idx = xs
-        merged = [packed[i].at_layer(idx) if i in packed else leaf for i, leaf in enumerate(layer_leaves)]
+        merged = [packed[i].at_layer(idx, valid_rows) if i in packed else leaf
+                  for i, leaf in enumerate(layer_leaves)]
         layer_state = jax.tree_util.tree_unflatten(treedef, merged)
         return body(nnx.merge(graphdef, layer_state), idx, c), None
 

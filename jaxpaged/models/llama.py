@@ -75,7 +75,7 @@ class LlamaForCausalLM(nnx.Module):
             x, kv = carry
             return layer(x, cos, sin, kv, idx, meta, opts)
 
-        x, kv_cache = scan_layers(self.layers, body, (x, kv_cache))
+        x, kv_cache = scan_layers(self.layers, body, (x, kv_cache), valid_rows=meta.query_start[-1])
         return self.final_norm(x), kv_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
