@@ -144,10 +144,11 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_configure() {
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
-// c[ROWS][32] (rows ldc floats apart) = x[ROWS rows, Kp] @ (tiles w0 | w1). xs: the rows' A tiles ([ROWS/16][Kp/32][16][32]
-// bf16, see tiled_bf16_rows); w0/w1 point at a tile column's first tile ([Kp/32][16][32] bf16).
+// c[ROWS][32] (rows ldc floats apart) = x[ROWS rows, Kp] @ (tiles w0 | w1). xs: the block's first
+// x row, rows ld bf16 apart (>= Kp valid columns each); w0/w1 point at a tile column's first tile
+// ([Kp/32][16][32] bf16, tiles 1 KB apart).
 template <int ROWS>
-__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* xs, int64_t kp,
+__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* xs, int64_t ld, int64_t kp,
                                                              const uint16_t* w0, const uint16_t* w1,
                                                              float* c, int64_t ldc) {
   _tile_zero(4);
@@ -156,15 +157,15 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint16_t* xs, 
     _tile_zero(6);
     _tile_zero(7);
   }
-  const uint16_t* xs1 = xs + 16 * kp;   // the second 16-row strip's tiles
+  const uint16_t* xs1 = xs + 16 * ld;   // the second 16-row strip
   for (int64_t kb = 0; kb < kp / 32; ++kb) {
     _tile_loadd(2, w0 + kb * 512, 64);
     _tile_loadd(3, w1 + kb * 512, 64);
-    _tile_loadd(0, xs + kb * 512, 64);
+    _tile_loadd(0, xs + kb * 32, ld * 2);
     _tile_dpbf16ps(4, 0, 2);
     _tile_dpbf16ps(5, 0, 3);
     if (ROWS == 32) {
-      _tile_loadd(1, xs1 + kb * 512, 64);
+      _tile_loadd(1, xs1 + kb * 32, ld * 2);
       _tile_dpbf16ps(6, 1, 2);
       _tile_dpbf16ps(7, 1, 3);
     }
@@ -185,13 +186,12 @@ inline float bf16_to_f32(uint16_t v) {
 }
 
 // Portable twin of amx_block (any row count), reading the same tile layout.
-void bf16_block_portable(const uint16_t* xs, int64_t rows, int64_t kp, const uint16_t* w0,
+void bf16_block_portable(const uint16_t* xs, int64_t ld, int64_t rows, int64_t kp, const uint16_t* w0,
                          const uint16_t* w1, float* c) {
   for (int64_t r = 0; r < rows; ++r) {
     float acc[kPanel] = {};
     for (int64_t kk = 0; kk < kp; ++kk) {
-      // x[r][kk] in the A-tile layout: strip r / 16, tile kk / 32, row r % 16, column kk % 32
-      const float a = bf16_to_f32(xs[((r / 16) * (kp / 32) + kk / 32) * 512 + (r % 16) * 32 + kk % 32]);
+      const float a = bf16_to_f32(xs[r * ld + kk]);
       // row kk of W sits in tile kk / 32, tile row (kk % 32) / 2, element parity kk % 2
       const int64_t off = (kk / 32) * 512 + ((kk % 32) / 2) * 32 + (kk % 2);
       for (int64_t cc = 0; cc < 16; ++cc) {
@@ -208,11 +208,13 @@ void bf16_block_portable(const uint16_t* xs, int64_t rows, int64_t kp, const uin
 struct Problem {
   bool bf16 = false;
   int64_t m = 0, n = 0, k = 0;     // true sizes
-  int64_t kp = 0;                  // bf16: padded K (xs row length)
+  int64_t kp = 0;                  // bf16: padded K (a multiple of 32)
   int64_t row_block = 0;           // rows per unit
   int64_t panels = 0;              // Np / 32
   const float* x = nullptr;        // f32 path: [M, K]
-  const uint16_t* xs = nullptr;    // bf16 path: x as zero-padded A tiles (tiled_bf16_rows)
+  const uint16_t* xb = nullptr;    // bf16 path: x [M, K]; rows below `direct` are read in place
+  int64_t direct = 0;              //   (whole 32-row blocks, and only when K == Kp)
+  const uint16_t* tail = nullptr;  //   rows [direct, M): a zero-padded copy, Kp wide, whole blocks
   const void* w = nullptr;         // this layer's packed weight
   float* out = nullptr;            // [M, N]
 };
@@ -238,17 +240,19 @@ void run_bf16_unit(const Problem& p, int64_t u, bool amx) {
   const int64_t rows = std::min(p.row_block, p.m - r0), cols = std::min(kPanel, p.n - j * kPanel);
   const int64_t tile_col = (p.kp / 32) * 512;   // bf16 elements per 16-column tile column
   const uint16_t* w0 = static_cast<const uint16_t*>(p.w) + (2 * j) * tile_col;
-  const uint16_t* xs = p.xs + r0 * p.kp;
+  const bool in_place = r0 < p.direct;
+  const uint16_t* xs = in_place ? p.xb + r0 * p.k : p.tail + (r0 - p.direct) * p.kp;
+  const int64_t ld = in_place ? p.k : p.kp;
   float* y = p.out + r0 * p.n + j * kPanel;
   if (amx && cols == kPanel && (rows == 32 || rows == 16)) {   // whole block: tiles straight out
-    if (rows == 32) amx_block<32>(xs, p.kp, w0, w0 + tile_col, y, p.n);
-    else amx_block<16>(xs, p.kp, w0, w0 + tile_col, y, p.n);
+    if (rows == 32) amx_block<32>(xs, ld, p.kp, w0, w0 + tile_col, y, p.n);
+    else amx_block<16>(xs, ld, p.kp, w0, w0 + tile_col, y, p.n);
     return;
   }
   alignas(64) float c[kRowBlockBf16 * kPanel];
-  if (!amx) bf16_block_portable(xs, rows, p.kp, w0, w0 + tile_col, c);
-  else if (rows > 16) amx_block<32>(xs, p.kp, w0, w0 + tile_col, c, kPanel);
-  else amx_block<16>(xs, p.kp, w0, w0 + tile_col, c, kPanel);   // xs has zero rows up to the block's end
+  if (!amx) bf16_block_portable(xs, ld, rows, p.kp, w0, w0 + tile_col, c);
+  else if (rows > 16) amx_block<32>(xs, ld, p.kp, w0, w0 + tile_col, c, kPanel);
+  else amx_block<16>(xs, ld, p.kp, w0, w0 + tile_col, c, kPanel);   // the tail has zero rows to the block's end
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(p.out + (r0 + r) * p.n + j * kPanel, c + r * kPanel, cols * sizeof(float));
 }
@@ -272,17 +276,13 @@ struct Shared {
   }
 };
 
-// x [M, K] -> zero-padded A tiles [Mp/16][Kp/32][16][32] bf16 (Mp a multiple of 32), each tile
-// 1 KB contiguous: row r, column kk lands in strip r / 16, tile kk / 32, at (r % 16, kk % 32).
-const uint16_t* tiled_bf16_rows(const uint16_t* x, int64_t m, int64_t k, int64_t kp) {
-  thread_local std::vector<uint16_t> buf;   // grows to the largest batch, then reused
-  const int64_t mp = (m + kRowBlockBf16 - 1) / kRowBlockBf16 * kRowBlockBf16;
-  buf.assign(mp * kp, 0);
-  for (int64_t r = 0; r < m; ++r) {
-    uint16_t* strip = buf.data() + (r / 16) * 16 * kp + (r % 16) * 32;
-    for (int64_t k0 = 0; k0 < k; k0 += 32)
-      std::memcpy(strip + (k0 / 32) * 512, x + r * k + k0, std::min<int64_t>(32, k - k0) * sizeof(uint16_t));
-  }
+// Rows [from, m) of x [M, K] -> a zero-padded copy [rows rounded up to 32, Kp] (AMX tiles read
+// whole 16-row strips and 32-column steps).
+const uint16_t* padded_tail(const uint16_t* x, int64_t from, int64_t m, int64_t k, int64_t kp) {
+  thread_local std::vector<uint16_t> buf;   // grows to the largest tail, then reused
+  const int64_t rows = (m - from + kRowBlockBf16 - 1) / kRowBlockBf16 * kRowBlockBf16;
+  buf.assign(rows * kp, 0);
+  for (int64_t r = from; r < m; ++r) std::memcpy(buf.data() + (r - from) * kp, x + r * k, k * sizeof(uint16_t));
   return buf.data();
 }
 
@@ -326,7 +326,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   const int64_t layer_elems = w.element_count() / wd[0];
   if (bf16) {
     p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * layer_elems;
-    p.xs = tiled_bf16_rows(static_cast<const uint16_t*>(x.untyped_data()), p.m, p.k, p.kp);
+    p.xb = static_cast<const uint16_t*>(x.untyped_data());
+    p.direct = p.k == p.kp ? p.m / kRowBlockBf16 * kRowBlockBf16 : 0;
+    if (p.direct < p.m) p.tail = padded_tail(p.xb, p.direct, p.m, p.k, p.kp);
   } else {
     p.w = static_cast<const float*>(w.untyped_data()) + l * layer_elems;
     p.x = static_cast<const float*>(x.untyped_data());
