@@ -47,6 +47,7 @@ namespace {
 
 constexpr int64_t kPanel = 32;      // output columns per work unit (one f32 panel, two bf16 tiles)
 constexpr int64_t kRowBlockF32 = 128;   // rows per f32 work unit (x rows stay in L2 across panels)
+constexpr int64_t kF32Chunk = 256;      // K per pass over a unit's rows: 32 KB of panel in L1
 constexpr int64_t kRowBlockBf16 = 32;   // rows per AMX block: two A tiles
 
 // ---- CPU features ---------------------------------------------------------------------------
@@ -82,32 +83,36 @@ bool has_amx() {
 
 // ---- f32: AVX-512 register tiles ------------------------------------------------------------
 
-// y[r, 0:cols] = x[r, :] @ panel for r < MR. x rows are `k` apart; panel [k][32]; cols <= 32.
-// MR x 2 zmm accumulators (16 for MR = 8) stay in registers across the whole k loop.
+// y[r, 0:cols] (+)= x[r, 0:kc] @ panel[0:kc] for r < MR: x rows ldx apart; panel [kc][32];
+// cols <= 32; `accumulate`: add to y (a later K chunk) instead of overwriting it. MR x 2 zmm
+// accumulators (16 for MR = 8) stay in registers across the k loop.
 template <int MR>
-__attribute__((target("avx512f"))) void f32_tile(const float* __restrict x, int64_t k,
+__attribute__((target("avx512f"))) void f32_tile(const float* __restrict x, int64_t ldx, int64_t kc,
                                                  const float* __restrict panel, float* __restrict y,
-                                                 int64_t ldy, int64_t cols) {
+                                                 int64_t ldy, int64_t cols, bool accumulate) {
+  const __mmask16 lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 hi = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
   __m512 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; ++i) {
+  for (int r = 0; r < MR; ++r) {
+    acc[r][0] = accumulate ? _mm512_maskz_loadu_ps(lo, y + r * ldy) : _mm512_setzero_ps();
+    acc[r][1] = accumulate ? _mm512_maskz_loadu_ps(hi, y + r * ldy + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < kc; ++i) {
     const __m512 b0 = _mm512_loadu_ps(panel + i * kPanel);
     const __m512 b1 = _mm512_loadu_ps(panel + i * kPanel + 16);
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * k + i]);
+      const __m512 a = _mm512_set1_ps(x[r * ldx + i]);
       acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
     }
   }
-  const __mmask16 lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 hi = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
   for (int r = 0; r < MR; ++r) {
     _mm512_mask_storeu_ps(y + r * ldy, lo, acc[r][0]);
     _mm512_mask_storeu_ps(y + r * ldy + 16, hi, acc[r][1]);
   }
 }
 
-using F32Tile = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t);
+using F32Tile = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, bool);
 constexpr F32Tile kF32Tiles[9] = {nullptr, f32_tile<1>, f32_tile<2>, f32_tile<3>, f32_tile<4>,
                                   f32_tile<5>, f32_tile<6>, f32_tile<7>, f32_tile<8>};
 
@@ -227,9 +232,14 @@ void run_f32_unit(const Problem& p, int64_t u) {
   float* y = p.out + r0 * p.n + j * kPanel;
   const float* x = p.x + r0 * p.k;
   if (!has_avx512()) return f32_tile_portable(x, rows, p.k, panel, y, p.n, cols);
-  for (int64_t r = 0; r < rows; r += 8) {
-    const int64_t mr = std::min<int64_t>(8, rows - r);
-    kF32Tiles[mr](x + r * p.k, p.k, panel, y + r * p.n, p.n, cols);
+  // K in chunks: a chunk of the panel (kF32Chunk x 32) and of 8 x rows stay in L1 while the
+  // row tiles go by; each later chunk adds to the tile's output.
+  for (int64_t k0 = 0; k0 < p.k; k0 += kF32Chunk) {
+    const int64_t kc = std::min(kF32Chunk, p.k - k0);
+    for (int64_t r = 0; r < rows; r += 8) {
+      const int64_t mr = std::min<int64_t>(8, rows - r);
+      kF32Tiles[mr](x + r * p.k + k0, p.k, kc, panel + k0 * kPanel, y + r * p.n, p.n, cols, k0 > 0);
+    }
   }
 }
 
