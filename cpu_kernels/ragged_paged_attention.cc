@@ -5,8 +5,10 @@
 // kernel in interpret mode, per-page gathers + batched einsums, flat page lists) ran at
 // 2-5 GB/s of K/V, because each op touches tiny [G, D] x [D, BS] tiles and pays a per-op
 // cost. Here one work item is (sequence, KV head, up to 64 of its (query token, query head)
-// rows) and its loop over pages runs in registers and L1. Items of a few rows (decodes) take
-// dot products per row (attend_direct); larger ones (prefill) hold the rows in SIMD lanes and
+// rows) and its loop over pages runs in registers and L1. Items of a few rows (decodes) hold each
+// query row in registers and take a page's dot products a row at a time, reducing kLanes keys' partial
+// sums together into one vector of scores (attend_vec; attend_direct, plain dot products, for head
+// dims other than 64, 128, 256); larger ones (prefill) hold the rows in SIMD lanes and
 // run register-blocked outer products for the scores and P.V, K and V read row-wise, the
 // softmax vectorized across rows (attend_lanes). Plain C++ with GCC vector extensions: no
 // ISA-specific intrinsics, so it builds for any x86 (or other) -march.
@@ -31,6 +33,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -466,6 +469,271 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
   store_outputs<NV>(p, rows, item.nrows, acc, l);
 }
 
+// ---- Vector path (few rows: decodes, head dims of 64, 128 or 256) ------------------------------------
+// Each row's query is DV = D / kLanes vectors held in registers. A page's scores come out of the dot
+// products as vectors over keys (lanes = keys): kLanes keys' partial-sum vectors are reduced together
+// by a butterfly (hsum_transpose), so there is no horizontal sum per key and the softmax runs over
+// whole vectors, one horizontal max per (row, page). P.V keeps a block of rows' accumulators in
+// registers while each V row is read once per block and the probabilities are broadcast from memory.
+
+// Lane i of the result = the sum of x[i]'s lanes, for kLanes vectors x (clobbered). Stage H folds
+// vectors i and i + H (i < H) into one: lanes k with bit H clear hold x[i][k] + x[i][k + H], lanes with
+// it set x[i + H][k - H] + x[i + H][k]. After the stages H = kLanes / 2 .. 1, x[0] lane k has summed
+// all lanes of vector k (its bits say which vector each stage kept).
+template <int H>
+__attribute__((always_inline)) inline void hsum_stage(vf* x) {
+  vi lo, hi;                                   // as transpose_stage: >= kLanes picks the second operand
+  for (int k = 0; k < kLanes; ++k) {
+    lo[k] = (k & H) ? kLanes + k - H : k;
+    hi[k] = (k & H) ? kLanes + k : k + H;
+  }
+  for (int i = 0; i < H; ++i) x[i] = __builtin_shuffle(x[i], x[i + H], lo) + __builtin_shuffle(x[i], x[i + H], hi);
+  if constexpr (H > 1) hsum_stage<H / 2>(x);
+}
+__attribute__((always_inline)) inline vf hsum_transpose(vf* x) {
+  hsum_stage<kLanes / 2>(x);
+  return x[0];
+}
+
+// Maximum of x's lanes: every lane ends up holding it.
+inline float hmax(vf x) {
+  for (int h = kLanes / 2; h >= 1; h /= 2) {
+    vi idx;
+    for (int k = 0; k < kLanes; ++k) idx[k] = k ^ h;
+    const vf y = __builtin_shuffle(x, idx);
+    x = x > y ? x : y;
+  }
+  return x[0];
+}
+
+inline float hsum(vf x) {
+  float s = 0.f;
+  for (int k = 0; k < kLanes; ++k) s += x[k];
+  return s;
+}
+
+// Key vectors per page: key j of the page is lane j % kLanes of vector j / kLanes; lanes past BS
+// (BS < kLanes) are padding and always masked.
+template <int BS>
+constexpr int key_vecs() { return (BS + kLanes - 1) / kLanes; }
+
+// A page row of D = DV * kLanes elements as DV vectors, read in place. f32: in order. bf16: each chunk
+// of 2 * kLanes elements, read as kLanes 32-bit words, becomes its even elements (word << 16) then its
+// odd ones (word & 0xffff0000): no shuffles. Queries and accumulators are kept in the same "row order"
+// (to_row_order / from_row_order), which dot products and P.V do not see.
+typedef int32_t vi_unaligned __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(2), may_alias));
+
+template <int DV>
+inline void load_row(const float* src, vf* x) {
+#pragma GCC unroll 16
+  for (int c = 0; c < DV; ++c) x[c] = loadu(src + c * kLanes);
+}
+template <int DV>
+inline void load_row(const uint16_t* src, vf* x) {
+  static_assert(DV % 2 == 0, "bf16 rows are read in chunks of two vectors");
+#pragma GCC unroll 16
+  for (int c = 0; c < DV; c += 2) {
+    const vi w = *reinterpret_cast<const vi_unaligned*>(src + c * kLanes);   // little-endian pairs
+    x[c] = reinterpret_cast<vf>(w << 16);
+    x[c + 1] = reinterpret_cast<vf>(w & splat_i(static_cast<int32_t>(0xffff0000u)));
+  }
+}
+
+// x (DV vectors in element order) -> row order of T's load_row, and back.
+template <typename T, int DV>
+inline void to_row_order(vf* x) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    vi even, odd;                              // lane i of chunk (a, b): element 2i / 2i + 1
+    for (int i = 0; i < kLanes; ++i) {
+      even[i] = 2 * i;
+      odd[i] = 2 * i + 1;
+    }
+    for (int c = 0; c < DV; c += 2) {
+      const vf a = x[c], b = x[c + 1];
+      x[c] = __builtin_shuffle(a, b, even);
+      x[c + 1] = __builtin_shuffle(a, b, odd);
+    }
+  }
+}
+template <typename T, int DV>
+inline void from_row_order(vf* x) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    vi lo, hi;                                 // element e of the chunk sits at lane e / 2 of part e % 2
+    for (int i = 0; i < kLanes; ++i) {
+      lo[i] = (i % 2) * kLanes + i / 2;
+      hi[i] = (i % 2) * kLanes + (kLanes + i) / 2;
+    }
+    for (int c = 0; c < DV; c += 2) {
+      const vf e = x[c], o = x[c + 1];
+      x[c] = __builtin_shuffle(e, o, lo);
+      x[c + 1] = __builtin_shuffle(e, o, hi);
+    }
+  }
+}
+
+// s[kv] lane i = q . k[kv * kLanes + i] for one row (q: DV vectors in row order), k a page [BS, D].
+template <int BS, int DV, typename T>
+inline void row_scores(const vf* __restrict q, const T* __restrict k, vf* __restrict s) {
+  constexpr int D = DV * kLanes;
+  for (int kv = 0; kv < key_vecs<BS>(); ++kv) {
+    vf x[kLanes];
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) {
+      const int j = kv * kLanes + i;
+      vf a = {};
+      if (j < BS) {
+        vf kj[DV];
+        load_row<DV>(k + j * D, kj);
+#pragma GCC unroll 16
+        for (int c = 0; c < DV; ++c) a += q[c] * kj[c];
+      }
+      x[i] = a;
+    }
+    s[kv] = hsum_transpose(x);
+  }
+}
+
+// Online-softmax step of one row over one page: s (scores) becomes the probabilities, exactly 0 where a
+// key is not visible; m (running max) and l (running sum, a vector of per-lane partial sums) are
+// updated and alpha = e^(m_old - m_new) returned, the factor the row's accumulator still needs.
+// Visible keys are kmin <= j < kend (page-relative). Partial = false: all BS keys are visible and
+// BS is a multiple of kLanes (no padding lanes).
+template <int BS, bool Partial>
+inline float softmax_row(vf* __restrict s, float& m, vf& l, int kmin, int kend) {
+  constexpr int KV = key_vecs<BS>();
+  const vf masked = splat(kMaskValue);
+  vi lane;
+  for (int k = 0; k < kLanes; ++k) lane[k] = k;
+  vf page_max = masked;
+  for (int kv = 0; kv < KV; ++kv) {
+    if constexpr (Partial) {
+      const vi j = lane + kv * kLanes;
+      const vi visible = (j >= splat_i(kmin)) & (j < splat_i(std::min(kend, BS)));
+      s[kv] = visible ? s[kv] : masked;        // also drops NaN from garbage K rows
+    }
+    page_max = page_max > s[kv] ? page_max : s[kv];
+  }
+  const float m_new = std::max(m, hmax(page_max));
+  vf sum = {};
+  for (int kv = 0; kv < KV; ++kv) {
+    vf pj = exp_le0(s[kv] - m_new);
+    if constexpr (Partial) pj = s[kv] > masked ? pj : vf{};
+    s[kv] = pj;
+    sum += pj;
+  }
+  const float alpha = exp_le0(splat(m - m_new))[0];
+  l = alpha * l + sum;
+  m = m_new;
+  return alpha;
+}
+
+// acc[r] = alpha[r] * acc[r] + sum_{j < n} p[r * ps + j] * v[j] for R rows (acc[r]: DV vectors):
+// R x DV accumulators in registers, each V row read once, the probabilities broadcast.
+template <int R, int DV, typename T>
+inline void pv_rows(vf* __restrict acc, const float* __restrict alpha, const float* __restrict p, int ps,
+                    const T* __restrict v, int n) {
+  constexpr int D = DV * kLanes;
+  vf a[R][DV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < DV; ++c) a[r][c] = acc[r * DV + c] * alpha[r];
+  for (int j = 0; j < n; ++j) {
+    vf x[DV];
+    load_row<DV>(v + j * D, x);
+#pragma GCC unroll 16
+    for (int c = 0; c < DV; ++c)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r][c] += p[r * ps + j] * x[c];
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < DV; ++c) acc[r * DV + c] = a[r][c];
+}
+
+// Rows per pv_rows block: their accumulators fill at most kAccRegs registers.
+template <int DV>
+constexpr int pv_block_rows() { return std::clamp(kAccRegs / DV, 1, 4); }
+
+// pv_rows over rows [0, nrows) in blocks of up to pv_block_rows (acc: [nrows][DV], p: [nrows][ps]).
+template <int DV, typename T>
+inline void pv_all_rows(vf* acc, const float* alpha, const float* p, int ps, const T* v, int n, int nrows) {
+  constexpr int RB = pv_block_rows<DV>();
+  static_assert(RB >= 1 && RB <= 4, "pv_all_rows dispatches blocks of 1 .. 4 rows");
+  for (int r0 = 0; r0 < nrows; r0 += RB) {
+    vf* a = acc + r0 * DV;
+    const float* al = alpha + r0;
+    const float* pr = p + r0 * ps;
+    switch (std::min(RB, nrows - r0)) {
+      case 1: pv_rows<1, DV, T>(a, al, pr, ps, v, n); break;
+      case 2: if constexpr (RB >= 2) pv_rows<2, DV, T>(a, al, pr, ps, v, n); break;
+      case 3: if constexpr (RB >= 3) pv_rows<3, DV, T>(a, al, pr, ps, v, n); break;
+      default: if constexpr (RB >= 4) pv_rows<4, DV, T>(a, al, pr, ps, v, n); break;
+    }
+  }
+}
+
+// A work item of up to kDirectRows rows, D = DV * kLanes. Rows are in position order (rows of one
+// query token are consecutive), so the keys every row sees are [pos(last) - window + 1, pos(0) + 1).
+template <int BS, typename T, int DV>
+void attend_vec(const Problem& p, const WorkItem& item, Scratch& scratch) {
+  constexpr int D = DV * kLanes, KV = key_vecs<BS>();
+  const Rows rows(p, item);
+  const int nrows = item.nrows;
+  scratch.v.resize(static_cast<size_t>(nrows) * (2 * DV + KV + 1));
+  vf* q = scratch.v.data();            // [nrows][DV] scaled queries
+  vf* acc = q + nrows * DV;            // [nrows][DV] unnormalized outputs
+  vf* s = acc + nrows * DV;            // [nrows][KV] one page's scores, then probabilities
+  vf* l = s + nrows * KV;              // [nrows] running sums, per lane
+  float m[kDirectRows], alpha[kDirectRows];
+  int64_t kmin[kDirectRows], kend[kDirectRows];   // visible keys [kmin, kend) as sequence positions
+
+  for (int r = 0; r < nrows; ++r) {
+    const float* src = p.q + rows.offset(r);
+    for (int c = 0; c < DV; ++c) q[r * DV + c] = loadu(src + c * kLanes) * p.sm_scale;
+    to_row_order<T, DV>(q + r * DV);
+    for (int c = 0; c < DV; ++c) acc[r * DV + c] = vf{};
+    l[r] = vf{};
+    m[r] = kMaskValue;
+    const int64_t qpos = rows.pos(r);
+    kend[r] = std::min<int64_t>(qpos + 1, rows.seq_len);
+    kmin[r] = p.window > 0 ? qpos - p.window + 1 : 0;
+  }
+  const int64_t all_see_end = kend[0], all_see_begin = kmin[nrows - 1];
+
+  for_each_page<BS, T>(p, rows, nrows, item.head, item.seq, [&](int64_t pg, int64_t off) {
+    const int64_t page_pos = pg * BS;
+    const T* kp = static_cast<const T*>(p.k) + off;
+    const bool full = BS % kLanes == 0 && page_pos >= all_see_begin && page_pos + BS <= all_see_end;
+    for (int r = 0; r < nrows; ++r) {
+      vf* sr = s + r * KV;
+      row_scores<BS, DV, T>(q + r * DV, kp, sr);
+      if (p.soft_cap > 0.f)
+        for (int kv = 0; kv < KV; ++kv) sr[kv] = soft_cap_v(sr[kv], p.soft_cap);
+      // page-relative bounds, clamped to [-1, BS] so that they fit an int
+      const int lo = static_cast<int>(std::clamp<int64_t>(kmin[r] - page_pos, -1, BS));
+      const int hi = static_cast<int>(std::clamp<int64_t>(kend[r] - page_pos, -1, BS));
+      alpha[r] = full ? softmax_row<BS, false>(sr, m[r], l[r], lo, hi)
+                      : softmax_row<BS, true>(sr, m[r], l[r], lo, hi);
+    }
+    // V rows past the sequence's end may hold anything, NaN included, and 0 * NaN is NaN
+    const T* vp = static_cast<const T*>(p.v) + off;
+    const int n = static_cast<int>(std::min<int64_t>(BS, rows.seq_len - page_pos));
+    pv_all_rows<DV, T>(acc, alpha, reinterpret_cast<const float*>(s), KV * kLanes, vp, n, nrows);
+  });
+
+  for (int r = 0; r < nrows; ++r) {
+    const float sum = hsum(l[r]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;     // sum > 0: every row sees its own key
+    float* dst = p.out + rows.offset(r);
+    vf x[DV];
+    for (int c = 0; c < DV; ++c) x[c] = acc[r * DV + c] * inv;
+    from_row_order<T, DV>(x);
+    for (int c = 0; c < DV; ++c) storeu(dst + c * kLanes, x[c]);
+  }
+}
+
 // ---- Direct path (few rows: decodes) ----------------------------------------------------------------
 // Rows in memory, one per query head: online softmax per row over the pages, K and V read in place.
 template <int BS, typename T>
@@ -547,7 +815,12 @@ void attend_direct(const Problem& p, const WorkItem& item, Scratch& scratch) {
 
 template <int BS, typename T>
 void attend_item(const Problem& p, const WorkItem& item, Scratch& scratch) {
-  if (item.nrows <= kDirectRows) return attend_direct<BS, T>(p, item, scratch);
+  if (item.nrows <= kDirectRows) {
+    if (p.head_dim == 64) return attend_vec<BS, T, 64 / kLanes>(p, item, scratch);
+    if (p.head_dim == 128) return attend_vec<BS, T, 128 / kLanes>(p, item, scratch);
+    if (p.head_dim == 256) return attend_vec<BS, T, 256 / kLanes>(p, item, scratch);
+    return attend_direct<BS, T>(p, item, scratch);
+  }
   switch ((item.nrows + kLanes - 1) / kLanes) {       // row vectors: 1 .. kTileVecs
     case 1: return attend_lanes<BS, T, 1>(p, item, scratch);
     case 2: return attend_lanes<BS, T, 2>(p, item, scratch);
