@@ -495,16 +495,18 @@ __attribute__((always_inline)) inline vf hsum_transpose(vf* x) {
   return x[0];
 }
 
-// Maximum of x's lanes: every lane ends up holding it.
-inline float hmax(vf x) {
-  for (int h = kLanes / 2; h >= 1; h /= 2) {
-    vi idx;
-    for (int k = 0; k < kLanes; ++k) idx[k] = k ^ h;
-    const vf y = __builtin_shuffle(x, idx);
-    x = x > y ? x : y;
-  }
-  return x[0];
+// Maximum of x's lanes: stage H takes the max with the lanes H away, so every lane ends up holding
+// it. (One template per stage: the shuffle indices fold to constants.)
+template <int H>
+__attribute__((always_inline)) inline vf hmax_stage(vf x) {
+  vi idx;
+  for (int k = 0; k < kLanes; ++k) idx[k] = k ^ H;
+  const vf y = __builtin_shuffle(x, idx);
+  x = x > y ? x : y;
+  if constexpr (H > 1) return hmax_stage<H / 2>(x);
+  return x;
 }
+inline float hmax(vf x) { return hmax_stage<kLanes / 2>(x)[0]; }
 
 inline float hsum(vf x) {
   float s = 0.f;
