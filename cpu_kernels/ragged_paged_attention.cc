@@ -595,9 +595,30 @@ inline void row_scores(const vf* __restrict q, const T* __restrict k, vf* __rest
   }
 }
 
-// Online-softmax step of one row over one page: s (scores) becomes the probabilities, exactly 0 where a
-// key is not visible; m (running max) and l (running sum, a vector of per-lane partial sums) are
+// e^x for x <= kStaleMax (below -86: ~e^-86, as exp_le0): exp_le0 with n rounded for either sign.
+constexpr float kStaleMax = 16.f;
+inline vf exp_small(vf x) {
+  x = x > splat(-86.f) ? x : splat(-86.f);
+  const vi n = __builtin_convertvector(x * 1.44269504f + 128.5f, vi) - 128;   // floor(y + 0.5): y + 128.5 > 0
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = x - nf * 0.693145752f - nf * 1.42860677e-6f;
+  vf e = splat(1.f / 720);
+  e = e * r + 1.f / 120;
+  e = e * r + 1.f / 24;
+  e = e * r + 1.f / 6;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  return reinterpret_cast<vf>(reinterpret_cast<vi>(e) + (n << 23));
+}
+
+// Online-softmax step of one row over one page: s (scores) becomes the probabilities e^(s - m),
+// exactly 0 where a key is not visible; m and l (running sum, a vector of per-lane partial sums) are
 // updated and alpha = e^(m_old - m_new) returned, the factor the row's accumulator still needs.
+// m is a stale maximum: it moves only when a page's maximum exceeds it by more than kStaleMax (or on
+// the first visible key), so probabilities stay <= e^kStaleMax (no overflow: l, acc are f32) and the
+// exponentials need not wait for this page's maximum (a horizontal reduction). The normalization by
+// l cancels whichever m was used.
 // Visible keys are kmin <= j < kend (page-relative). Partial = false: all BS keys are visible and
 // BS is a multiple of kLanes (no padding lanes).
 template <int BS, bool Partial>
@@ -615,17 +636,21 @@ inline float softmax_row(vf* __restrict s, float& m, vf& l, int kmin, int kend) 
     }
     page_max = page_max > s[kv] ? page_max : s[kv];
   }
-  const float m_new = std::max(m, hmax(page_max));
+  float alpha = 1.f;
+  const float pm = hmax(page_max);
+  if (pm > m + kStaleMax) {                    // rare after the first page; m = -1e30 before it
+    alpha = exp_le0(splat(m - pm))[0];
+    l = alpha * l;
+    m = pm;
+  }
   vf sum = {};
   for (int kv = 0; kv < KV; ++kv) {
-    vf pj = exp_le0(s[kv] - m_new);
+    vf pj = exp_small(s[kv] - m);
     if constexpr (Partial) pj = s[kv] > masked ? pj : vf{};
     s[kv] = pj;
     sum += pj;
   }
-  const float alpha = exp_le0(splat(m - m_new))[0];
-  l = alpha * l + sum;
-  m = m_new;
+  l += sum;
   return alpha;
 }
 

@@ -82,6 +82,32 @@ def test_prefill_ignores_nan_past_the_sequence_end():
     check(dict(x, k=jnp.asarray(k), v=jnp.asarray(v)))
 
 
+# Decode items (<= 8 rows of one KV head) with head dim 64, 128 or 256 take the vector path: 16 keys'
+# scores per reduction, bf16 read in even/odd order, a running max that moves only when a page's
+# maximum jumps past it by a margin. Cases: 1..8 rows (G = 1, 2, 3, 8; 2-5 tokens of G = 1, 2),
+# keys whose scale grows along the sequence (the max moves again and again), pages past the end NaN.
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (8, 1, 128), (4, 2, 256), (2, 2, 64)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_items(num_heads, num_kv_heads, head_dim, dtype):
+    group = num_heads // num_kv_heads
+    q_lens = [1, 1, 1, 2, 1, 8 // group or 1, 1]
+    seq_lens = [1, 16, 17, 40, 100, 70, 300]
+    x = make_batch(q_lens, seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   block_size=16, dtype=dtype, seed=5)
+    k, v = np.array(x["k"], np.float32), np.array(x["v"], np.float32)
+    k *= np.linspace(0.5, 6.0, k.shape[-2])[:, None]          # scores grow within each page...
+    bt = np.asarray(x["block_tables"])
+    for i, s in enumerate(seq_lens):                            # ... and page by page along a sequence
+        for pg in range(-(-s // 16)):
+            k[:, bt[i, pg]] *= 1 + pg / 2
+        if s % 16:
+            k[:, bt[i, s // 16], s % 16:] = np.nan                # past the end: never read
+            v[:, bt[i, s // 16], s % 16:] = np.nan
+    x = dict(x, k=jnp.asarray(k, dtype), v=jnp.asarray(v, dtype))
+    check(x)
+    check(x, soft_cap=5.0, sliding_window=33)
+
+
 def test_layer_form_under_scan_reads_only_its_layer():
     num_layers = 3
     x = make_batch([5, 1, 1], [37, 20, 64], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
