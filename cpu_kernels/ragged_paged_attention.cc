@@ -476,8 +476,9 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
 // Each row's query is DV = D / kLanes vectors held in registers. A page's scores come out of the dot
 // products as vectors over keys (lanes = keys): kLanes keys' partial-sum vectors are reduced together
 // by a butterfly (hsum_transpose), so there is no horizontal sum per key and the softmax runs over
-// whole vectors, one horizontal max per (row, page). P.V keeps a block of rows' accumulators in
-// registers while each V row is read once per block and the probabilities are broadcast from memory.
+// whole vectors, one horizontal max per (row, page), which the exponentials do not wait for (a stale
+// running max, softmax_row). P.V keeps a block of rows' accumulators in registers while each V row is
+// read once per block and the probabilities are broadcast from memory.
 
 // Lane i of the result = the sum of x[i]'s lanes, for kLanes vectors x (clobbered). Stage H folds
 // vectors i and i + H (i < H) into one: lanes k with bit H clear hold x[i][k] + x[i][k + H], lanes with
@@ -766,8 +767,9 @@ void attend_vec(const Problem& p, const WorkItem& item, Scratch& scratch) {
   }
 }
 
-// ---- Direct path (few rows: decodes) ----------------------------------------------------------------
-// Rows in memory, one per query head: online softmax per row over the pages, K and V read in place.
+// ---- Direct path (few rows, other head dims) ---------------------------------------------------------
+// Decode items whose head dim attend_vec does not take. Rows in memory, one per query head: online
+// softmax per row over the pages, a dot product per (row, key), K and V read in place.
 template <int BS, typename T>
 void attend_direct(const Problem& p, const WorkItem& item, Scratch& scratch) {
   const Rows rows(p, item);
