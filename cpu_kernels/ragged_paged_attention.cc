@@ -223,13 +223,11 @@ inline vi splat_i(int32_t x) { return vi{} + x; }
 // Largest power of two <= n (n >= 1): register-block sizes that divide the power-of-two page size.
 constexpr int pow2_floor(int n) { return n >= 2 ? 2 * pow2_floor(n / 2) : 1; }
 
-// e^x for x <= 0 (relative error ~1e-7). Inputs below -86 give ~e^-86, not 0: callers that need exact
-// zeros select them. x = n ln2 + r, |r| <= ln2 / 2; e^r by its degree-6 Taylor polynomial; 2^n is
-// added to the exponent bits (n >= -125 keeps the result normal).
-inline vf exp_le0(vf x) {
-  x = x > splat(-86.f) ? x : splat(-86.f);
-  const vi n = __builtin_convertvector(x * 1.44269504f - 0.5f, vi);   // round to nearest: truncation
-  const vf nf = __builtin_convertvector(n, vf);                       // of a value <= 0.5 goes up
+// e^x = 2^n e^r for n = round(x / ln2), which the caller computed (x >= -86, so n >= -125 keeps the
+// result normal): r = x - n ln2, |r| <= ln2 / 2; e^r by its degree-6 Taylor polynomial; 2^n is
+// added to the exponent bits.
+inline vf exp_split(vf x, vi n) {
+  const vf nf = __builtin_convertvector(n, vf);
   const vf r = x - nf * 0.693145752f - nf * 1.42860677e-6f;           // ln 2 split in two parts
   vf e = splat(1.f / 720);
   e = e * r + 1.f / 120;
@@ -239,6 +237,14 @@ inline vf exp_le0(vf x) {
   e = e * r + 1.f;
   e = e * r + 1.f;
   return reinterpret_cast<vf>(reinterpret_cast<vi>(e) + (n << 23));
+}
+
+// e^x for x <= 0 (relative error ~1e-7). Inputs below -86 give ~e^-86, not 0: callers that need exact
+// zeros select them.
+inline vf exp_le0(vf x) {
+  x = x > splat(-86.f) ? x : splat(-86.f);
+  // round to nearest: truncation of a value <= 0.5 goes up
+  return exp_split(x, __builtin_convertvector(x * 1.44269504f - 0.5f, vi));
 }
 
 // cap * tanh(s / cap), through e^(-2|y|) so exp_le0 serves.
@@ -603,17 +609,8 @@ inline void row_scores(const vf* __restrict q, const T* __restrict k, vf* __rest
 constexpr float kStaleMax = 16.f;
 inline vf exp_small(vf x) {
   x = x > splat(-86.f) ? x : splat(-86.f);
-  const vi n = __builtin_convertvector(x * 1.44269504f + 128.5f, vi) - 128;   // floor(y + 0.5): y + 128.5 > 0
-  const vf nf = __builtin_convertvector(n, vf);
-  const vf r = x - nf * 0.693145752f - nf * 1.42860677e-6f;
-  vf e = splat(1.f / 720);
-  e = e * r + 1.f / 120;
-  e = e * r + 1.f / 24;
-  e = e * r + 1.f / 6;
-  e = e * r + 0.5f;
-  e = e * r + 1.f;
-  e = e * r + 1.f;
-  return reinterpret_cast<vf>(reinterpret_cast<vi>(e) + (n << 23));
+  // floor(y + 0.5), y = x / ln2: y + 128.5 > 0, so truncation is the floor
+  return exp_split(x, __builtin_convertvector(x * 1.44269504f + 128.5f, vi) - 128);
 }
 
 // Online-softmax step of one row over one page: s (scores) becomes the probabilities e^(s - m),
