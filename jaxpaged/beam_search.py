@@ -1,9 +1,9 @@
-"""Beam search inside the engine: every beam is a scheduler Request, and beams share KV blocks.
+"""Beam search inside the engine: every beam is a scheduler Sequence, and beams share KV blocks.
 
 vLLM's algorithm (`LLM.beam_search`), driven directly on the engine's scheduler and runner
 instead of through one generate() call per token. W = beam_width:
 
-    each prompt ("instance") starts as ONE Request: the prompt is computed once
+    each prompt ("instance") starts as ONE Sequence: the prompt is computed once
     loop: scheduler.schedule() -> runner.execute() (greedy rows asking for 2W logprobs)
           -> scheduler.update_from_output(); a sampled row gives that beam its candidates
     an instance whose live beams all have candidates takes one round:
@@ -13,7 +13,7 @@ instead of through one generate() call per token. W = beam_width:
       the rest     the best W by cum_logprob become the next live beams
       KV sharing   a parent none of whose candidates survived is finished (blocks freed) first;
                    a parent with k survivors keeps the first token itself (append_token) and
-                   fork_request()s k-1 children that share all its blocks (refcount + 1); the
+                   fork_sequence()s k-1 children that share all its blocks (refcount + 1); the
                    first write into a shared, partly filled block is a copy-on-write that the
                    scheduler lists and the runner performs (full blocks are never copied).
       last round   (max_tokens generated, or max_model_len reached) the survivors are not
@@ -48,12 +48,12 @@ Stopping rules, vLLM vs transformers' `generate(num_beams=W)`:
 Exclusive use: beam search needs every scheduled row to be one of its beams, so it runs only on
 an idle engine (no unfinished requests; RuntimeError otherwise) and the engine must not be
 stepped by anyone else meanwhile. At most max_num_seqs // W prompts are searched at a time (so
-forks always find a seat); the others wait their turn. Every beam's Request is finished on the
+forks always find a seat); the others wait their turn. Every beam's Sequence is finished on the
 way out, also on errors, so no block is left in use.
 
 KV pool pressure: the scheduler may preempt beams (they recompute). If nothing can be scheduled
 because beams that already have their candidates hold the blocks a waiting sibling needs, those
-beams release their blocks (finish_request) and their children are re-added as new requests
+beams release their blocks (finish_sequence) and their children are re-added as new requests
 that recompute (the prefix cache serves their full blocks).
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 
 from jaxpaged.detokenizer import TokenDecoder
 from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
-from jaxpaged.request import Request, RequestStatus
+from jaxpaged.sequence import Sequence, SequenceStatus
 from jaxpaged.sampler import SamplingRow
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
@@ -81,13 +81,13 @@ def beam_search_score(num_tokens: int, cum_logprob: float, ended_by_eos: bool, l
 
 @dataclass
 class _Beam:
-    """One live beam. `rid` names its scheduler Request; `tokens` are prompt + generated."""
+    """One live beam. `rid` names its scheduler Sequence; `tokens` are prompt + generated."""
     rid: str
     tokens: list[int]
     cum_logprob: float = 0.0
     logprobs: list = field(default_factory=list)      # per generated token: {token_id: Logprob}
     candidates: list | None = None                     # [(token, logprob, rank)] of this round
-    attached: bool = True                              # its Request is in the scheduler
+    attached: bool = True                              # its Sequence is in the scheduler
 
 
 @dataclass
@@ -117,7 +117,7 @@ class BeamSearch:
                              f"max_logprobs ({cfg.max_logprobs}); raise max_logprobs or lower beam_width")
         if w > cfg.max_num_seqs:
             raise ValueError(f"beam_width: {w} exceeds max_num_seqs ({cfg.max_num_seqs})")
-        if engine.has_unfinished_requests() or engine.scheduler.has_unfinished_requests():
+        if engine.has_unfinished_requests() or engine.scheduler.has_unfinished_sequences():
             raise RuntimeError("beam_search: the engine has unfinished requests; beam search needs an idle engine")
         self.engine, self.params, self.width = engine, params, w
         self.scheduler, self.runner = engine.scheduler, engine.runner
@@ -175,7 +175,7 @@ class BeamSearch:
 
     def _start(self, inst: _Instance) -> None:
         beam = _Beam(self._new_id(), list(inst.prompt_ids))
-        self.scheduler.add_request(Request(beam.rid, inst.prompt_ids, self.row_params, time.time()))
+        self.scheduler.add_sequence(Sequence(beam.rid, inst.prompt_ids, self.row_params, time.time()))
         self._owner[beam.rid] = (inst, beam)
         inst.beams.append(beam)
 
@@ -190,7 +190,7 @@ class BeamSearch:
             if not out.finished and not self._release_waiting_parents():
                 raise RuntimeError("beam_search: nothing can be scheduled (KV pool too small for one beam?)")
             return
-        rows = [SamplingRow(self.row_params, s.request.prompt_token_ids, s.request.output_token_ids)
+        rows = [SamplingRow(self.row_params, s.seq.prompt_token_ids, s.seq.output_token_ids)
                 if s.sample else None for s in out.scheduled]
         result = self.runner.execute(out.scheduled, out.block_copies, rows)
         sched.update_from_output(out)
@@ -199,7 +199,7 @@ class BeamSearch:
         for i, s in enumerate(out.scheduled):
             if rows[i] is None:
                 continue
-            _, beam = self._owner[s.request.request_id]
+            _, beam = self._owner[s.seq.seq_id]
             cands = [(int(t), float(lp), r + 1) for r, (t, lp) in
                      enumerate(zip(result.top_ids[i, :k], result.top_logprobs[i, :k]))]
             tok = int(result.tokens[i])
@@ -209,10 +209,10 @@ class BeamSearch:
 
     def _release(self, rid: str) -> None:
         self._owner.pop(rid, None)
-        self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+        self.scheduler.finish_sequence(rid, SequenceStatus.FINISHED_STOPPED)
 
     def _retire(self, beam: _Beam) -> None:
-        """The beam is no longer live: its Request (if it still has one) is finished, its blocks freed."""
+        """The beam is no longer live: its Sequence (if it still has one) is finished, its blocks freed."""
         if beam.attached:
             self._release(beam.rid)
         else:
@@ -291,13 +291,12 @@ class BeamSearch:
         """A child beam continuing `parent` with `tok`: a fork (shared blocks) or, for a parent that
         gave its blocks back, a new request that recomputes."""
         child = _Beam(self._new_id(), parent.tokens + [tok], cum, parent.logprobs + [entry])
-        req = Request(child.rid, inst.prompt_ids, self.row_params, time.time())
         if parent.attached:
-            self.scheduler.fork_request(parent.rid, req)
+            self.scheduler.fork_sequence(parent.rid, child.rid, self.row_params, time.time())
             self.scheduler.append_token(child.rid, tok)
         else:
-            req.output_token_ids = child.tokens[len(inst.prompt_ids):]
-            self.scheduler.add_request(req)
+            self.scheduler.add_sequence(Sequence(child.rid, inst.prompt_ids, self.row_params, time.time(),
+                                                 output_token_ids=child.tokens[len(inst.prompt_ids):]))
         self._owner[child.rid] = (inst, child)
         return child
 

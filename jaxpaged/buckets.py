@@ -31,7 +31,8 @@ class BucketTable:
 
     @classmethod
     def build(cls, max_num_batched_tokens: int, max_num_seqs: int) -> "BucketTable":
-        # Sequence buckets start at 2: a single-row bf16 matmul is pathologically slow on XLA CPU.
+        # Sequence buckets start at min(4, max_num_seqs) and never below 2 (a batch of one runs in the
+        # B = 2 bucket): a single-row bf16 matmul is pathologically slow on XLA CPU.
         # Both double: a decode step runs T = B rows through every matmul, so a batch of 20 runs as
         # (32, 32), not (64, 64) as with sequence buckets x4 (decode padding 2.4x -> 1.3x measured).
         max_seqs = max(2, min(max_num_seqs, max_num_batched_tokens))

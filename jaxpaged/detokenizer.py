@@ -1,11 +1,13 @@
 """Incremental detokenization and stop rules: sampled token ids -> text deltas -> finish reasons.
 
-IncrementalDetokenizer keeps vLLM's two offsets into the token list: text is produced by decoding a
-short window ids[prefix_offset:] and subtracting the decoding of ids[prefix_offset:read_offset]. A window
+IncrementalDetokenizer keeps vLLM's two offsets into a decoding window: text is produced by decoding the
+window ids[prefix_offset:] and subtracting the decoding of ids[prefix_offset:read_offset]. A window
 (rather than each token alone) keeps tokenizer context such as SentencePiece's leading space; the first
 window starts inside the prompt's last tokens, so the first generated word gets its space. When the
 window's text ends in U+FFFD, the newest tokens hold only part of a multi-byte UTF-8 character (byte-level
-BPE splits emoji and CJK across tokens) and nothing is emitted until the character completes.
+BPE splits emoji and CJK across tokens) and nothing is emitted until the character completes. Only the
+window is kept (tokens before prefix_offset are dropped): the sequence's token ids are owned by the
+scheduler's Sequence (sequence.py), not copied here.
 
 StopChecker applies the stop rules in vLLM's order:
   1. stop_token_ids, then eos (unless ignore_eos), once min_tokens outputs exist: finish "stop"
@@ -41,16 +43,11 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
-        context = list(prompt_token_ids)[-PROMPT_CONTEXT_TOKENS:]
-        self._ids: list[int] = context          # prompt context + output ids
-        self._num_context = len(context)
-        self.prefix_offset = 0                  # window start
-        self.read_offset = len(context)         # ids before this are already emitted
+        # the decoding window: the last prompt tokens as context, then output ids not yet behind prefix_offset
+        self._window: list[int] = list(prompt_token_ids)[-PROMPT_CONTEXT_TOKENS:]
+        self.prefix_offset = 0                  # window start (always 0 after a trim)
+        self.read_offset = len(self._window)    # window ids before this are already emitted
         self.output_text = ""
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self._ids[self._num_context:]
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:
@@ -62,26 +59,31 @@ class IncrementalDetokenizer:
         """Adds output token(s); returns the newly completed text (possibly "")."""
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        self._ids.extend(int(t) for t in token_ids)
-        prefix_text = self._decode(self._ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(self._ids[self.prefix_offset:])
+        ids = self._window
+        ids.extend(int(t) for t in token_ids)
+        prefix_text = self._decode(ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(ids[self.prefix_offset:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             # nothing new yet (a skipped special token), or an incomplete UTF-8 character at the end
             return ""
         delta = new_text[len(prefix_text):]
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self._ids)
+        self._advance()
         self.output_text += delta
         return delta
 
+    def _advance(self) -> None:
+        """Everything in the window is emitted: the next window starts at the old read_offset."""
+        del self._window[:self.read_offset]
+        self.prefix_offset, self.read_offset = 0, len(self._window)
+
     def flush(self) -> str:
         """Text still held back at the end of generation (an incomplete character decodes to U+FFFD)."""
-        if self.read_offset == len(self._ids):
+        ids = self._window
+        if self.read_offset == len(ids):
             return ""
-        prefix_text = self._decode(self._ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(self._ids[self.prefix_offset:])
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self._ids)
+        prefix_text = self._decode(ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(ids[self.prefix_offset:])
+        self._advance()
         delta = new_text[len(prefix_text):]
         self.output_text += delta
         return delta
@@ -187,7 +189,7 @@ class SequenceDetokenizer:
                                              params.spaces_between_special_tokens)
                       if params.detokenize and tokenizer is not None else None)
         self.stop = StopChecker(params, eos_token_ids, max_model_len, len(prompt_token_ids))
-        self.token_ids: list[int] = []
+        self.num_output_tokens = 0      # the ids themselves are the Sequence's (sequence.py)
         self.text = ""
         self.finish_reason: Optional[str] = None
         self.stop_reason: int | str | None = None
@@ -207,8 +209,8 @@ class SequenceDetokenizer:
         if self.finished:
             raise RuntimeError("append after the sequence finished")
         token_id = int(token_id)
-        self.token_ids.append(token_id)
-        n = len(self.token_ids)
+        self.num_output_tokens += 1
+        n = self.num_output_tokens
         r = self.stop.check_token(token_id, n)
         if r is not None:
             if self.detok is not None and self.params.include_stop_str_in_output:

@@ -7,27 +7,29 @@ One step:
   per sampled sequence               append the token, detokenize, logprobs, stop checks, finish
   -> RequestOutput for every request that advanced (text cumulative, like vLLM)
 
-A user request with n > 1 is a group of n sequences (`<id>#<i>`) that share the prompt's blocks.
+Who owns what: the Scheduler owns the Sequences (sequence.py: token ids, KV progress, status); a
+user request is a RequestState (request_state.py: prompt, params, metrics) with one CompletionState
+per completion (logprobs, text, finish state). A request with n > 1 is n sequences (`<id>#<i>`) that
+share the prompt's blocks. The engine changes no process-wide JAX setting (see compilation_cache.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 
-import jax
 import numpy as np
 
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.request import Request, RequestStatus
 from jaxpaged.runner import ModelRunner, kv_bytes_per_block, resolve_kv_cache_dtype
 from jaxpaged.detokenizer import TokenDecoder
 from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.scheduler import Scheduler
+from jaxpaged.request_state import CompletionState, RequestState
+from jaxpaged.scheduler import Scheduler, SchedulerStats
+from jaxpaged.sequence import Sequence, SequenceStatus
 from jaxpaged.sharding import make_mesh, place_params, prepare_params
-from jaxpaged.sequence import RequestGroup, SequenceState
 
 logger = logging.getLogger(__name__)
 
@@ -35,35 +37,19 @@ DEFAULT_KV_CACHE_BYTES = 2 << 30   # cap of the default KV pool (2 GiB) when nei
 
 
 @dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    num_free_blocks: int
-    num_total_blocks: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-
-
-def enable_compilation_cache(path: str) -> None:
-    """JAX's persistent compilation cache: a second start reuses compiled executables."""
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+class EngineStats(SchedulerStats):
+    """The scheduler's stats plus the engine's token counters (cumulative)."""
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, *, progress: bool = True, **kwargs):
-        from jaxpaged.convert import cache_root, load_model
+        from jaxpaged.convert import load_model
         from jaxpaged.models import build_state
 
         config = config.replace(**kwargs) if config is not None else EngineConfig(**kwargs)
         self.config = config
-        enable_compilation_cache(config.compilation_cache_dir
-                                 or os.path.join(cache_root(config.download_dir), "xla"))
         loaded = load_model(config.model, dtype=config.dtype, cache_dir=config.download_dir,
                             tokenizer=config.tokenizer, progress=progress, write_cache=True)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
@@ -84,14 +70,10 @@ class LLMEngine:
         if not config.enforce_eager:
             self.runner.warmup(progress=progress)
         self._decode_token = TokenDecoder(self.tokenizer)
-        self._groups: dict[str, RequestGroup] = {}
-        self._seqs: dict[str, SequenceState] = {}
+        self._requests: dict[str, RequestState] = {}       # unfinished user requests by request_id
+        self._completions: dict[str, CompletionState] = {}  # their completions by seq_id
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
-
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "LLMEngine":
-        return cls(EngineConfig(**kwargs))
 
     # ---- sizing -----------------------------------------------------------------------------------
     def _max_model_len(self) -> int:
@@ -132,7 +114,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         request_id = str(request_id)
-        if request_id in self._groups:
+        if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         text, ids = self._tokenize(prompt)
         params.validate(vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs,
@@ -141,25 +123,25 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.time()
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n: {params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
-        group = RequestGroup(request_id, text, ids, params, arrival)
+        state = RequestState(request_id, text, ids, params, arrival)
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             # n > 1 with a seed: sample i uses seed + i (vLLM), else every sample would be identical
             child_params = params if params.n == 1 or params.seed is None else params.clone()
             if child_params is not params:
                 child_params.seed = params.seed + i
-            req = Request(seq_id, ids, child_params, arrival,
-                          skip_prefix_cache=params.prompt_logprobs is not None)
-            group.seqs.append(SequenceState(req, group, i, self.tokenizer, eos_token_ids=self.model_config.eos_token_ids,
-                                            max_model_len=self.max_model_len, decode_token=self._decode_token))
-        reqs = [seq.request for seq in group.seqs]
+            seq = Sequence(seq_id, ids, child_params, arrival, skip_prefix_cache=params.prompt_logprobs is not None)
+            state.completions.append(CompletionState(
+                seq, state, i, self.tokenizer, eos_token_ids=self.model_config.eos_token_ids,
+                max_model_len=self.max_model_len, decode_token=self._decode_token))
+        seqs = [c.seq for c in state.completions]
         if params.n == 1:     # the scheduler validates too: register with it before storing anything
-            self.scheduler.add_request(reqs[0])
+            self.scheduler.add_sequence(seqs[0])
         else:
-            self.scheduler.add_request_group(reqs)
-        self._groups[request_id] = group
-        for seq in group.seqs:
-            self._seqs[seq.request.request_id] = seq
+            self.scheduler.add_sequence_group(seqs)
+        self._requests[request_id] = state
+        for c in state.completions:
+            self._completions[c.seq.seq_id] = c
         self._prompt_tokens_total += len(ids)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -191,77 +173,75 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens is too long: max_model_len is {self.max_model_len} "
                              f"(prompt plus at least one generated token)")
-        capacity = self.scheduler.max_tokens_per_request_capacity()
+        capacity = self.scheduler.max_tokens_per_sequence()
         if len(ids) + 1 > capacity:
             raise ValueError(f"prompt: {len(ids)} tokens do not fit the KV cache ({capacity} tokens)")
 
     def abort_request(self, request_id) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
-            group = self._groups.pop(rid, None)
-            if group is None:
+            state = self._requests.pop(rid, None)
+            if state is None:
                 continue
-            for seq in group.seqs:
-                self._seqs.pop(seq.request.request_id, None)
-                if not seq.finished:
-                    seq.abort()
-                    self.scheduler.finish_request(seq.request.request_id, RequestStatus.FINISHED_ABORTED)
+            for c in state.completions:
+                self._completions.pop(c.seq.seq_id, None)
+                if not c.finished:
+                    c.abort()
+                    self.scheduler.finish_sequence(c.seq.seq_id, SequenceStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        return bool(self._requests)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._groups)
+        """vLLM's name: user requests added and not yet finished or aborted."""
+        return len(self._requests)
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        touched: dict[str, RequestGroup] = {}
+        touched: dict[str, RequestState] = {}
         for seq_id in out.finished:   # the scheduler gave up on these (they can never fit)
-            seq = self._seqs.get(seq_id)
-            if seq is not None and not seq.finished:
-                seq.finish_length()
-                touched[seq.group.request_id] = seq.group
+            c = self._completions.get(seq_id)
+            if c is not None and not c.finished:
+                c.finish_length()
+                touched[c.request.request_id] = c.request
         if out.scheduled:
             now = time.time()
-            rows = [self._seqs[s.request.request_id].sampling_row() if s.sample else None for s in out.scheduled]
-            want_prompt_lp = any(self._seqs[s.request.request_id].group.needs_prompt_logprobs(s.start)
-                                 for s in out.scheduled)
+            completions = [self._completions[s.seq.seq_id] for s in out.scheduled]
+            rows = [c.sampling_row() if s.sample else None for c, s in zip(completions, out.scheduled)]
+            want_prompt_lp = any(c.request.needs_prompt_logprobs(s.start) for c, s in zip(completions, out.scheduled))
             result = self.runner.execute(out.scheduled, out.block_copies, rows, prompt_logprobs=want_prompt_lp)
             if want_prompt_lp:
                 self._record_prompt_logprobs(out.scheduled, result)
             self.scheduler.update_from_output(out)
-            for i, s in enumerate(out.scheduled):
-                seq = self._seqs[s.request.request_id]
-                seq.group.mark_scheduled(now)
+            for i, (c, s) in enumerate(zip(completions, out.scheduled)):
+                c.request.mark_scheduled(now)
                 if rows[i] is None:
                     continue
-                self.scheduler.append_token(s.request.request_id, int(result.tokens[i]))
+                self.scheduler.append_token(s.seq.seq_id, int(result.tokens[i]))
                 self._generation_tokens_total += 1
-                reason = seq.on_token(result, i)
+                reason = c.on_token(result, i)
                 if reason is not None:
-                    status = RequestStatus.FINISHED_LENGTH if reason == "length" else RequestStatus.FINISHED_STOPPED
-                    self.scheduler.finish_request(s.request.request_id, status)
-                touched[seq.group.request_id] = seq.group
+                    status = SequenceStatus.FINISHED_LENGTH if reason == "length" else SequenceStatus.FINISHED_STOPPED
+                    self.scheduler.finish_sequence(s.seq.seq_id, status)
+                touched[c.request.request_id] = c.request
         outputs = []
-        for rid, group in touched.items():
-            outputs.append(group.to_output())
-            if group.finished:
-                self._groups.pop(rid, None)
-                for seq in group.seqs:
-                    self._seqs.pop(seq.request.request_id, None)
+        for rid, state in touched.items():
+            outputs.append(state.to_output())
+            if state.finished:
+                self._requests.pop(rid, None)
+                for c in state.completions:
+                    self._completions.pop(c.seq.seq_id, None)
         return outputs
 
     def _record_prompt_logprobs(self, scheduled, result) -> None:
         row = 0   # flat rows follow the scheduled order (step_inputs.py)
         for s in scheduled:
-            group = self._seqs[s.request.request_id].group
-            if group.needs_prompt_logprobs(s.start):
-                group.record_prompt_logprobs(s.start, s.num_new_tokens, row, result, self._decode_token)
+            state = self._completions[s.seq.seq_id].request
+            if state.needs_prompt_logprobs(s.start):
+                state.record_prompt_logprobs(s.start, s.num_new_tokens, row, result, self._decode_token)
             row += s.num_new_tokens
 
     def get_stats(self) -> EngineStats:
-        s = self.scheduler.stats()
-        return EngineStats(s.num_running, s.num_waiting, s.kv_cache_usage, s.prefix_cache_queries,
-                           s.prefix_cache_hits, s.num_preemptions, s.num_free_blocks, s.num_total_blocks,
-                           self._prompt_tokens_total, self._generation_tokens_total)
+        return EngineStats(**dataclasses.asdict(self.scheduler.stats()), prompt_tokens_total=self._prompt_tokens_total,
+                           generation_tokens_total=self._generation_tokens_total)

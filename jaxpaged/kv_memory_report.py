@@ -18,22 +18,22 @@ from __future__ import annotations
 import argparse
 import random
 
-from jaxpaged.request import Request, RequestStatus
+from jaxpaged.sequence import Sequence, SequenceStatus
 from jaxpaged.scheduler import Scheduler
 
 
 def _drive(sched: Scheduler, out_len: dict[str, int], rng: random.Random, on_step=None) -> int:
     """Runs the scheduler to completion with random tokens; returns the number of steps."""
     steps = 0
-    while sched.has_unfinished_requests():
+    while sched.has_unfinished_sequences():
         out = sched.schedule()
         sched.update_from_output(out)
         for sr in out.scheduled:
             if sr.sample:
-                r = sr.request
-                sched.append_token(r.request_id, rng.randrange(32000))
-                if r.num_output_tokens >= out_len[r.request_id]:
-                    sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH)
+                r = sr.seq
+                sched.append_token(r.seq_id, rng.randrange(32000))
+                if r.num_output_tokens >= out_len[r.seq_id]:
+                    sched.finish_sequence(r.seq_id, SequenceStatus.FINISHED_LENGTH)
         if on_step is not None:
             on_step(sched)
         steps += 1
@@ -56,7 +56,7 @@ def utilization(num_requests: int = 200, block_size: int = 16, max_model_len: in
         o = rng.randint(1, min(1024, max_model_len - p))
         rid = f"r{k}"
         out_len[rid] = o
-        sched.add_request(Request(rid, [rng.randrange(32000) for _ in range(p)], arrival_time=k))
+        sched.add_sequence(Sequence(rid, [rng.randrange(32000) for _ in range(p)], arrival_time=k))
         final_tokens += p + o
         final_slots += -(-(p + o) // block_size) * block_size
     acc = {"tokens": 0, "slots": 0, "reserved": 0, "peak_running": 0}
@@ -91,12 +91,12 @@ def sharing(prompt_len: int = 512, output_len: int = 128, n: int = 4, block_size
         sched = Scheduler(num_blocks=4096, block_size=block_size, max_num_seqs=16,
                           max_num_batched_tokens=4096, max_model_len=4096,
                           enable_prefix_caching=False)
-        reqs = [Request(f"s{k}", list(prompt), arrival_time=0.0) for k in range(n)]
+        reqs = [Sequence(f"s{k}", list(prompt), arrival_time=0.0) for k in range(n)]
         if grouped:
-            sched.add_request_group(reqs)
+            sched.add_sequence_group(reqs)
         else:
             for r in reqs:
-                sched.add_request(r)
+                sched.add_sequence(r)
         peak = [0, 0]
 
         def on_step(s: Scheduler) -> None:
@@ -104,7 +104,7 @@ def sharing(prompt_len: int = 512, output_len: int = 128, n: int = 4, block_size
             if all(r.num_output_tokens >= 1 for r in reqs):   # just after the prompt
                 peak[1] = peak[1] or s.block_manager.num_used_blocks
 
-        _drive(sched, {r.request_id: output_len for r in reqs}, random.Random(seed + 1), on_step)
+        _drive(sched, {r.seq_id: output_len for r in reqs}, random.Random(seed + 1), on_step)
         assert sched.block_manager.num_used_blocks == 0
         return peak[0], peak[1]
 

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxpaged.compilation_cache import enable_compilation_cache
 from jaxpaged.engine import LLMEngine
 from jaxpaged.engine_config import DEFAULT_MODEL, EngineConfig
 from jaxpaged.outputs import RequestOutput
@@ -25,7 +26,9 @@ class LLM:
         unknown = set(kwargs) - set(EngineConfig.field_names())
         if unknown:
             raise ValueError(f"unknown LLM arguments {sorted(unknown)}; valid: {EngineConfig.field_names()}")
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        config = EngineConfig(model=model, **kwargs)
+        enable_compilation_cache(config)     # the entry point sets process-wide JAX config, not the engine
+        self.llm_engine = LLMEngine(config)
         self._counter = itertools.count()
 
     def get_tokenizer(self):

@@ -80,7 +80,7 @@ class SamplingTensors:
               history_len: Optional[int] = None, banned_width: Optional[int] = None) -> "SamplingTensors":
         """numpy SamplingTensors for `rows` (None = padding), padded with greedy rows to `pad_to`.
 
-        generator: draws key data of unseeded rows (pass the engine's, seeded from EngineConfig.seed).
+        generator: draws the uniforms of unseeded rows (pass the engine's, seeded from EngineConfig.seed).
         eos_token_ids: banned with stop_token_ids while a row has fewer than min_tokens outputs.
         history_len: width H of the token history (static shape); default 0 when no row uses penalties,
             else the next power of two >= 64 holding the longest prompt + output. Pin it (e.g. to

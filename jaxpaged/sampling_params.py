@@ -23,8 +23,8 @@ SAMPLING_EPS = 1e-5
 
 class SamplingType(enum.IntEnum):
     GREEDY = 0
-    RANDOM = 1          # unseeded: keys from the engine's generator
-    RANDOM_SEED = 2     # seeded: key = fold_in(PRNGKey(seed), number of tokens generated so far)
+    RANDOM = 1          # unseeded: the row's uniforms come from the engine's numpy Generator
+    RANDOM_SEED = 2     # seeded: uniforms = a hash of (seed, tokens generated so far) (sampler.seeded_uniforms)
 
 
 def _is_int(x: Any) -> bool:

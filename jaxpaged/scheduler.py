@@ -1,41 +1,42 @@
 """Scheduler: continuous batching under a token budget — chunked prefill, prefix hits, preemption.
 
-Pure Python, no jax. One rule: every request's `num_computed_tokens` catches up with its
-`num_tokens`, at most `max_num_batched_tokens` tokens per step over all requests and at most
-`max_num_seqs` requests running. There is no prefill or decode phase: a new prompt, a prompt
-chunk, a decode token, a prefix-cache hit and a resumed preempted request are all the same
-"compute tokens [num_computed_tokens, num_tokens)".
+Pure Python, no jax. The scheduler's unit is a Sequence (sequence.py): one token sequence; a
+user request is one Sequence, or several (n > 1 samples, beams). One rule: every sequence's
+`num_computed_tokens` catches up with its `num_tokens`, at most `max_num_batched_tokens` tokens
+per step over all sequences and at most `max_num_seqs` sequences running. There is no prefill
+or decode phase: a new prompt, a prompt chunk, a decode token, a prefix-cache hit and a resumed
+preempted sequence are all the same "compute tokens [num_computed_tokens, num_tokens)".
 
 One step (the engine calls these in order):
 
-    out = scheduler.schedule()        # which requests advance by how many tokens
-    ... runner: do out.block_copies, then run out.scheduled, sample where sr.sample ...
-    scheduler.update_from_output(out) # num_computed_tokens += num_new_tokens; hash full blocks
-    scheduler.append_token(id, tok)   # for each sampled token
-    scheduler.finish_request(id, st)  # stops, length limits, aborts: frees every block
+    out = scheduler.schedule()         # which sequences advance by how many tokens
+    ... runner: do out.block_copies, then run out.scheduled, sample where ss.sample ...
+    scheduler.update_from_output(out)  # num_computed_tokens += num_new_tokens; hash full blocks
+    scheduler.append_token(id, tok)    # for each sampled token
+    scheduler.finish_sequence(id, st)  # stops, length limits, aborts: frees every block
 
 schedule():
-1. Running requests, oldest first (`running` is kept sorted by arrival): each gets
+1. Running sequences, oldest first (`running` is kept sorted by arrival): each gets
    min(tokens left, budget left) tokens. When its blocks cannot grow, the youngest running
-   request is preempted by recompute (blocks freed, num_computed_tokens = 0, status
+   sequence is preempted by recompute (blocks freed, num_computed_tokens = 0, status
    PREEMPTED, pushed to the FRONT of the waiting queue; its output tokens are kept and
-   recomputed as context when it resumes) until the request fits — or it is itself the
-   youngest, and is preempted. A request alone in the pool that still cannot grow needs more
+   recomputed as context when it resumes) until the sequence fits — or it is itself the
+   youngest, and is preempted. A sequence alone in the pool that still cannot grow needs more
    blocks than the pool has: it is finished with FINISHED_LENGTH and listed in
    SchedulerOutput.finished (the engine should have rejected it; see
-   max_tokens_per_request_capacity()).
-2. If nothing was preempted: waiting requests are admitted first come first served while
+   max_tokens_per_sequence()).
+2. If nothing was preempted: waiting sequences are admitted first come first served while
    the budget, the seats and the blocks allow (a prompt larger than the budget left gets a
-   chunk). At admission the prefix cache is looked up: the request starts at
+   chunk). At admission the prefix cache is looked up: the sequence starts at
    num_computed_tokens = num_cached_tokens = the cached prefix length (never the whole
    sequence: the last token is always computed).
 
-Parallel sampling (n > 1, `add_request_group`): the leader (first request) prefills
+Parallel sampling (n > 1, `add_sequence_group`): the leader (first sequence) prefills
 prompt[:-1] alone; then every other member forks the leader's table (shared blocks,
 refcount + 1) with num_computed_tokens = len(prompt) - 1, and each member computes the last
 prompt token itself: the first write into the shared, partly filled block is a
 copy-on-write listed in SchedulerOutput.block_copies. Seats for the members are reserved
-when the leader is admitted. Beam search forks running sequences with `fork_request`.
+when the leader is admitted. Beam search forks running sequences with `fork_sequence`.
 """
 from __future__ import annotations
 
@@ -45,26 +46,21 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from jaxpaged.block_manager import EMPTY_PREFIX, BlockManager
-from jaxpaged.request import Request, RequestStatus
+from jaxpaged.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
-class ScheduledRequest:
-    request: Request
+class ScheduledSequence:
+    seq: Sequence
     num_new_tokens: int       # tokens computed this step: all_token_ids[start : start + num_new_tokens]
-    start: int                # == request.num_computed_tokens at schedule time
+    start: int                # == seq.num_computed_tokens at schedule time
     block_table: list[int]    # live table covering >= start + num_new_tokens tokens (read-only)
-    sample: bool | None = None  # start + num_new_tokens == request.num_tokens at schedule time:
-                                # a token is sampled (computed when not given)
-
-    def __post_init__(self):
-        if self.sample is None:
-            self.sample = self.start + self.num_new_tokens == self.request.num_tokens
+    sample: bool              # start + num_new_tokens == seq.num_tokens at schedule time: a token is sampled
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest]
+    scheduled: list[ScheduledSequence]
     num_batched_tokens: int
     block_copies: list[tuple[int, int]]  # (src, dst) copy-on-write copies to do, in order, BEFORE the step
     preempted: list[str]
@@ -97,13 +93,13 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []          # sorted by _age: oldest first, youngest last
-        self.requests: dict[str, Request] = {}    # every unfinished request (pending group members too)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []          # sorted by _age: oldest first, youngest last
+        self.seqs: dict[str, Sequence] = {}      # every unfinished sequence (pending group members too)
         self._age: dict[str, tuple[float, int]] = {}
         self._counter = itertools.count()
         # n > 1 groups whose members have not forked yet
-        self._pending: dict[str, list[Request]] = {}   # leader id -> members
+        self._pending: dict[str, list[Sequence]] = {}   # leader id -> members
         self._leader_of: dict[str, str] = {}           # member id -> leader id
         self._prefill_target: dict[str, int] = {}      # leader id -> len(prompt) - 1
         self._num_pending = 0
@@ -113,95 +109,98 @@ class Scheduler:
         self.num_preemptions = 0
 
     # ---- adding ------------------------------------------------------------------------
-    def max_tokens_per_request_capacity(self) -> int:
-        """The most tokens (prompt + output) one request can ever hold: the whole KV pool.
+    def max_tokens_per_sequence(self) -> int:
+        """The most tokens (prompt + output) one sequence can ever hold: the whole KV pool.
 
-        The engine rejects at add_request (ValueError) a request whose prompt + max_tokens
-        exceeds min(this, max_model_len); such a request could never run to its end.
+        The engine rejects at add_request (ValueError) a prompt that leaves no room in
+        min(this, max_model_len) for one generated token; such a request could never run.
         """
         return self.block_manager.num_total_blocks * self.block_size
 
-    def _check_new(self, req: Request) -> None:
-        if req.request_id in self.requests:
-            raise ValueError(f"request_id: {req.request_id!r} is already in the scheduler")
+    def _check_new(self, req: Sequence) -> None:
+        if req.seq_id in self.seqs:
+            raise ValueError(f"seq_id: {req.seq_id!r} is already in the scheduler")
         if req.num_tokens < 1:
             raise ValueError("prompt_token_ids: empty prompt")
-        limit = min(self.max_model_len, self.max_tokens_per_request_capacity())
+        limit = min(self.max_model_len, self.max_tokens_per_sequence())
         if req.num_tokens > limit:
             raise ValueError(f"prompt_token_ids: {req.num_tokens} tokens exceed the limit of {limit} "
                              f"(max_model_len {self.max_model_len}, KV pool "
-                             f"{self.max_tokens_per_request_capacity()} tokens)")
+                             f"{self.max_tokens_per_sequence()} tokens)")
 
-    def _register(self, req: Request) -> None:
-        self.requests[req.request_id] = req
-        self._age[req.request_id] = (req.arrival_time, next(self._counter))
-        req.status = RequestStatus.WAITING
+    def _register(self, req: Sequence) -> None:
+        self.seqs[req.seq_id] = req
+        self._age[req.seq_id] = (req.arrival_time, next(self._counter))
+        req.status = SequenceStatus.WAITING
         req.num_computed_tokens = 0
 
-    def add_request(self, request: Request) -> None:
-        self._check_new(request)
-        self._register(request)
-        self.waiting.append(request)
+    def add_sequence(self, seq: Sequence) -> None:
+        self._check_new(seq)
+        self._register(seq)
+        self.waiting.append(seq)
 
-    def add_request_group(self, requests: list[Request]) -> None:
-        """n > 1 samples of one prompt: prefill once (the first request), fork, copy-on-write."""
-        if not requests:
-            raise ValueError("requests: empty group")
-        if len(requests) > self.max_num_seqs:
-            raise ValueError(f"n: {len(requests)} exceeds max_num_seqs ({self.max_num_seqs})")
-        ids = {r.request_id for r in requests}
-        if len(ids) != len(requests):
-            raise ValueError("request_id: duplicate ids in the group")
-        leader, members = requests[0], list(requests[1:])
-        for r in requests:
+    def add_sequence_group(self, seqs: list[Sequence]) -> None:
+        """n > 1 samples of one prompt: prefill once (the first sequence), fork, copy-on-write."""
+        if not seqs:
+            raise ValueError("seqs: empty group")
+        if len(seqs) > self.max_num_seqs:
+            raise ValueError(f"n: {len(seqs)} exceeds max_num_seqs ({self.max_num_seqs})")
+        ids = {r.seq_id for r in seqs}
+        if len(ids) != len(seqs):
+            raise ValueError("seq_id: duplicate ids in the group")
+        leader, members = seqs[0], list(seqs[1:])
+        for r in seqs:
             self._check_new(r)
             if r.prompt_token_ids != leader.prompt_token_ids or r.output_token_ids:
-                raise ValueError("prompt_token_ids: a group's requests share one prompt and have no output yet")
-        for r in requests:
+                raise ValueError("prompt_token_ids: a group's sequences share one prompt and have no output yet")
+        for r in seqs:
             self._register(r)
         if members:
-            self._pending[leader.request_id] = members
-            self._prefill_target[leader.request_id] = leader.num_prompt_tokens - 1
+            self._pending[leader.seq_id] = members
+            self._prefill_target[leader.seq_id] = leader.num_prompt_tokens - 1
             self._num_pending += len(members)
             for m in members:
-                self._leader_of[m.request_id] = leader.request_id
+                self._leader_of[m.seq_id] = leader.seq_id
         self.waiting.append(leader)
 
-    def fork_request(self, parent_id: str, child: Request) -> None:
-        """Beam search: `child` continues `parent_id`'s sequence (same prompt and output tokens).
+    def fork_sequence(self, parent_id: str, child_id: str, sampling_params=None,
+                      arrival_time: float | None = None) -> Sequence:
+        """Beam search: a new sequence `child_id` continuing `parent_id` (same prompt and output
+        tokens, the parent's sampling params unless given, the parent's arrival time unless given).
 
         A running parent's blocks are shared (refcount + 1; the next write into a shared,
         partly filled block is a copy-on-write). Without a free seat, or when the parent is
         not running, the child waits at the front of the queue and recomputes (the prefix
         cache usually serves most of it).
         """
-        parent = self.requests.get(parent_id)
+        parent = self.seqs.get(parent_id)
         if parent is None:
-            raise ValueError(f"parent_id: no unfinished request {parent_id!r}")
-        if child.request_id in self.requests:
-            raise ValueError(f"request_id: {child.request_id!r} is already in the scheduler")
-        child.prompt_token_ids = list(parent.prompt_token_ids)
-        child.output_token_ids = list(parent.output_token_ids)
-        child._token_ids = list(parent.all_token_ids)
+            raise ValueError(f"parent_id: no unfinished sequence {parent_id!r}")
+        if child_id in self.seqs:
+            raise ValueError(f"seq_id: {child_id!r} is already in the scheduler")
+        child = parent.continuation(child_id, sampling_params)
+        if arrival_time is not None:
+            child.arrival_time = arrival_time
         self._register(child)
         bm = self.block_manager
-        if (parent.status is RequestStatus.RUNNING and bm.has_table(parent_id)
+        if (parent.status is SequenceStatus.RUNNING and bm.has_table(parent_id)
                 and len(self.running) + self._reserved_seats < self.max_num_seqs):
-            bm.fork(parent_id, child.request_id)
+            bm.fork(parent_id, child.seq_id)
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
-            child.status = RequestStatus.RUNNING
+            child.status = SequenceStatus.RUNNING
             self._insert_running(child)
         else:
             self.waiting.appendleft(child)
+        return child
 
     # ---- queries -----------------------------------------------------------------------
-    def get_request(self, request_id: str) -> Request | None:
-        """An unfinished request (finished ones are forgotten: None)."""
-        return self.requests.get(request_id)
+    def get_sequence(self, seq_id: str) -> Sequence | None:
+        """An unfinished sequence (finished ones are forgotten: None)."""
+        return self.seqs.get(seq_id)
 
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+    def has_unfinished_sequences(self) -> bool:
+        return bool(self.seqs)
 
     def stats(self) -> SchedulerStats:
         bm = self.block_manager
@@ -217,16 +216,16 @@ class Scheduler:
         running = self.running
         target_of = self._prefill_target
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        scheduled: list[ScheduledSequence] = []
         copies: list[tuple[int, int]] = []
         preempted: list[str] = []
         finished: list[str] = []
 
-        # 1. running requests, oldest first
+        # 1. running sequences, oldest first
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            rid = req.request_id
+            rid = req.seq_id
             start = req.num_computed_tokens
             num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
             n = (target_of.get(rid, num_tokens) if target_of else num_tokens) - start
@@ -240,11 +239,11 @@ class Scheduler:
                 victim = running[-1]
                 if victim is req and len(running) == 1:
                     # alone in the pool and still too big: it can never run
-                    self.finish_request(rid, RequestStatus.FINISHED_LENGTH)
+                    self.finish_sequence(rid, SequenceStatus.FINISHED_LENGTH)
                     finished.append(rid)
                     break
                 self._preempt(victim)
-                preempted.append(victim.request_id)
+                preempted.append(victim.seq_id)
                 if victim is req:
                     break
                 cps = bm.append_slots(rid, start + n)
@@ -252,11 +251,11 @@ class Scheduler:
                 continue                    # req left `running`; index i now holds the next one
             if cps:
                 copies.extend(cps)
-            scheduled.append(ScheduledRequest(req, n, start, bm.get_table(rid), start + n == num_tokens))
+            scheduled.append(ScheduledSequence(req, n, start, bm.get_table(rid), start + n == num_tokens))
             budget -= n
             i += 1
 
-        # 2. admit waiting requests, first come first served
+        # 2. admit waiting sequences, first come first served
         if not preempted:
             budget = self._admit(budget, scheduled, copies, finished)
 
@@ -268,7 +267,7 @@ class Scheduler:
         waiting = self.waiting
         while waiting and budget > 0:
             req = waiting[0]
-            rid = req.request_id
+            rid = req.seq_id
             members = self._pending.get(rid)
             seats = 1 + (len(members) if members else 0)
             if len(self.running) + self._reserved_seats + seats > self.max_num_seqs:
@@ -281,7 +280,7 @@ class Scheduler:
             if bm.allocate(rid, num_cached + n, prefix) is None:
                 if not self.running:
                     # every block is free and it still does not fit: it never will
-                    self.finish_request(rid, RequestStatus.FINISHED_LENGTH)
+                    self.finish_sequence(rid, SequenceStatus.FINISHED_LENGTH)
                     finished.append(rid)
                     continue
                 break
@@ -291,13 +290,13 @@ class Scheduler:
                 self.prefix_cache_hits += num_cached
             req.num_computed_tokens = num_cached
             req.num_cached_tokens = num_cached
-            req.status = RequestStatus.RUNNING
+            req.status = SequenceStatus.RUNNING
             self._insert_running(req)
             if members:
                 self._reserved_seats += len(members)
             if n > 0:
                 # (a leader's target is len(prompt) - 1, so it never samples before its group forks)
-                scheduled.append(ScheduledRequest(req, n, num_cached, bm.get_table(rid),
+                scheduled.append(ScheduledSequence(req, n, num_cached, bm.get_table(rid),
                                                   num_cached + n == req.num_tokens))
                 budget -= n
                 continue
@@ -307,25 +306,25 @@ class Scheduler:
                 if budget <= 0:
                     break
                 start = r.num_computed_tokens
-                cps = bm.append_slots(r.request_id, start + 1)
+                cps = bm.append_slots(r.seq_id, start + 1)
                 if cps is None:
                     break                   # no preemption at admission: they run next step
                 copies.extend(cps)
-                scheduled.append(ScheduledRequest(r, 1, start, bm.get_table(r.request_id),
+                scheduled.append(ScheduledSequence(r, 1, start, bm.get_table(r.seq_id),
                                                   start + 1 == r.num_tokens))
                 budget -= 1
         return budget
 
     def update_from_output(self, out: SchedulerOutput) -> None:
-        """Advances num_computed_tokens of the scheduled requests; registers full blocks'
+        """Advances num_computed_tokens of the scheduled sequences; registers full blocks'
         hashes; forks n > 1 groups whose leader finished prompt[:-1]."""
         bm = self.block_manager
         caching = self.enable_prefix_caching
         targets = self._prefill_target
         bs = self.block_size
-        running = RequestStatus.RUNNING
+        running = SequenceStatus.RUNNING
         for sr in out.scheduled:
-            req = sr.request
+            req = sr.seq
             start = sr.start
             if req.status is not running or req.num_computed_tokens != start:
                 continue                    # finished (aborted) since schedule()
@@ -334,29 +333,29 @@ class Scheduler:
             # a table's hashes always reach its first computed block, so only a block that
             # became full in this step can need one
             if caching and n // bs != start // bs:
-                bm.cache_full_blocks(req.request_id, req.all_token_ids, n)
-            if targets and req.request_id in targets and n >= targets[req.request_id]:
+                bm.cache_full_blocks(req.seq_id, req.all_token_ids, n)
+            if targets and req.seq_id in targets and n >= targets[req.seq_id]:
                 self._fork_group(req)
 
-    def append_token(self, request_id: str, token_id: int) -> None:
-        self.requests[request_id].append_output_token(token_id)
+    def append_token(self, seq_id: str, token_id: int) -> None:
+        self.seqs[seq_id].append_output_token(token_id)
 
-    def finish_request(self, request_id: str, status: RequestStatus) -> None:
-        """Finishes a request in any state (waiting, running, preempted, pending group member)
+    def finish_sequence(self, seq_id: str, status: SequenceStatus) -> None:
+        """Finishes a sequence in any state (waiting, running, preempted, pending group member)
         and frees every block it holds. Unknown or already finished ids are ignored."""
         if not status.is_finished:
             raise ValueError(f"status: {status} is not a finished status")
-        req = self.requests.pop(request_id, None)
+        req = self.seqs.pop(seq_id, None)
         if req is None:
             return
-        was_running = req.status is RequestStatus.RUNNING
+        was_running = req.status is SequenceStatus.RUNNING
         if was_running:
             self.running.remove(req)
-        elif request_id in self._leader_of:
-            leader_id = self._leader_of.pop(request_id)
+        elif seq_id in self._leader_of:
+            leader_id = self._leader_of.pop(seq_id)
             self._pending[leader_id].remove(req)
             self._num_pending -= 1
-            if self.requests[leader_id].status is RequestStatus.RUNNING:
+            if self.seqs[leader_id].status is SequenceStatus.RUNNING:
                 self._reserved_seats -= 1
             if not self._pending[leader_id]:
                 del self._pending[leader_id]
@@ -366,37 +365,37 @@ class Scheduler:
                 self.waiting.remove(req)
             except ValueError:
                 pass
-        self.block_manager.free(request_id)
-        self._age.pop(request_id, None)
+        self.block_manager.free(seq_id)
+        self._age.pop(seq_id, None)
         req.status = status
-        members = self._pending.pop(request_id, None)
+        members = self._pending.pop(seq_id, None)
         if members:
             # a leader left before its group forked: the next member leads, from the queue front
-            target = self._prefill_target.pop(request_id)
+            target = self._prefill_target.pop(seq_id)
             self._num_pending -= len(members)
             if was_running:
                 self._reserved_seats -= len(members)
             new_leader, rest = members[0], members[1:]
-            del self._leader_of[new_leader.request_id]
+            del self._leader_of[new_leader.seq_id]
             if rest:
-                self._pending[new_leader.request_id] = rest
-                self._prefill_target[new_leader.request_id] = target
+                self._pending[new_leader.seq_id] = rest
+                self._prefill_target[new_leader.seq_id] = target
                 self._num_pending += len(rest)
                 for m in rest:
-                    self._leader_of[m.request_id] = new_leader.request_id
+                    self._leader_of[m.seq_id] = new_leader.seq_id
             self.waiting.appendleft(new_leader)
 
     # ---- internals ---------------------------------------------------------------------
-    def _insert_running(self, req: Request) -> None:
+    def _insert_running(self, req: Sequence) -> None:
         age = self._age
-        bisect.insort(self.running, req, key=lambda r: age[r.request_id])
+        bisect.insort(self.running, req, key=lambda r: age[r.seq_id])
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Sequence) -> None:
         """Preemption by recompute: free every block; resume later from scratch (outputs kept)."""
-        rid = req.request_id
+        rid = req.seq_id
         self.running.remove(req)
         self.block_manager.free(rid)
-        req.status = RequestStatus.PREEMPTED
+        req.status = SequenceStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -405,18 +404,18 @@ class Scheduler:
             self._reserved_seats -= len(members)
         self.waiting.appendleft(req)
 
-    def _fork_group(self, leader: Request) -> list[Request]:
+    def _fork_group(self, leader: Sequence) -> list[Sequence]:
         """The pending members of leader's group share its table and start where it stands."""
-        rid = leader.request_id
+        rid = leader.seq_id
         members = self._pending.pop(rid)
         del self._prefill_target[rid]
         self._num_pending -= len(members)
         self._reserved_seats -= len(members)
         for m in members:
-            self.block_manager.fork(rid, m.request_id)
-            del self._leader_of[m.request_id]
+            self.block_manager.fork(rid, m.seq_id)
+            del self._leader_of[m.seq_id]
             m.num_computed_tokens = leader.num_computed_tokens
             m.num_cached_tokens = leader.num_cached_tokens
-            m.status = RequestStatus.RUNNING
+            m.status = SequenceStatus.RUNNING
             self._insert_running(m)
         return members

@@ -1,126 +1,111 @@
-"""Engine-side output state: one SequenceState per generated sequence, one RequestGroup per user request.
+"""Sequence: one token sequence the scheduler advances (tokens, how many have K/V in the cache, status).
 
-A SequenceState turns sampled tokens into vLLM-shaped output: it records logprobs and hands the token
-to a SequenceDetokenizer (detokenizer.py), which decodes the new text incrementally and applies the
-stop rules (stop token ids / eos after min_tokens, stop strings, max_tokens / max_model_len).
+Pure Python, no jax. The scheduler's unit of work. A user request (request_state.py) with n > 1
+samples, and every beam of a beam search, is several Sequences; they share KV blocks through
+the block manager.
+
+The scheduler's one rule reads two numbers from a Sequence:
+
+    num_tokens           = len(prompt_token_ids) + len(output_token_ids)
+    num_computed_tokens  = tokens whose K/V are in the cache
+
+and each step lets the second catch up with the first. A sequence is ready to sample in a
+step when the step computes its last token (start + num_new_tokens == num_tokens).
+
+A Sequence owns its token ids: `append_output_token` is the only way they grow (the
+detokenizer and the output side read them, never copy them).
 """
 from __future__ import annotations
 
+import enum
 import time
-
-from jaxpaged.detokenizer import SequenceDetokenizer, StopResult, TokenDecoder
-from jaxpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput, make_logprobs_entry
-from jaxpaged.request import Request
-from jaxpaged.sampler import SamplingRow
+from typing import Any, Iterable
 
 
-class RequestGroup:
-    """A user request: its prompt, params, metrics and its n sequences."""
-
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, arrival: float):
-        self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, prompt_token_ids, params
-        self.seqs: list[SequenceState] = []
-        self.metrics = RequestMetrics(arrival_time=arrival)
-        # prompt_logprobs: entry i scores prompt token i (entry 0 is None, as in vLLM); filled as the
-        # prompt's chunks are computed (rows of position p score token p + 1)
-        self.prompt_logprobs = [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
-        self._prompt_lp_done = 1
-
-    def needs_prompt_logprobs(self, start: int) -> bool:
-        """Whether a chunk starting at `start` computes positions still missing prompt logprobs."""
-        return self.prompt_logprobs is not None and self._prompt_lp_done < len(self.prompt_token_ids) \
-            and start < len(self.prompt_token_ids) - 1
-
-    def record_prompt_logprobs(self, start: int, n: int, row: int, result, decode) -> None:
-        k = self.params.prompt_logprobs
-        ids = self.prompt_token_ids
-        for p in range(start, min(start + n, len(ids) - 1)):
-            r = row + p - start
-            self.prompt_logprobs[p + 1] = make_logprobs_entry(
-                ids[p + 1], result.prompt_logprob[r], result.prompt_rank[r],
-                result.prompt_top_ids[r, :k], result.prompt_top_logprobs[r, :k], decode=decode)
-            self._prompt_lp_done = max(self._prompt_lp_done, p + 2)
-
-    def mark_scheduled(self, now: float) -> None:
-        if self.metrics.first_scheduled_time is None:
-            self.metrics.first_scheduled_time = now
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
 
     @property
-    def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
-
-    def to_output(self) -> RequestOutput:
-        outs = [s.completion() for s in self.seqs]
-        cached = max((s.request.num_cached_tokens for s in self.seqs), default=0)
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-                             prompt_logprobs=self.prompt_logprobs, outputs=outs, finished=self.finished, metrics=self.metrics,
-                             num_cached_tokens=cached)
-
-
-class SequenceState:
-    def __init__(self, request: Request, group: RequestGroup, index: int, tokenizer, *, eos_token_ids,
-                 max_model_len: int, decode_token: TokenDecoder):
-        self.request, self.group, self.index = request, group, index
-        self.params = p = request.sampling_params
-        self.out = SequenceDetokenizer(tokenizer, request.prompt_token_ids, p, eos_token_ids, max_model_len)
-        self.decode_token = decode_token
-        self.logprobs = [] if p.logprobs is not None else None
-        self.cumulative_logprob = 0.0
-        self.aborted = False
-
-    @property
-    def finished(self) -> bool:
-        return self.aborted or self.out.finished
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASON
 
     @property
     def finish_reason(self) -> str | None:
-        return "abort" if self.aborted else self.out.finish_reason
+        """vLLM's finish_reason: "stop" | "length" | "abort", None while unfinished."""
+        return _FINISH_REASON.get(self)
 
-    def finish_length(self) -> None:
-        """Ended from outside the token stream (the KV pool cannot hold it): finish_reason "length"."""
-        self.out._finish(StopResult("length"))
-        self._mark_if_group_done()
 
-    def abort(self) -> None:
-        self.aborted = True
-        self._mark_if_group_done()
+_FINISH_REASON = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+}
 
-    def _mark_if_group_done(self) -> None:
-        if self.group.finished:
-            self.group.metrics.finished_time = time.time()
 
-    def sampling_row(self) -> SamplingRow:
-        r = self.request
-        return SamplingRow(self.params, r.prompt_token_ids, r.output_token_ids)
+class Sequence:
+    """One sequence. Compared by identity; `seq_id` is unique within a scheduler.
 
-    def on_token(self, result, row: int) -> str | None:
-        """Records the token sampled in `row` of a StepResult (already appended to the Request).
+    Invariant: all_token_ids == prompt_token_ids + output_token_ids; the three lists change
+    only through append_output_token (read them, never mutate them).
+    """
+    __slots__ = ("seq_id", "prompt_token_ids", "output_token_ids", "_all_token_ids", "sampling_params",
+                 "arrival_time", "num_computed_tokens", "status", "num_cached_tokens", "num_preemptions",
+                 "skip_prefix_cache")
 
-        Returns the finish reason ("stop" / "length") when the sequence ends, else None.
-        """
-        token = int(result.tokens[row])
-        now = time.time()
-        m = self.group.metrics
-        if m.first_token_time is None:
-            m.first_token_time = now
-        m.last_token_time = now
-        self.cumulative_logprob += float(result.logprob[row])
-        if self.logprobs is not None:
-            n = self.params.logprobs
-            top_ids = result.top_ids[row, :n] if n else ()
-            top_lp = result.top_logprobs[row, :n] if n else ()
-            self.logprobs.append(make_logprobs_entry(token, result.logprob[row], result.rank[row], top_ids, top_lp,
-                                                     decode=self.decode_token))
-        stop = self.out.append(token)
-        if stop is None:
-            return None
-        self._mark_if_group_done()
-        return stop.finish_reason
+    def __init__(self, seq_id: str, prompt_token_ids: Iterable[int], sampling_params: Any = None,
+                 arrival_time: float | None = None, *, output_token_ids: Iterable[int] = (),
+                 skip_prefix_cache: bool = False):
+        self.seq_id = seq_id
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = list(output_token_ids)
+        self._all_token_ids: list[int] = self.prompt_token_ids + self.output_token_ids
+        self.sampling_params = sampling_params    # SamplingParams; the scheduler never reads it
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.num_computed_tokens = 0               # tokens whose K/V are in the cache
+        self.status = SequenceStatus.WAITING
+        self.num_cached_tokens = 0                 # tokens served from the prefix cache at the (last) admission
+        self.num_preemptions = 0
+        # no prefix-cache hits at admission: the sequence needs logits at every prompt position
+        # (prompt_logprobs), which cached blocks cannot give
+        self.skip_prefix_cache = skip_prefix_cache
 
-    def completion(self) -> CompletionOutput:
-        r = self.request
-        return CompletionOutput(index=self.index, text=self.out.stream_text(), token_ids=list(r.output_token_ids),
-                                cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-                                logprobs=list(self.logprobs) if self.logprobs is not None else None,
-                                finish_reason=self.finish_reason,
-                                stop_reason=self.out.stop_reason)
+    def __repr__(self) -> str:
+        return (f"Sequence({self.seq_id!r}, prompt={len(self.prompt_token_ids)} tokens, "
+                f"output={len(self.output_token_ids)} tokens, computed={self.num_computed_tokens}, "
+                f"{self.status.name})")
+
+    def continuation(self, seq_id: str, sampling_params: Any = None) -> "Sequence":
+        """A new WAITING sequence with this one's prompt and output tokens (beam search forks)."""
+        return Sequence(seq_id, self.prompt_token_ids, sampling_params if sampling_params is not None
+                        else self.sampling_params, self.arrival_time, output_token_ids=self.output_token_ids,
+                        skip_prefix_cache=self.skip_prefix_cache)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """prompt + output (a live list: read it, do not mutate it)."""
+        return self._all_token_ids
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished

@@ -29,7 +29,7 @@ class StepInputs:
 
 def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_tokens_padded: int,
                       num_seqs_padded: int, with_next_tokens: bool = False) -> StepInputs:
-    """scheduled: list of ScheduledRequest (request, start, num_new_tokens, block_table).
+    """scheduled: list of ScheduledSequence (seq, start, num_new_tokens, block_table).
 
     with_next_tokens: also fill next_token_ids (row r at position p holds token p + 1 of its sequence,
     0 where that token is not known yet), which prompt logprobs score.
@@ -49,12 +49,12 @@ def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_token
         table = np.asarray(s.block_table, np.int32)
         block_tables[b, : len(table)] = table
         pos = np.arange(start, start + n, dtype=np.int32)
-        token_ids[row: row + n] = _token_slice(s.request, start, n)
+        token_ids[row: row + n] = _token_slice(s.seq, start, n)
         positions[row: row + n] = pos
         slots[row: row + n] = table[pos // block_size] * block_size + pos % block_size
         seq_lens[b] = start + n
         if with_next_tokens:
-            nxt = _token_slice(s.request, start + 1, n)   # shorter by one at the sequence's end
+            nxt = _token_slice(s.seq, start + 1, n)   # shorter by one at the sequence's end
             next_ids[row: row + len(nxt)] = nxt
         row += n
         query_start[b + 1] = row
@@ -64,9 +64,9 @@ def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_token
                       next_ids, num_tokens=row, num_seqs=len(scheduled))
 
 
-def _token_slice(request, start: int, n: int) -> list[int]:
-    """request's token ids [start, start+n) without concatenating prompt and output (hot path)."""
-    prompt, output = request.prompt_token_ids, request.output_token_ids
+def _token_slice(seq, start: int, n: int) -> list[int]:
+    """seq's token ids [start, start+n) without concatenating prompt and output (hot path)."""
+    prompt, output = seq.prompt_token_ids, seq.output_token_ids
     p = len(prompt)
     if start >= p:
         return output[start - p: start - p + n]

@@ -25,7 +25,9 @@ def make_engine(config, factory: str | None = None):
     if factory:
         module, _, name = factory.partition(":")
         return getattr(importlib.import_module(module), name or "make_engine")(config)
+    from jaxpaged.compilation_cache import enable_compilation_cache
     from jaxpaged.engine import LLMEngine
+    enable_compilation_cache(config)     # process-wide JAX config belongs to the entry point
     return LLMEngine(config)
 
 

@@ -72,7 +72,7 @@ def test_equals_transformers_num_beams(llm, width, length_penalty, early_stoppin
             # each logprobs entry holds the chosen token first, then the beam's other candidates
             assert list(s.logprobs[0])[0] == s.tokens[len(prompt)]
             assert len(s.logprobs[0]) == 2 * width
-    assert _used_blocks(llm) == 0 and not llm.llm_engine.scheduler.has_unfinished_requests()
+    assert _used_blocks(llm) == 0 and not llm.llm_engine.scheduler.has_unfinished_sequences()
 
 
 def test_beams_share_kv_blocks(llm, monkeypatch):
@@ -187,7 +187,7 @@ def test_bad_input_names_the_field(llm):
         llm.beam_search([[5, 6, 7], []], BeamSearchParams(beam_width=2, max_tokens=4))
     with pytest.raises(ValueError, match="prompt"):
         llm.beam_search([[5, 6, 7], [1] * 200], BeamSearchParams(beam_width=2, max_tokens=4))
-    assert _used_blocks(llm) == 0 and not llm.llm_engine.scheduler.has_unfinished_requests()
+    assert _used_blocks(llm) == 0 and not llm.llm_engine.scheduler.has_unfinished_sequences()
 
 
 def test_refuses_a_busy_engine(llm):
@@ -197,7 +197,7 @@ def test_refuses_a_busy_engine(llm):
     try:
         with pytest.raises(RuntimeError, match="idle engine"):
             llm.beam_search([[5, 6, 7]], BeamSearchParams(beam_width=2, max_tokens=4))
-        assert engine.scheduler.get_request("other") is not None        # untouched
+        assert engine.scheduler.get_sequence("other") is not None        # untouched
     finally:
         engine.abort_request("other")
     assert _used_blocks(llm) == 0
@@ -216,4 +216,4 @@ def test_an_error_mid_search_frees_every_block(llm, monkeypatch):
     monkeypatch.setattr(runner, "execute", failing_execute)
     with pytest.raises(KeyboardInterrupt):
         llm.beam_search(_prompts((40, 20), seed=5), BeamSearchParams(beam_width=4, max_tokens=8))
-    assert _used_blocks(llm) == 0 and not llm.llm_engine.scheduler.has_unfinished_requests()
+    assert _used_blocks(llm) == 0 and not llm.llm_engine.scheduler.has_unfinished_sequences()

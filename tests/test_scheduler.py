@@ -16,7 +16,7 @@ import zlib
 import pytest
 
 from jaxpaged.block_manager import cdiv
-from jaxpaged.request import Request, RequestStatus
+from jaxpaged.sequence import Sequence, SequenceStatus
 from jaxpaged.scheduler import Scheduler
 
 VOCAB = 50
@@ -39,18 +39,18 @@ class FakeModel:
             kv[dst * bs:(dst + 1) * bs] = kv[src * bs:(src + 1) * bs]
         rc = self.sched.block_manager.ref_cnt
         for sr in out.scheduled:
-            toks = sr.request.all_token_ids
+            toks = sr.seq.all_token_ids
             for p in range(sr.start, sr.start + sr.num_new_tokens):
                 b = sr.block_table[p // bs]
-                assert b != 0 and rc[b] == 1, f"{sr.request.request_id} writes block {b} (refcount {rc[b]})"
+                assert b != 0 and rc[b] == 1, f"{sr.seq.seq_id} writes block {b} (refcount {rc[b]})"
                 kv[b * bs + p % bs] = toks[p]
         sampled = {}
         for sr in out.scheduled:
             if sr.sample:
                 end = sr.start + sr.num_new_tokens
                 ctx = [kv[sr.block_table[p // bs] * bs + p % bs] for p in range(end)]
-                assert ctx == sr.request.all_token_ids[:end], f"{sr.request.request_id}: wrong K/V context"
-                sampled[sr.request.request_id] = next_token(sr.request.request_id, ctx)
+                assert ctx == sr.seq.all_token_ids[:end], f"{sr.seq.seq_id}: wrong K/V context"
+                sampled[sr.seq.seq_id] = next_token(sr.seq.seq_id, ctx)
         return sampled
 
 
@@ -59,11 +59,11 @@ def check_step(sched: Scheduler, out) -> None:
     ns = [sr.num_new_tokens for sr in out.scheduled]
     assert all(n >= 1 for n in ns)
     assert sum(ns) == out.num_batched_tokens <= sched.max_num_batched_tokens
-    assert len({sr.request.request_id for sr in out.scheduled}) == len(out.scheduled)
+    assert len({sr.seq.seq_id for sr in out.scheduled}) == len(out.scheduled)
     assert len(out.scheduled) <= sched.max_num_seqs and len(sched.running) <= sched.max_num_seqs
     for sr in out.scheduled:
-        assert sr.start == sr.request.num_computed_tokens
-        assert sr.sample == (sr.start + sr.num_new_tokens == sr.request.num_tokens)
+        assert sr.start == sr.seq.num_computed_tokens
+        assert sr.sample == (sr.start + sr.num_new_tokens == sr.seq.num_tokens)
         assert len(sr.block_table) == cdiv(sr.start + sr.num_new_tokens, sched.block_size)
     sched.block_manager.check_invariants()
 
@@ -74,12 +74,12 @@ def check_after_update(sched: Scheduler) -> None:
     bm.check_invariants()
     assert bm.num_free_blocks + bm.num_used_blocks == bm.num_total_blocks
     for r in sched.running:
-        assert r.status is RequestStatus.RUNNING
-        assert len(bm.get_table(r.request_id)) == cdiv(r.num_computed_tokens, sched.block_size)
-        assert bm.table_num_tokens(r.request_id) == r.num_computed_tokens
+        assert r.status is SequenceStatus.RUNNING
+        assert len(bm.get_table(r.seq_id)) == cdiv(r.num_computed_tokens, sched.block_size)
+        assert bm.table_num_tokens(r.seq_id) == r.num_computed_tokens
     for r in sched.waiting:
-        assert not bm.has_table(r.request_id) and r.num_computed_tokens == 0
-    assert sorted(bm.table_ids()) == sorted(r.request_id for r in sched.running)
+        assert not bm.has_table(r.seq_id) and r.num_computed_tokens == 0
+    assert sorted(bm.table_ids()) == sorted(r.seq_id for r in sched.running)
 
 
 class Loop:
@@ -91,14 +91,14 @@ class Loop:
         self.model = FakeModel(sched)
         self.max_tokens = max_tokens if max_tokens is not None else {}
         self.outputs: dict[str, list[int]] = {}
-        self.finished: dict[str, RequestStatus] = {}
+        self.finished: dict[str, SequenceStatus] = {}
         self.peak_used = 0
         self.steps = 0
 
     def add(self, rid, prompt, max_tokens=8, arrival=None):
-        r = Request(rid, list(prompt), arrival_time=self.steps if arrival is None else arrival)
+        r = Sequence(rid, list(prompt), arrival_time=self.steps if arrival is None else arrival)
         self.max_tokens[rid] = max_tokens
-        self.sched.add_request(r)
+        self.sched.add_sequence(r)
         return r
 
     def step(self):
@@ -107,27 +107,27 @@ class Loop:
         sampled = self.model.step(out)
         self.sched.update_from_output(out)
         for rid in out.finished:
-            self.finished[rid] = RequestStatus.FINISHED_LENGTH
+            self.finished[rid] = SequenceStatus.FINISHED_LENGTH
         for sr in out.scheduled:
-            rid = sr.request.request_id
+            rid = sr.seq.seq_id
             if rid not in sampled:
                 continue
             tok = sampled[rid]
             self.sched.append_token(rid, tok)
-            self.outputs[rid] = list(sr.request.output_token_ids)
+            self.outputs[rid] = list(sr.seq.output_token_ids)
             if tok == STOP and self.stop:
-                self.sched.finish_request(rid, RequestStatus.FINISHED_STOPPED)
-                self.finished[rid] = RequestStatus.FINISHED_STOPPED
-            elif sr.request.num_output_tokens >= self.max_tokens.get(rid, 8):
-                self.sched.finish_request(rid, RequestStatus.FINISHED_LENGTH)
-                self.finished[rid] = RequestStatus.FINISHED_LENGTH
+                self.sched.finish_sequence(rid, SequenceStatus.FINISHED_STOPPED)
+                self.finished[rid] = SequenceStatus.FINISHED_STOPPED
+            elif sr.seq.num_output_tokens >= self.max_tokens.get(rid, 8):
+                self.sched.finish_sequence(rid, SequenceStatus.FINISHED_LENGTH)
+                self.finished[rid] = SequenceStatus.FINISHED_LENGTH
         check_after_update(self.sched)
         self.peak_used = max(self.peak_used, self.sched.block_manager.num_used_blocks)
         self.steps += 1
         return out
 
     def run(self, max_steps=2000):
-        while self.sched.has_unfinished_requests():
+        while self.sched.has_unfinished_sequences():
             self.step()
             assert self.steps < max_steps, "no progress"
         assert self.sched.block_manager.num_used_blocks == 0
@@ -168,10 +168,10 @@ def test_budget_is_shared_running_first_then_fcfs():
     loop.add("b", prompt(6, 2))
     loop.add("c", prompt(3, 3))
     out = loop.step()
-    assert [(sr.request.request_id, sr.num_new_tokens) for sr in out.scheduled] == [("a", 6), ("b", 2)]
+    assert [(sr.seq.seq_id, sr.num_new_tokens) for sr in out.scheduled] == [("a", 6), ("b", 2)]
     out = loop.step()
     # a decodes, b continues its prefill, c gets what is left
-    assert [(sr.request.request_id, sr.num_new_tokens) for sr in out.scheduled] == [("a", 1), ("b", 4), ("c", 3)]
+    assert [(sr.seq.seq_id, sr.num_new_tokens) for sr in out.scheduled] == [("a", 1), ("b", 4), ("c", 3)]
     assert out.num_batched_tokens == 8
 
 
@@ -181,11 +181,11 @@ def test_max_num_seqs_limits_running():
     for k in range(3):
         loop.add(f"r{k}", prompt(4, k), max_tokens=2)
     out = loop.step()
-    assert [sr.request.request_id for sr in out.scheduled] == ["r0", "r1"]
+    assert [sr.seq.seq_id for sr in out.scheduled] == ["r0", "r1"]
     assert s.stats().num_running == 2 and s.stats().num_waiting == 1
     loop.step()                                      # r0 and r1 reach max_tokens=2 (unless STOP)
     out = loop.step()
-    assert "r2" in [sr.request.request_id for sr in out.scheduled]
+    assert "r2" in [sr.seq.seq_id for sr in out.scheduled]
     loop.run()
 
 
@@ -197,8 +197,8 @@ def test_fcfs_a_blocked_head_is_not_overtaken():
     loop.add("big", prompt(12, 2))                   # 3 blocks: does not fit now
     loop.add("small", prompt(2, 3))                  # would fit, but must wait behind "big"
     out = loop.step()
-    assert [sr.request.request_id for sr in out.scheduled] == ["a"]
-    assert [r.request_id for r in s.waiting] == ["big", "small"]
+    assert [sr.seq.seq_id for sr in out.scheduled] == ["a"]
+    assert [r.seq_id for r in s.waiting] == ["big", "small"]
 
 
 # ---- prefix caching ----------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_prefix_hit_sets_num_computed_tokens_and_counters():
     c = loop.add("c", shared)
     out = loop.step()
     assert c.num_cached_tokens == 4
-    assert [(x.request.request_id, x.start, x.num_new_tokens) for x in out.scheduled][-1] == ("c", 4, 4)
+    assert [(x.seq.seq_id, x.start, x.num_new_tokens) for x in out.scheduled][-1] == ("c", 4, 4)
     loop.run()
 
 
@@ -265,17 +265,17 @@ def test_preempts_the_youngest_and_resumes_with_unchanged_output():
 
     s, loop = scenario(num_blocks=6)                 # 5 usable: both need 2, then 3 blocks each
     preempted_at = None
-    while s.has_unfinished_requests():
+    while s.has_unfinished_sequences():
         out = loop.step()
         if out.preempted and preempted_at is None:
             preempted_at = loop.steps
             assert out.preempted == ["young"]
-            young = [r for r in s.waiting if r.request_id == "young"][0]
+            young = [r for r in s.waiting if r.seq_id == "young"][0]
             assert s.waiting[0] is young             # at the FRONT of the queue
-            assert young.status is RequestStatus.PREEMPTED and young.num_computed_tokens == 0
+            assert young.status is SequenceStatus.PREEMPTED and young.num_computed_tokens == 0
             assert young.num_preemptions == 1 and young.num_output_tokens > 0
             assert not s.block_manager.has_table("young")
-            assert [sr.request.request_id for sr in out.scheduled] == ["old"]
+            assert [sr.seq.seq_id for sr in out.scheduled] == ["old"]
     assert preempted_at is not None and s.stats().num_preemptions >= 1
     assert s.block_manager.num_used_blocks == 0
 
@@ -287,15 +287,15 @@ def test_preempts_the_youngest_and_resumes_with_unchanged_output():
 
 def test_request_outgrowing_the_pool_is_finished_not_looped_on():
     s = make(num_blocks=4, block_size=4, max_model_len=100)   # pool: 3 blocks = 12 tokens
-    assert s.max_tokens_per_request_capacity() == 12
+    assert s.max_tokens_per_sequence() == 12
     with pytest.raises(ValueError, match="prompt_token_ids"):
-        s.add_request(Request("huge", prompt(13)))
+        s.add_sequence(Sequence("huge", prompt(13)))
     with pytest.raises(ValueError, match="prompt_token_ids"):
-        s.add_request(Request("empty", []))
+        s.add_sequence(Sequence("empty", []))
     loop = Loop(s)
     loop.add("grows", [10] * 10, max_tokens=50)     # the engine should have rejected this one
     loop.run(max_steps=50)
-    assert loop.finished["grows"] in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED)
+    assert loop.finished["grows"] in (SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_STOPPED)
     assert len(loop.outputs.get("grows", [])) <= 3
 
 
@@ -308,19 +308,19 @@ def test_abort_in_every_state_frees_every_block():
     loop.add("pre", prompt(12, 2), max_tokens=40, arrival=1)
     loop.step()
     loop.add("wait", prompt(30, 3), arrival=2)
-    while not any(r.status is RequestStatus.PREEMPTED for r in s.waiting):
+    while not any(r.status is SequenceStatus.PREEMPTED for r in s.waiting):
         loop.step()
         assert loop.steps < 50
-    states = {rid: s.get_request(rid).status for rid in ("run", "pre", "wait")}
-    assert states == {"run": RequestStatus.RUNNING, "pre": RequestStatus.PREEMPTED,
-                      "wait": RequestStatus.WAITING}
+    states = {rid: s.get_sequence(rid).status for rid in ("run", "pre", "wait")}
+    assert states == {"run": SequenceStatus.RUNNING, "pre": SequenceStatus.PREEMPTED,
+                      "wait": SequenceStatus.WAITING}
     for rid in ("wait", "pre", "run"):
-        r = s.get_request(rid)
-        s.finish_request(rid, RequestStatus.FINISHED_ABORTED)
-        assert r.status.finish_reason == "abort" and s.get_request(rid) is None
+        r = s.get_sequence(rid)
+        s.finish_sequence(rid, SequenceStatus.FINISHED_ABORTED)
+        assert r.status.finish_reason == "abort" and s.get_sequence(rid) is None
         check_after_update(s)
-    assert not s.has_unfinished_requests() and s.block_manager.num_used_blocks == 0
-    s.finish_request("run", RequestStatus.FINISHED_ABORTED)   # twice: ignored
+    assert not s.has_unfinished_sequences() and s.block_manager.num_used_blocks == 0
+    s.finish_sequence("run", SequenceStatus.FINISHED_ABORTED)   # twice: ignored
 
 
 def test_abort_between_schedule_and_update():
@@ -328,7 +328,7 @@ def test_abort_between_schedule_and_update():
     loop = Loop(s)
     loop.add("a", prompt(9))
     out = s.schedule()
-    s.finish_request("a", RequestStatus.FINISHED_ABORTED)
+    s.finish_sequence("a", SequenceStatus.FINISHED_ABORTED)
     s.update_from_output(out)
     check_after_update(s)
     assert s.block_manager.num_used_blocks == 0
@@ -337,21 +337,21 @@ def test_abort_between_schedule_and_update():
 # ---- n > 1 and beam forks ----------------------------------------------------------------
 
 def group(rid, p, n, arrival=0.0):
-    return [Request(f"{rid}#{k}", list(p), arrival_time=arrival) for k in range(n)]
+    return [Sequence(f"{rid}#{k}", list(p), arrival_time=arrival) for k in range(n)]
 
 
 def test_group_prefills_once_forks_and_copies_on_write():
     s = make(block_size=4)
     loop = Loop(s, max_tokens={f"g#{k}": 8 for k in range(4)})
-    s.add_request_group(group("g", prompt(10, 4), 4))
+    s.add_sequence_group(group("g", prompt(10, 4), 4))
     assert s.stats().num_waiting == 4
     out = loop.step()                                # the leader prefills prompt[:-1]
-    assert [(sr.request.request_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
+    assert [(sr.seq.seq_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
         == [("g#0", 0, 9, False)]
     assert s.stats().num_running == 4               # forked after the update
     assert s.block_manager.ref_cnt[1:4] == [4, 4, 4]
     out = loop.step()                                # each member computes token 9 itself
-    assert [(sr.request.request_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
+    assert [(sr.seq.seq_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
         == [(f"g#{k}", 9, 1, True) for k in range(4)]
     assert out.block_copies == [(3, 4), (3, 5), (3, 6)]   # the last holder writes in place
     assert [list(sr.block_table) for sr in out.scheduled] == [[1, 2, 4], [1, 2, 5], [1, 2, 6], [1, 2, 3]]
@@ -373,21 +373,21 @@ def test_group_with_cached_prompt_forks_at_admission():
     p = prompt(9, 6)                                 # prompt[:-1] is two full blocks
     loop.add("warm", p, max_tokens=1)
     loop.run()
-    s.add_request_group(group("g", p, 3, arrival=5.0))
+    s.add_sequence_group(group("g", p, 3, arrival=5.0))
     out = loop.step()
-    assert [(sr.request.request_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
+    assert [(sr.seq.seq_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
         == [(f"g#{k}", 8, 1, True) for k in range(3)]
     assert out.block_copies == []                    # block-aligned: no partial block to copy
-    assert [s.get_request(f"g#{k}").num_cached_tokens for k in range(3)] == [8, 8, 8]
+    assert [s.get_sequence(f"g#{k}").num_cached_tokens for k in range(3)] == [8, 8, 8]
     loop.run()
 
 
 def test_group_with_a_one_token_prompt():
     s = make(block_size=4)
     loop = Loop(s)
-    s.add_request_group(group("g", [12], 3))
+    s.add_sequence_group(group("g", [12], 3))
     out = loop.step()                                # nothing to prefill alone: all fork empty tables
-    assert [(sr.request.request_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
+    assert [(sr.seq.seq_id, sr.start, sr.num_new_tokens, sr.sample) for sr in out.scheduled] \
         == [(f"g#{k}", 0, 1, True) for k in range(3)]
     assert out.block_copies == [] and s.block_manager.num_used_blocks == 3
     loop.run()
@@ -396,10 +396,10 @@ def test_group_with_a_one_token_prompt():
 def test_group_leader_abort_promotes_the_next_member():
     s = make(block_size=4, budget=4)
     loop = Loop(s)
-    s.add_request_group(group("g", prompt(10, 7), 3))
+    s.add_sequence_group(group("g", prompt(10, 7), 3))
     loop.step()                                      # leader mid-prefill (4 of 9 tokens)
-    s.finish_request("g#0", RequestStatus.FINISHED_ABORTED)
-    assert [r.request_id for r in s.waiting] == ["g#1"]
+    s.finish_sequence("g#0", SequenceStatus.FINISHED_ABORTED)
+    assert [r.seq_id for r in s.waiting] == ["g#1"]
     assert s.stats().num_waiting == 2
     loop.run()
     assert set(loop.outputs) == {"g#1", "g#2"}
@@ -408,17 +408,16 @@ def test_group_leader_abort_promotes_the_next_member():
 def test_group_larger_than_max_num_seqs_is_rejected():
     s = make(max_num_seqs=2)
     with pytest.raises(ValueError, match="n:"):
-        s.add_request_group(group("g", prompt(4), 3))
+        s.add_sequence_group(group("g", prompt(4), 3))
 
 
-def test_fork_request_shares_blocks_for_beam_search():
+def test_fork_sequence_shares_blocks_for_beam_search():
     s = make(block_size=4)
     loop = Loop(s)
     parent = loop.add("p", prompt(6, 8), max_tokens=20)
     loop.step()
     loop.step()                                      # 7 computed (block 2 partly filled), 8 tokens
-    child = Request("c", [], arrival_time=1.0)
-    s.fork_request("p", child)
+    child = s.fork_sequence("p", "c", arrival_time=1.0)
     loop.max_tokens["c"] = 20
     assert child.output_token_ids == parent.output_token_ids
     assert child.num_computed_tokens == parent.num_computed_tokens == 7
@@ -434,7 +433,7 @@ def test_fork_request_shares_blocks_for_beam_search():
 def test_schedule_256_decodes_is_fast():
     s = make(num_blocks=256 * 40, block_size=16, max_num_seqs=256, budget=8192, max_model_len=4096)
     for k in range(256):
-        s.add_request(Request(f"r{k}", prompt(100, k), arrival_time=k))
+        s.add_sequence(Sequence(f"r{k}", prompt(100, k), arrival_time=k))
     times = []
     for _ in range(60):
         t0 = time.perf_counter()
@@ -442,7 +441,7 @@ def test_schedule_256_decodes_is_fast():
         s.update_from_output(out)
         times.append(time.perf_counter() - t0)
         for sr in out.scheduled:
-            s.append_token(sr.request.request_id, 1)
+            s.append_token(sr.seq.seq_id, 1)
     assert len(out.scheduled) == 256 and out.num_batched_tokens == 256
     per_step = sorted(times[1:])[len(times) // 2]   # median of the decode steps
     print(f"schedule + update_from_output, 256 decodes: {per_step * 1e3:.3f} ms/step (median)")
@@ -473,24 +472,24 @@ def random_workload(cfg, seed, aborts_and_forks):
                 n = rng.randrange(2, 4)
                 reqs = group(f"g{n_added}", p, n, arrival=step)
                 for r in reqs:
-                    loop.max_tokens[r.request_id] = mt
-                s.add_request_group(reqs)
+                    loop.max_tokens[r.seq_id] = mt
+                s.add_sequence_group(reqs)
             else:
                 loop.add(f"r{n_added}", p, max_tokens=mt, arrival=step)
             n_added += 1
-        if aborts_and_forks and s.requests and rng.random() < 0.05:
-            rid = rng.choice(sorted(s.requests))
-            s.finish_request(rid, RequestStatus.FINISHED_ABORTED)
-            loop.finished[rid] = RequestStatus.FINISHED_ABORTED
+        if aborts_and_forks and s.seqs and rng.random() < 0.05:
+            rid = rng.choice(sorted(s.seqs))
+            s.finish_sequence(rid, SequenceStatus.FINISHED_ABORTED)
+            loop.finished[rid] = SequenceStatus.FINISHED_ABORTED
             check_after_update(s)
         if aborts_and_forks and s.running and rng.random() < 0.05 and len(s.running) < s.max_num_seqs:
             parent = rng.choice(s.running)
-            cid = f"{parent.request_id}-fork{step}"
-            s.fork_request(parent.request_id, Request(cid, [], arrival_time=step))
-            loop.max_tokens[cid] = loop.max_tokens.get(parent.request_id, 8) + 2
+            cid = f"{parent.seq_id}-fork{step}"
+            s.fork_sequence(parent.seq_id, cid, arrival_time=step)
+            loop.max_tokens[cid] = loop.max_tokens.get(parent.seq_id, 8) + 2
             check_after_update(s)
         loop.step()
-        if n_added >= 40 and not s.has_unfinished_requests():
+        if n_added >= 40 and not s.has_unfinished_sequences():
             break
     loop.run()
     return loop, s
@@ -501,7 +500,7 @@ def random_workload(cfg, seed, aborts_and_forks):
 def test_random_workload_invariants(cfg, seed):
     loop, s = random_workload(cfg, seed, aborts_and_forks=True)
     assert s.block_manager.num_used_blocks == 0
-    assert not s.running and not s.waiting and not s.requests
+    assert not s.running and not s.waiting and not s.seqs
     assert loop.steps >= 100
 
 

@@ -1,0 +1,130 @@
+"""The engine's state of a user request: one RequestState per request, one CompletionState per completion.
+
+A user request (add_request) asks for n completions; each is one scheduler Sequence (sequence.py),
+which owns the token ids. A CompletionState turns that sequence's sampled tokens into vLLM-shaped
+output: it records logprobs and hands the token to a SequenceDetokenizer (detokenizer.py), which
+decodes the new text incrementally and applies the stop rules (stop token ids / eos after min_tokens,
+stop strings, max_tokens / max_model_len). RequestState holds what belongs to the request as a whole:
+prompt, params, metrics, prompt logprobs.
+"""
+from __future__ import annotations
+
+import time
+
+from jaxpaged.detokenizer import SequenceDetokenizer, StopResult, TokenDecoder
+from jaxpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput, make_logprobs_entry
+from jaxpaged.sequence import Sequence
+from jaxpaged.sampler import SamplingRow
+
+
+class RequestState:
+    """A user request: its prompt, params, metrics and its n completions."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, arrival: float):
+        self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, prompt_token_ids, params
+        self.completions: list[CompletionState] = []
+        self.metrics = RequestMetrics(arrival_time=arrival)
+        # prompt_logprobs: entry i scores prompt token i (entry 0 is None, as in vLLM); filled as the
+        # prompt's chunks are computed (rows of position p score token p + 1)
+        self.prompt_logprobs = [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
+        self._prompt_lp_done = 1
+
+    def needs_prompt_logprobs(self, start: int) -> bool:
+        """Whether a chunk starting at `start` computes positions still missing prompt logprobs."""
+        return self.prompt_logprobs is not None and self._prompt_lp_done < len(self.prompt_token_ids) \
+            and start < len(self.prompt_token_ids) - 1
+
+    def record_prompt_logprobs(self, start: int, n: int, row: int, result, decode) -> None:
+        k = self.params.prompt_logprobs
+        ids = self.prompt_token_ids
+        for p in range(start, min(start + n, len(ids) - 1)):
+            r = row + p - start
+            self.prompt_logprobs[p + 1] = make_logprobs_entry(
+                ids[p + 1], result.prompt_logprob[r], result.prompt_rank[r],
+                result.prompt_top_ids[r, :k], result.prompt_top_logprobs[r, :k], decode=decode)
+            self._prompt_lp_done = max(self._prompt_lp_done, p + 2)
+
+    def mark_scheduled(self, now: float) -> None:
+        if self.metrics.first_scheduled_time is None:
+            self.metrics.first_scheduled_time = now
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.completions)
+
+    def to_output(self) -> RequestOutput:
+        outs = [c.completion() for c in self.completions]
+        cached = max((c.seq.num_cached_tokens for c in self.completions), default=0)
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+                             prompt_logprobs=self.prompt_logprobs, outputs=outs, finished=self.finished, metrics=self.metrics,
+                             num_cached_tokens=cached)
+
+
+class CompletionState:
+    """Completion `index` of a request: its logprobs, text and finish state; the tokens are `seq`'s."""
+
+    def __init__(self, seq: Sequence, request: RequestState, index: int, tokenizer, *, eos_token_ids,
+                 max_model_len: int, decode_token: TokenDecoder):
+        self.seq, self.request, self.index = seq, request, index
+        self.params = p = seq.sampling_params
+        self.out = SequenceDetokenizer(tokenizer, seq.prompt_token_ids, p, eos_token_ids, max_model_len)
+        self.decode_token = decode_token
+        self.logprobs = [] if p.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.aborted = False
+
+    @property
+    def finished(self) -> bool:
+        return self.aborted or self.out.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return "abort" if self.aborted else self.out.finish_reason
+
+    def finish_length(self) -> None:
+        """Ended from outside the token stream (the KV pool cannot hold it): finish_reason "length"."""
+        self.out._finish(StopResult("length"))
+        self._mark_if_request_done()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._mark_if_request_done()
+
+    def _mark_if_request_done(self) -> None:
+        if self.request.finished:
+            self.request.metrics.finished_time = time.time()
+
+    def sampling_row(self) -> SamplingRow:
+        s = self.seq
+        return SamplingRow(self.params, s.prompt_token_ids, s.output_token_ids)
+
+    def on_token(self, result, row: int) -> str | None:
+        """Records the token sampled in `row` of a StepResult (already appended to the Sequence).
+
+        Returns the finish reason ("stop" / "length") when the sequence ends, else None.
+        """
+        token = int(result.tokens[row])
+        now = time.time()
+        m = self.request.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        self.cumulative_logprob += float(result.logprob[row])
+        if self.logprobs is not None:
+            n = self.params.logprobs
+            top_ids = result.top_ids[row, :n] if n else ()
+            top_lp = result.top_logprobs[row, :n] if n else ()
+            self.logprobs.append(make_logprobs_entry(token, result.logprob[row], result.rank[row], top_ids, top_lp,
+                                                     decode=self.decode_token))
+        stop = self.out.append(token)
+        if stop is None:
+            return None
+        self._mark_if_request_done()
+        return stop.finish_reason
+
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(index=self.index, text=self.out.stream_text(), token_ids=list(self.seq.output_token_ids),
+                                cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
+                                logprobs=list(self.logprobs) if self.logprobs is not None else None,
+                                finish_reason=self.finish_reason,
+                                stop_reason=self.out.stop_reason)
