@@ -21,8 +21,11 @@ from starlette.responses import JSONResponse, Response
 
 import jaxpaged
 
-from .async_engine import AsyncLLMEngine, EngineDeadError, EngineStepError
-from .errors import OpenAIError, internal_error, invalid_request, pydantic_errors_to_openai, unauthorized
+from .async_engine import AsyncLLMEngine, EngineDeadError, EngineQueueFullError, EngineStepError
+from .body_guard import JsonDepthMiddleware
+from .errors import (OpenAIError, internal_error, invalid_request, pydantic_errors_to_openai, too_many_requests,
+                     unauthorized)
+from .limits import RETRY_AFTER_S, ServerLimits
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
                        ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse)
@@ -34,12 +37,14 @@ logger = logging.getLogger("jaxpaged.server")
 
 
 def build_app(engine, served_model_name: str | list[str] | None = None, api_key: str | None = None,
-              *, docs: bool = True) -> FastAPI:
+              *, docs: bool = True, limits: ServerLimits | None = None) -> FastAPI:
+    limits = limits or ServerLimits()
     async_engine = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine)
+    async_engine.max_queued_requests = limits.max_queued_requests
     names = _model_names(served_model_name, async_engine)
     if async_engine.metrics is None:
         async_engine.metrics = ServerMetrics(names[0])
-    ctx = ServingContext(async_engine, names, async_engine.metrics)
+    ctx = ServingContext(async_engine, names, async_engine.metrics, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,6 +61,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     app.state.ctx = ctx
     app.state.async_engine = async_engine
     _install_error_handlers(app)
+    app.add_middleware(JsonDepthMiddleware, on_reject=_log_rejection)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
 
@@ -83,6 +89,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         ensure_started()
+        _check_batch_size(body.prompt, limits.max_client_batch_size)
         return await create_completion(ctx, body, raw)
 
     @app.post("/v1/chat/completions")
@@ -127,6 +134,13 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     return app
 
 
+def _check_batch_size(prompt, cap: int) -> None:
+    """A list of prompts (strings or token-id lists) may hold at most `cap` of them."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > cap:
+        raise invalid_request(f"prompt holds {len(prompt)} prompts; at most {cap} are allowed in one request "
+                              f"(--max-client-batch-size)", param="prompt")
+
+
 def _model_names(served_model_name, async_engine: AsyncLLMEngine) -> list[str]:
     if isinstance(served_model_name, str):
         return [served_model_name]
@@ -139,34 +153,54 @@ def _model_names(served_model_name, async_engine: AsyncLLMEngine) -> list[str]:
 async def _json_object(raw: Request) -> dict:
     try:
         data = json.loads(await raw.body())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise invalid_request("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise invalid_request("the request body must be a JSON object")
     return data
 
 
+def _log_rejection(scope, err: OpenAIError) -> None:
+    """One log line per refused request (no traceback: the request was at fault, not the server)."""
+    message = err.message if len(err.message) <= 300 else err.message[:300] + "..."
+    param = f" (param {err.param})" if err.param else ""
+    level = logging.INFO if err.status < 500 else logging.WARNING
+    logger.log(level, "%s %s -> %d: %s%s", scope.get("method", "-"), scope.get("path", "-"), err.status,
+               message, param)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
-    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        _log_rejection(request.scope, exc)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if errors and errors[0].get("type") == "json_invalid":
-            return invalid_request("the request body is not valid JSON").response()
-        return pydantic_errors_to_openai(errors).response()
+            err = invalid_request("the request body is not valid JSON")
+        else:
+            err = pydantic_errors_to_openai(errors)
+        _log_rejection(request.scope, err)
+        return err.response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = OpenAIError(str(exc.detail), status=exc.status_code,
                           code="not_found" if exc.status_code == 404 else None)
+        _log_rejection(request.scope, err)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return OpenAIError(str(exc), status=503, type="service_unavailable").response()
+
+    @app.exception_handler(EngineQueueFullError)
+    async def queue_full(request: Request, exc: EngineQueueFullError) -> JSONResponse:
+        err = too_many_requests(str(exc), RETRY_AFTER_S)
+        _log_rejection(request.scope, err)
+        return err.response()
 
     @app.exception_handler(EngineStepError)
     async def engine_step_failed(_: Request, exc: EngineStepError) -> JSONResponse:
@@ -189,6 +223,8 @@ class _ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
-                await unauthorized().response()(scope, receive, send)
+                err = unauthorized()
+                _log_rejection(scope, err)
+                await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -33,6 +33,10 @@ class EngineStepError(RuntimeError):
     """engine.step() raised; the requests in that step were aborted (the engine keeps serving)."""
 
 
+class EngineQueueFullError(RuntimeError):
+    """The engine's waiting queue holds max_queued_requests requests; this one was not added."""
+
+
 @dataclass
 class _Timing:
     arrival: float
@@ -85,9 +89,10 @@ class _Command:
 class AsyncLLMEngine:
     """Wraps any object with the Engine contract (docs/CONTRACTS.md) for asyncio code."""
 
-    def __init__(self, engine, metrics=None, idle_timeout_s: float = 1.0):
+    def __init__(self, engine, metrics=None, idle_timeout_s: float = 1.0, max_queued_requests: int = 0):
         self.engine = engine
         self.metrics = metrics
+        self.max_queued_requests = max_queued_requests     # 0: no bound
         self._idle_timeout_s = idle_timeout_s
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -98,6 +103,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._timing: dict[str, _Timing] = {}
         self.last_stats = None
+        self._added_since_stats = 0     # requests added since last_stats was read (waiting, as far as we know)
         self.dead_error: BaseException | None = None
         self._accepting = True
 
@@ -224,6 +230,10 @@ class AsyncLLMEngine:
     def _apply_add(self, cmd: _Command) -> None:
         if not cmd.future.set_running_or_notify_cancel():
             return   # the caller went away first; from here on the future cannot be cancelled
+        if self._queue_full():
+            cmd.future.set_exception(EngineQueueFullError(
+                f"the server's queue is full ({self.max_queued_requests} requests waiting); retry later"))
+            return
         try:
             self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -231,7 +241,14 @@ class AsyncLLMEngine:
             return
         self._streams[cmd.request_id] = cmd.stream
         self._timing[cmd.request_id] = _Timing(cmd.arrival_time)
+        self._added_since_stats += 1
         cmd.future.set_result(None)
+
+    def _queue_full(self) -> bool:
+        if not self.max_queued_requests:
+            return False
+        waiting = int(getattr(self.last_stats, "num_waiting", 0) or 0) + self._added_since_stats
+        return waiting >= self.max_queued_requests
 
     def _apply_abort(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -294,6 +311,7 @@ class AsyncLLMEngine:
         except Exception:  # noqa: BLE001
             logger.exception("engine.get_stats() failed")
             return
+        self._added_since_stats = 0
         if self.metrics is not None:
             self.metrics.update_from_stats(self.last_stats)
 

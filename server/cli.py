@@ -15,6 +15,8 @@ import typing
 
 from jaxpaged.engine_config import EngineConfig
 
+from .limits import ServerLimits
+
 _HELP = {
     "model": "model name or path: an HF directory, a .gguf file, or the built-in smollm2-135m-instruct (the default)",
     "tokenizer": "tokenizer name or path (default: the model's)",
@@ -92,6 +94,19 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate file")
     server.add_argument("--disable-fastapi-docs", action="store_true", help="no /docs, /redoc, /openapi.json")
     server.add_argument("--disable-uvicorn-access-log", action="store_true", help="no per-request access log")
+    limits = parser.add_argument_group("limits", "bounds on the work clients can cause")
+    defaults = ServerLimits()
+    limits.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,
+                        help="requests waiting for a batch slot (one per prompt); beyond it new requests get "
+                             f"429 with Retry-After; 0: no bound (default: {defaults.max_queued_requests})")
+    limits.add_argument("--max-client-batch-size", type=int, default=defaults.max_client_batch_size,
+                        help="prompts in one /v1/completions request; more is a 400 "
+                             f"(default: {defaults.max_client_batch_size})")
+    limits.add_argument("--default-max-tokens", type=int, default=None,
+                        help="max_tokens of a request that leaves it unset (chat), within what is left of "
+                             f"max_model_len; 0: no cap (default: {defaults.default_max_tokens})")
+    limits.add_argument("--override-generation-config", type=json.loads, default=None,
+                        help="""vLLM's flag; here only '{"max_new_tokens": N}', the same as --default-max-tokens N""")
     # test hook: "module:callable" called with the EngineConfig instead of LLMEngine
     server.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
     add_engine_args(parser)
@@ -127,11 +142,28 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.field_names()})
 
 
+def server_limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """ServerLimits from the flags (ValueError naming the flag's field on a bad value)."""
+    default_max_tokens = args.default_max_tokens
+    override = args.override_generation_config
+    if override is not None:
+        if not isinstance(override, dict) or set(override) - {"max_new_tokens"}:
+            raise ValueError("override_generation_config: only {\"max_new_tokens\": N} is supported, "
+                             f"got {override!r}")
+        if default_max_tokens is None and "max_new_tokens" in override:
+            default_max_tokens = override["max_new_tokens"]
+    if default_max_tokens is None:
+        default_max_tokens = ServerLimits.default_max_tokens
+    return ServerLimits(max_queued_requests=args.max_queued_requests,
+                        max_client_batch_size=args.max_client_batch_size, default_max_tokens=default_max_tokens)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineConfig]:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
         config = engine_config_from_args(args)
+        args.limits = server_limits_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     if args.port is not None and not 0 <= args.port <= 65535:

@@ -15,20 +15,21 @@ class OpenAIError(Exception):
     """An error to return to the client with an HTTP status (400 unless told otherwise)."""
 
     def __init__(self, message: str, *, status: int = 400, type: str | None = None,
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.type = type or _default_type(status)
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _default_type(status: int) -> str:
@@ -71,6 +72,12 @@ def not_found_model(model: str) -> OpenAIError:
 
 def unauthorized(message: str = "Incorrect API key provided.") -> OpenAIError:
     return OpenAIError(message, status=401, code="invalid_api_key")
+
+
+def too_many_requests(message: str, retry_after_s: int) -> OpenAIError:
+    """429 with Retry-After (OpenAI's body for rate limits: code rate_limit_exceeded)."""
+    return OpenAIError(message, status=429, type="rate_limit_exceeded", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(retry_after_s)})
 
 
 def internal_error(message: str) -> OpenAIError:

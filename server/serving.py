@@ -15,6 +15,7 @@ from starlette.responses import StreamingResponse
 
 from jaxpaged.sampling_params import SamplingParams
 from .errors import OpenAIError, from_value_error, invalid_request, not_found_model
+from .limits import ServerLimits
 
 logger = logging.getLogger("jaxpaged.server")
 
@@ -29,8 +30,9 @@ class ClientDisconnected(Exception):
 class ServingContext:
     """Per-app state shared by the handlers: the async engine, names, tokenizer and limits."""
 
-    def __init__(self, async_engine, served_model_names: list[str], metrics):
+    def __init__(self, async_engine, served_model_names: list[str], metrics, limits: ServerLimits | None = None):
         self.engine = async_engine
+        self.limits = limits or ServerLimits()
         self.served_model_names = served_model_names
         self.metrics = metrics
         self.tokenizer = async_engine.get_tokenizer()
@@ -71,8 +73,9 @@ class ServingContext:
                 f"This model's maximum context length is {limit} tokens. However, your request has "
                 f"{num_prompt_tokens} input tokens, which leaves no room for a completion. "
                 f"Please reduce the length of the {prompt_param}.", param=prompt_param)
-        if max_tokens is None:
-            return limit - num_prompt_tokens
+        if max_tokens is None:     # the operator's default cap, within what is left of the context
+            room = limit - num_prompt_tokens
+            return min(room, self.limits.default_max_tokens) if self.limits.default_max_tokens else room
         if max_tokens >= 1 and num_prompt_tokens + max_tokens > limit:
             raise invalid_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
