@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -35,6 +35,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         r = self.registry
+        ProcessCollector(registry=r)     # process_resident_memory_bytes, process_cpu_seconds_total, ... (as vLLM's)
 
         def gauge(name, doc):
             return Gauge(f"jaxpaged:{name}", doc, labels, registry=r).labels(model_name)

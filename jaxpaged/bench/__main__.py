@@ -1,8 +1,9 @@
-"""python -m jaxpaged.bench {throughput,latency,serve,kernel,startup} [options]; --help on each.
+"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,startup} [options]; --help on each.
 
   throughput  offline requests/s and tok/s, side by side with transformers / vLLM (--backend jaxpaged,hf,vllm)
   latency     one batch size: per-step time, host vs device split, FLOP ceiling, device-step breakdown
   serve       against a running server: Poisson arrivals or fixed concurrency; TTFT, TPOT, ITL, E2E
+  load        against a running server: N concurrent streams, some aborted; answered/aborted/errors, KV freed, RSS
   kernel      the attention kernels against their jnp references
   startup     cold start (empty caches) vs warm start (converted params and compilations cached)
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ("throughput", "latency", "serve", "kernel", "startup")
+COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup")
 
 
 def make_parser() -> argparse.ArgumentParser:
