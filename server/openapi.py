@@ -9,14 +9,18 @@ document is patched once, when first asked for:
 - /tokenize (whose handler picks its model by the presence of `messages`) documents its body as
   one of `TokenizeCompletionRequest` / `TokenizeChatRequest`;
 - /health answers with an empty body (no content type); /metrics with Prometheus text;
-- with an API key, /v1/* operations carry a bearer security requirement.
+- with an API key, /v1/* operations carry a bearer security requirement;
+- the request schemas state the value ranges the server enforces (temperature >= 0, 0 < top_p <= 1,
+  n <= max_num_seqs, token ids below the vocabulary size, ...), and the int64 bounds exactly.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
-from .protocol import (ChatCompletionResponse, CompletionResponse, DetokenizeResponse, ModelList,
+from .protocol import (INT64_MAX, INT64_MIN, ChatCompletionResponse, CompletionResponse, DetokenizeResponse, ModelList,
                        TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse)
 
 _REF = "#/components/schemas/{model}"
@@ -54,13 +58,23 @@ OK_BODIES = {
 _VERSION = {"type": "object", "properties": {"version": {"type": "string"}}, "required": ["version"]}
 
 
-def install_openapi(app, *, api_key: bool) -> None:
+@dataclass(frozen=True)
+class ServedLimits:
+    """The engine's bounds that the request schemas state (the server refuses values past them with a 400)."""
+    vocab_size: int
+    max_model_len: int
+    max_num_seqs: int
+    max_logprobs: int
+    max_client_batch_size: int
+
+
+def install_openapi(app, *, api_key: bool, limits: ServedLimits | None = None) -> None:
     """Makes app.openapi() return the patched document (built once)."""
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = patch_openapi(generate(), api_key=api_key)
+            app.openapi_schema = patch_openapi(generate(), api_key=api_key, limits=limits)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -80,9 +94,12 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-def patch_openapi(schema: dict, *, api_key: bool) -> dict:
+def patch_openapi(schema: dict, *, api_key: bool, limits: ServedLimits | None = None) -> dict:
     """Rewrites FastAPI's generated document in place (see the module docstring) and returns it."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    _walk(components, _exact_int64_bounds)
+    if limits is not None:
+        _state_ranges(components, limits)
     _add_models(components, [ErrorResponse, TokenizeCompletionRequest, TokenizeChatRequest], "validation")
     _add_models(components, [model for model, _ in OK_BODIES.values()], "serialization")
     for path, ops in schema.get("paths", {}).items():
@@ -155,3 +172,75 @@ def _patch_plain_routes(schema: dict) -> None:
     if metrics is not None:
         metrics["responses"]["200"] = {"description": "Prometheus text exposition format",
                                        "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+def _walk(node, fn) -> None:
+    """Calls fn on every dict inside a JSON schema (depth first)."""
+    if isinstance(node, dict):
+        fn(node)
+        for value in node.values():
+            _walk(value, fn)
+    elif isinstance(node, list):
+        for value in node:
+            _walk(value, fn)
+
+
+def _exact_int64_bounds(node: dict) -> None:
+    # the generator writes the int64 bounds as floats (9.223372036854776e18 is 2**63, one past the largest)
+    if node.get("type") == "integer" and isinstance(node.get("maximum"), float) and node["maximum"] >= INT64_MAX:
+        node["maximum"], node["minimum"] = INT64_MAX, INT64_MIN
+
+
+def _ranges(limits: ServedLimits) -> dict[str, dict]:
+    """Field -> the bounds SamplingParams and the handlers enforce (each one answered 400 past it)."""
+    tokens = {"minimum": 1, "maximum": limits.max_model_len}
+    return {
+        "temperature": {"minimum": 0}, "top_p": {"exclusiveMinimum": 0, "maximum": 1}, "top_k": {"minimum": -1},
+        "min_p": {"minimum": 0, "maximum": 1}, "presence_penalty": {"minimum": -2, "maximum": 2},
+        "frequency_penalty": {"minimum": -2, "maximum": 2}, "repetition_penalty": {"exclusiveMinimum": 0},
+        "n": {"minimum": 1, "maximum": limits.max_num_seqs}, "best_of": {"minimum": 1}, "min_tokens": {"minimum": 0},
+        "max_tokens": tokens, "max_completion_tokens": tokens,
+        "logprobs": {"minimum": 0, "maximum": limits.max_logprobs},
+        "top_logprobs": {"minimum": 0, "maximum": limits.max_logprobs},
+    }
+
+
+def _state_ranges(components: dict, limits: ServedLimits) -> None:
+    """Writes the value ranges into the request schemas: numbers on the non-null branch, token ids below the
+    vocabulary size, non-empty prompt and message lists, at most max_client_batch_size prompts."""
+    token_id = {"minimum": 0, "maximum": limits.vocab_size - 1}
+    ranges = _ranges(limits)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = components.get(name, {}).get("properties", {})
+        for field, bounds in ranges.items():
+            for branch in _branches(props.get(field)):
+                if branch.get("type") in ("integer", "number"):
+                    branch.update(bounds)
+        for branch in _branches(props.get("stop_token_ids")):
+            if branch.get("type") == "array":
+                branch["items"].update(token_id)
+    prompt = components.get("CompletionRequest", {}).get("properties", {}).get("prompt")
+    for branch in _branches(prompt):
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+            items = branch["items"]
+            if items.get("type") != "integer":        # a list of prompts (one token-id list is one prompt)
+                branch["maxItems"] = limits.max_client_batch_size
+            if items.get("type") == "array":
+                items["minItems"] = 1
+                items = items["items"]
+            if items.get("type") == "integer":
+                items.update(token_id)
+    for name in ("ChatCompletionRequest", "TokenizeChatRequest"):
+        messages = components.get(name, {}).get("properties", {}).get("messages")
+        if messages is not None:
+            messages["minItems"] = 1
+    tokens = components.get("DetokenizeRequest", {}).get("properties", {}).get("tokens")
+    if tokens is not None:
+        tokens["items"].update(token_id)
+
+
+def _branches(prop: dict | None) -> list[dict]:
+    if prop is None:
+        return []
+    return list(prop.get("anyOf", [prop]))

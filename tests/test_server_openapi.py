@@ -2,9 +2,11 @@
 types; and a bounded, deterministic schemathesis run against a live server (FakeEngine) finds nothing.
 
 The schemathesis run uses every check but positive_data_acceptance: a schema cannot state the rules
-that span fields or depend on the request's tokens (prompt tokens + max_tokens <= max_model_len,
-min_tokens <= max_tokens, top_logprobs needs logprobs, token ids below the vocabulary size, ...),
-so schema-valid bodies the server rightly refuses with a 400 would count as failures.
+that span fields or depend on the prompt's tokens (prompt tokens + max_tokens <= max_model_len,
+min_tokens <= max_tokens, top_logprobs needs logprobs, ...), nor that integers are strict (JSON
+Schema counts 1.0 as an integer; the server refuses it), so schema-valid bodies the server rightly
+refuses with a 400 would count as failures. The value ranges the schema does state are checked by
+negative_data_rejection.
 """
 from __future__ import annotations
 
@@ -47,6 +49,19 @@ def test_document_lists_real_statuses_and_bodies(app_client):
     assert "content" not in ops[("get", "/health")]["responses"]["200"]
     assert set(ops[("get", "/metrics")]["responses"]["200"]["content"]) == {"text/plain"}
     assert "security" not in ops[("get", "/health")] and doc["components"]["securitySchemes"]["bearer"]
+
+
+def test_document_states_value_ranges(app_client):
+    schemas = app_client.get("/openapi.json").json()["components"]["schemas"]
+    props = schemas["CompletionRequest"]["properties"]
+    assert props["top_p"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    assert props["n"]["anyOf"][0]["maximum"] == 64                         # FakeEngine's max_num_seqs
+    assert props["logprobs"]["anyOf"][0]["maximum"] == 20
+    token_ids = props["prompt"]["anyOf"][2]
+    assert token_ids["minItems"] == 1 and token_ids["items"]["maximum"] == 319     # vocab_size 320
+    assert props["prompt"]["anyOf"][1]["maxItems"] == 256                 # --max-client-batch-size
+    assert props["seed"]["anyOf"][0]["maximum"] == 2 ** 63 - 1
+    assert schemas["ChatCompletionRequest"]["properties"]["messages"]["minItems"] == 1
 
 
 def test_answers_match_the_document(app_client):
