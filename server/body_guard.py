@@ -1,16 +1,19 @@
-"""A guard in front of every JSON endpoint: a body nested deeper than MAX_JSON_DEPTH is a 400 before anything parses it.
+"""A guard in front of every JSON endpoint: bodies no handler can work with are a 400 before anything parses them.
 
-Python's json module and pydantic recurse once per nesting level, so a body like `[[[[...]]]]`
-1000 levels deep would end in a RecursionError (a 500 and a traceback) somewhere. No request of
-the OpenAI API needs more than a handful of levels (a tool's JSON schema perhaps 10-20), so the
-limit is generous and fixed.
-
-The check scans the raw bytes once: string literals are cut out (brackets inside strings do not
-nest), then the running depth of `[`/`{` minus `]`/`}` is tracked. On valid JSON that is the exact
-nesting depth; on invalid JSON the parser that runs next answers 400 anyway.
+- Nesting deeper than MAX_JSON_DEPTH: Python's json module and pydantic recurse once per level, so a
+  body like `[[[[...]]]]` 1000 levels deep would end in a RecursionError (a 500 and a traceback)
+  somewhere. No request of the OpenAI API needs more than a handful of levels (a tool's JSON schema
+  perhaps 10-20), so the limit is generous and fixed. The check scans the raw bytes once: string
+  literals are cut out (brackets inside strings do not nest), then the running depth of `[`/`{`
+  minus `]`/`}` is tracked. On valid JSON that is the exact nesting depth; on invalid JSON the
+  parser that runs next answers 400 anyway.
+- Unpaired UTF-16 surrogates: JSON may write `"\\ud800"`, which parses to a Python str that no
+  tokenizer, template or UTF-8 response can hold. Only bodies with such an escape are parsed here
+  (to find the string and name its field); the rest pass untouched.
 """
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -22,6 +25,8 @@ MAX_JSON_DEPTH = 64
 # A JSON string literal: quote, runs of plain characters and backslash escapes, quote (unrolled, so fast).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+# a \uD800-\uDFFF escape (the exact test for an unpaired one runs on the parsed strings)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def json_depth(body: bytes) -> int:
@@ -36,6 +41,51 @@ def json_depth(body: bytes) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
+def check_json_body(body: bytes) -> None:
+    """Raises a 400 OpenAIError when `body` nests too deep or holds an unpaired surrogate."""
+    check_json_depth(body)
+    check_surrogates(body)
+
+
+def check_surrogates(body: bytes) -> None:
+    """Raises a 400 OpenAIError naming the field when a string (or key) of `body` holds an unpaired surrogate."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return       # not JSON: the handler's parser answers 400
+    path = _lone_surrogate_path(data, [])
+    if path is not None:
+        param = ".".join(path) or None
+        where = f" at '{param}'" if param else ""
+        raise invalid_request(f"the request body holds an unpaired UTF-16 surrogate (\\ud800-\\udfff){where}; "
+                              "strings must be valid Unicode", param=param)
+
+
+def _lone_surrogate_path(value, path: list[str]) -> list[str] | None:
+    """The path to the first string or key that is not valid Unicode (json.loads pairs proper surrogates
+    into one character, so any surrogate left is unpaired), or None."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and not _is_unicode(key):
+            return path + [key.encode("utf-8", "backslashreplace").decode()]
+        found = _lone_surrogate_path(item, path + [str(key)])
+        if found is not None:
+            return found
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_json_depth(body: bytes) -> None:
     """Raises a 400 OpenAIError when `body` nests deeper than MAX_JSON_DEPTH."""
     # cheap exit: fewer brackets in all than the limit cannot nest past it
@@ -48,7 +98,7 @@ def check_json_depth(body: bytes) -> None:
 
 
 class JsonDepthMiddleware:
-    """Pure ASGI: reads the body of POST/PUT/PATCH requests, answers 400 when it nests too deep, else hands
+    """Pure ASGI: reads the body of POST/PUT/PATCH requests, answers 400 when check_json_body refuses it, else hands
     the same body on (one message) and then the client's later messages (so disconnects are still seen)."""
 
     def __init__(self, app, on_reject=None):
@@ -71,7 +121,7 @@ class JsonDepthMiddleware:
         body = b"".join(chunks)
         if early is None:
             try:
-                check_json_depth(body)
+                check_json_body(body)
             except OpenAIError as err:
                 if self.on_reject is not None:
                     self.on_reject(scope, err)

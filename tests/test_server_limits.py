@@ -66,6 +66,27 @@ def test_nesting_within_the_limit_passes(client):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["x", "\\udc00"]}', "stop.1"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages.0.content"),
+    ("/v1/chat/completions", '{"model": "\\ud800", "messages": []}', "model"),
+    ("/tokenize", '{"prompt": "\\ud83d"}', "prompt"),
+    ("/detokenize", '{"tokens": [5], "model": "\\ud800"}', "model"),
+])
+def test_unpaired_surrogates_are_a_400_naming_the_field(client, path, body, param):
+    r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "surrogate" in r.json()["error"]["message"]
+
+
+def test_paired_surrogates_and_escaped_backslashes_pass(client):
+    for prompt in ('"\\ud83d\\ude00 smile"', '"a literal \\\\ud800"', '"nul \\u0000 byte"'):
+        body = '{"prompt": %s, "max_tokens": 1}' % prompt
+        r = client.post("/v1/completions", content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 200, (prompt, r.text)
+
+
 def test_invalid_requests_log_one_line_without_traceback(client, caplog):
     with caplog.at_level(logging.INFO, logger="jaxpaged.server"):
         assert client.post("/tokenize", json={"prompt": 3}).status_code == 400
