@@ -31,7 +31,7 @@ _GPU_TOKEN_TILE = 16
 
 
 def _kv_cache_write_kernel(layer_ref, slots_ref, k_new_ref, v_new_ref, k_in_ref, v_in_ref,
-                           k_out_ref, v_out_ref, *, token_tile, heads, block_size):
+                           k_out_ref, v_out_ref, *, token_tile, heads, block_size, cols):
     # grid (cdiv(T, token_tile), KVH // heads)
     # layer_ref [1] i32              layer of the cache to write (0 for a per-layer cache)
     # slots_ref [T] i32              slot = block * BS + offset of each new token
@@ -43,17 +43,23 @@ def _kv_cache_write_kernel(layer_ref, slots_ref, k_new_ref, v_new_ref, k_in_ref,
     layer = layer_ref[0]
     t0 = pl.program_id(0) * token_tile
     h0 = pl.program_id(1) * heads
-    # index arrays over the tile: [TT, D] for one head (2-D, Triton), [TT, H, D] for several
-    shape = (token_tile, d) if heads == 1 else (token_tile, heads, d)
+    # index arrays over the tile: [TT, Dp] for one head (2-D, Triton), [TT, H, Dp] for several;
+    # Dp = cols >= D (a power of two on GPU): columns past D are clamped and never stored
+    shape = (token_tile, cols) if heads == 1 else (token_tile, heads, cols)
     tok = t0 + lax.broadcasted_iota(jnp.int32, shape, 0)
-    col = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    col_p = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    col = jnp.minimum(col_p, d - 1)
     head = h0 if heads == 1 else h0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     in_range = tok < num_tokens
     tok = jnp.minimum(tok, num_tokens - 1)         # the last tile's overrun re-reads token T-1 ...
     slot = jnp.where(in_range, slots_ref[tok], 0)  # ... and aims at the null block (store masked anyway)
+    if cols != d:    # padding columns aim at the null block: a masked store may still touch its address
+        slot = jnp.where(col_p < d, slot, lax.rem(slot, block_size))
     blk, off = lax.div(slot, block_size), lax.rem(slot, block_size)
     # Stores are masked only when a tile can overrun T; in interpret mode tiles divide T exactly.
     mask = None if num_tokens % token_tile == 0 else in_range
+    if cols != d:
+        mask = (col_p < d) if mask is None else mask & (col_p < d)
     pl_triton.store(k_out_ref.at[layer, head, blk, off, col], k_new_ref[tok, head, col], mask=mask)
     pl_triton.store(v_out_ref.at[layer, head, blk, off, col], v_new_ref[tok, head, col], mask=mask)
 
@@ -73,8 +79,10 @@ def _kv_cache_write_call(k5, v5, k_new, v_new, slot_mapping, layer_arr, *, inter
         token_tile, heads = _GPU_TOKEN_TILE, 1
     if num_kv_heads % heads:
         raise ValueError(f"kv_cache_write: tile {tile} does not divide {num_kv_heads} KV heads")
+    d = k5.shape[-1]
+    cols = d if heads > 1 else max(pl.next_power_of_2(d), 16)   # Triton (one head) tiles are powers of two
     kernel = functools.partial(_kv_cache_write_kernel, token_tile=token_tile, heads=heads,
-                               block_size=k5.shape[3])
+                               block_size=k5.shape[3], cols=cols)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     params = None if interpret else pl_triton.CompilerParams(num_warps=2, num_stages=1)
     return pl.pallas_call(

@@ -13,13 +13,12 @@ sequence's last query are never stored (masked store), so no program writes
 another sequence's rows. The wrapper then drops the group padding and zeroes the
 rows at/after query_start[B], which nobody owns.
 
-Two tilings of the same body (`default_tiling`):
-- Triton (GPU): one KV head per program, 2-D dots of >= 16 rows and 64 KV
-  positions, power-of-two shapes, K/V chunks gathered row-wise through the table;
-- interpret (CPU): all KV heads per program (batched dots), K/V pages read as
-  dynamic slices, tile rows as index arrays (a scatter, not a whole-output copy),
-  so the discharged loops run at or below the jnp reference's time.
-The Triton tiling also runs in interpret mode, which is how the tests check it on CPU.
+This module's kernel is the CPU (interpret-mode) one: all KV heads per program
+(batched dots), K/V pages read as dynamic slices, tile rows as index arrays (a
+scatter, not a whole-output copy), so the discharged loops run at or below the jnp
+reference's time. On a GPU the public function runs attention_triton's split-KV /
+query-block kernel instead (attention_mosaic's on jax >= 0.11, when it applies);
+that kernel also runs in interpret mode, which is how the tests check it on CPU.
 On CPU use an f32 cache: XLA:CPU runs a bf16/f16 dynamic slice in f32 and hoists the
 convert out of the loops, so a 16-bit cache is converted whole on every call (same
 for the jnp reference; measured, not worked around: a uint16 bitcast is a copy too).
@@ -38,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from pallas_kernels.attention_triton import DEFAULT_NUM_SMS, GpuTiling, gpu_tiling, ragged_paged_attention_gpu
+
 _MASK_VALUE = -1e30        # finite "minus infinity": keeps exp(m_old - m_new) NaN-free
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -49,21 +50,14 @@ class Tiling:
     q_tile_small: int    # tile for sequences with q_len <= q_tile_small (decodes): one such tile
     kv_pages: int        # pages per KV chunk; chunk = kv_pages * block_size positions
     heads: int           # KV heads handled by one program (1 on GPU)
-    group: int           # Gp: GQA group size padded (power of two >= G on GPU, G on CPU)
+    group: int           # Gp: GQA group size padded (>= G)
     q_splits: int        # programs sharing one (sequence, head block): tile i goes to split i % q_splits
-    gather: bool         # True: gather K/V chunks row-wise (Triton); False: per-page slices (interpret)
 
 
-def default_tiling(num_heads: int, num_kv_heads: int, block_size: int, interpret: bool) -> Tiling:
-    g = num_heads // num_kv_heads
-    if interpret:
-        # Few, fat loop iterations: the interpreter pays per op, not per flop.
-        return Tiling(q_tile=64, q_tile_small=2, kv_pages=max(1, 64 // block_size),
-                      heads=num_kv_heads, group=g, q_splits=1, gather=False)
-    gp = max(pl.next_power_of_2(g), 1)
-    rows = 64                                 # >= 16 rows for tl.dot; 64 balances decode waste vs prefill reuse
-    return Tiling(q_tile=max(1, rows // gp), q_tile_small=max(1, 16 // gp),
-                  kv_pages=max(1, 64 // block_size), heads=1, group=gp, q_splits=4, gather=True)
+def default_tiling(num_heads: int, num_kv_heads: int, block_size: int) -> Tiling:
+    """The interpret-mode tiling: few, fat loop iterations (the interpreter pays per op, not per flop)."""
+    return Tiling(q_tile=64, q_tile_small=2, kv_pages=max(1, 64 // block_size),
+                  heads=num_kv_heads, group=num_heads // num_kv_heads, q_splits=1)
 
 
 # ----------------------------------------------------------------------------- kernel body
@@ -111,17 +105,7 @@ def _ragged_paged_attention_kernel(
     ctx = seq_len - q_len                          # position of the sequence's first query token
 
     def load_chunk(ref, c):
-        """K or V positions [c * chunk, (c + 1) * chunk) of this sequence: [(H,) chunk, D]."""
-        if tiling.gather:
-            # position j lives at page bt[b, j // BS], offset j % BS; positions past the
-            # sequence read the null block (masked below) so garbage table entries are never followed.
-            j = c * chunk + lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-            blk = jnp.minimum(lax.div(j, bs), max_blocks - 1)
-            page = jnp.where(j < seq_len, bt_ref[b, blk], 0)
-            page2 = jnp.broadcast_to(page[:, None], (chunk, d))
-            off2 = jnp.broadcast_to(lax.rem(j, bs)[:, None], (chunk, d))
-            col2 = lax.broadcasted_iota(jnp.int32, (chunk, d), 1)
-            return ref[layer, heads, page2, off2, col2]
+        """K or V positions [c * chunk, (c + 1) * chunk) of this sequence: [H, chunk, D]."""
         parts = []
         for p in range(tiling.kv_pages):           # static unroll: one dynamic slice per page
             blk = c * tiling.kv_pages + p
@@ -198,6 +182,19 @@ def _ragged_paged_attention_kernel(
 # ----------------------------------------------------------------------------- pallas_call wrapper
 
 
+def _num_sms() -> int:
+    """Streaming multiprocessors of the target GPU (the split count targets them): an abstract
+    device's (jax >= 0.11 ahead-of-time lowering), else the first GPU's, else an H100's."""
+    abstract = getattr(jax.sharding, "get_abstract_mesh", lambda: None)()
+    device = getattr(abstract, "abstract_device", None)
+    if device is not None and getattr(device, "num_cores", None):
+        return int(device.num_cores)
+    try:
+        return int(getattr(jax.devices("gpu")[0], "core_count", None) or DEFAULT_NUM_SMS)
+    except RuntimeError:
+        return DEFAULT_NUM_SMS
+
+
 def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_start, layer_arr, *,
                                  sm_scale, soft_cap, window, tiling: Tiling, interpret: bool):
     """q_rows [KVH, R, D]; k5/v5 [L, KVH, NB, BS, D]; returns o_rows [KVH, R, D]."""
@@ -207,7 +204,6 @@ def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_s
         _ragged_paged_attention_kernel, sm_scale=sm_scale, soft_cap=soft_cap, window=window,
         tiling=tiling, block_size=block_size, dot_dtype=dot_dtype)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    params = None if interpret else pl_triton.CompilerParams(num_warps=4, num_stages=2)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
@@ -215,7 +211,6 @@ def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_s
         in_specs=[any_spec] * 7,
         out_specs=any_spec,
         interpret=interpret,
-        compiler_params=params,
         name="ragged_paged_attention",
     )(layer_arr, block_tables, seq_lens, query_start, q_rows, k5, v5)
 
@@ -266,18 +261,23 @@ def _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, s
         fail(f"sliding_window must be a positive int, got {sliding_window}")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "tiling"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "tiling",
+                                             "max_query_len"))
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_start, *, sm_scale,
                            soft_cap=None, sliding_window=None, layer=None, interpret=None,
-                           tiling: Tiling | None = None):
+                           tiling: Tiling | GpuTiling | None = None, max_query_len: int | None = None):
     """Causal attention of a flat ragged batch over a paged KV cache. Returns [T, NH, D] (q's dtype).
 
     q [T, NH, D]; k_pages/v_pages [KVH, NB, BS, D] or [L, KVH, NB, BS, D] with `layer` (int32
     scalar, may be traced); block_tables [B, W] int32; seq_lens [B] int32 (incl. new tokens);
     query_start [B+1] int32. Query i of sequence b sits at position
     seq_lens[b] - q_len_b + (i - query_start[b]). Rows at/after query_start[B] come back as 0.
-    interpret=None: interpret mode when the default backend is CPU, Triton otherwise.
-    `tiling` overrides the default tile sizes (benchmarks, tests).
+    Sequences may come in any order (decodes and prefill chunks mixed).
+    interpret=None: interpret mode when the default backend is CPU, the GPU kernel otherwise.
+    `tiling` overrides the default tile sizes (benchmarks, tests): a `Tiling` runs the CPU kernel
+    (interpret mode), a `GpuTiling` the GPU one (attention_triton; in interpret mode too).
+    max_query_len (static, optional): an upper bound on any sequence's q_len this call; a bound
+    <= the decode tile (e.g. 1 for a decode-only step) launches no prefill programs on GPU.
     """
     _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
               sliding_window)
@@ -288,11 +288,19 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
     kvh, bs = k_pages.shape[1], k_pages.shape[3]
     g = nh // kvh
-    tiling = tiling or default_tiling(nh, kvh, bs, interpret)
-    if not interpret and any(x & (x - 1) for x in (bs, d, tiling.q_tile * tiling.group,
-                                                     tiling.q_tile_small * tiling.group)):
-        raise ValueError(f"ragged_paged_attention on GPU needs power-of-two block_size and head_dim, "
-                         f"got k_pages {k_pages.shape}")
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    window = None if sliding_window is None else int(sliding_window)
+    soft_cap = None if soft_cap is None else float(soft_cap)
+    if isinstance(tiling, GpuTiling) or (tiling is None and not interpret):
+        gt = tiling or gpu_tiling(nh, kvh, d, block_tables.shape[0], block_tables.shape[1] * bs, _num_sms())
+        if any(x & (x - 1) for x in (gt.group, gt.head_dim, gt.kv_chunk)) or gt.group < g or gt.head_dim < d:
+            raise ValueError(f"tiling {gt} does not fit groups of {g} and head_dim {d}")
+        return ragged_paged_attention_gpu(
+            q, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr, sm_scale=float(sm_scale),
+            soft_cap=soft_cap, window=window, t=gt, interpret=interpret, max_query_len=max_query_len)
+    if not interpret:
+        raise ValueError("a CPU `Tiling` runs in interpret mode only (pass a GpuTiling for the GPU kernel)")
+    tiling = tiling or default_tiling(nh, kvh, bs)
     if kvh % tiling.heads or tiling.group < g or tiling.q_tile_small > tiling.q_tile:
         raise ValueError(f"tiling {tiling} does not fit {kvh} KV heads with groups of {g}")
 
@@ -301,10 +309,6 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
     q_rows = q.reshape(t, kvh, g, d).transpose(1, 0, 2, 3)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, tiling.q_tile), (0, tiling.group - g), (0, 0)))
     q_rows = q_rows.reshape(kvh, (t + tiling.q_tile) * tiling.group, d)
-    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-    window = None if sliding_window is None else int(sliding_window)
-    soft_cap = None if soft_cap is None else float(soft_cap)
-
     o_rows = _ragged_paged_attention_call(
         q_rows, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr,
         sm_scale=float(sm_scale), soft_cap=soft_cap, window=window, tiling=tiling, interpret=interpret)
@@ -320,15 +324,16 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
 
 def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start, *,
                                      sm_scale, soft_cap=None, sliding_window=None, layer=None,
-                                     interpret=None, token_chunk: int | None = None):
-    """Plain-jnp ragged paged attention (same contract as the kernel; `interpret` is ignored).
+                                     interpret=None, max_query_len=None, token_chunk: int | None = None):
+    """Plain-jnp ragged paged attention (same contract as the kernel; `interpret` and `max_query_len`
+    are ignored).
 
     Each query token gathers its own sequence's pages through the block table and runs a
     masked softmax over them; tokens go through `lax.map` in chunks of `token_chunk`
     (default: as many as keep one chunk's gathered K near 2**24 elements), so memory stays
     at token_chunk * W * BS * KVH * D however large the batch.
     """
-    del interpret
+    del interpret, max_query_len
     _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
               sliding_window)
     if k_pages.ndim == 5:

@@ -4,6 +4,8 @@ The batch-shape tests also run the native CPU attention (cpu_kernels), which has
 its own extras (bf16 bit-pattern caches, build cache, threads) are in test_cpu_kernels.py."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -13,10 +15,10 @@ import jax.numpy as jnp
 from cpu_kernels import ragged_paged_attention_cpu
 from pallas_kernels import (Tiling, kv_cache_write, kv_cache_write_reference, ragged_paged_attention,
                             ragged_paged_attention_reference)
-from pallas_kernels.ragged_paged_attention import default_tiling
+from pallas_kernels.attention_triton import choose_kv_splits, gpu_tiling, num_prefill_blocks
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
-_STATIC = ("sm_scale", "soft_cap", "sliding_window", "interpret")
+_STATIC = ("sm_scale", "soft_cap", "sliding_window", "interpret", "max_query_len")
 attention_reference = jax.jit(ragged_paged_attention_reference, static_argnames=_STATIC)
 # the attention kernels with ragged_paged_attention's contract
 KERNELS = [pytest.param(ragged_paged_attention, id="pallas"), pytest.param(ragged_paged_attention_cpu, id="native")]
@@ -137,18 +139,37 @@ def test_edge_batches(kernel, q_lens, seq_lens, pad_tokens, pad_seqs):
     check_against_reference(x, kernel)
 
 
-def test_gpu_tiling_in_interpret_mode():
-    """The Triton tiling (one head per program, padded GQA group, gathered KV chunks, query
-    splits, small/big tiles) runs in interpret mode too, so its index arithmetic is checked here."""
-    q_lens, seq_lens = [1, 37, 1, 9, 130], [50, 37, 8, 100, 200]
-    x = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, head_dim=64, block_size=8,
-                   window=None)
-    tiling = default_tiling(6, 2, 8, interpret=False)
-    assert tiling.gather and tiling.heads == 1 and tiling.group == 4
-    check_against_reference(x, tiling=tiling, interpret=True)
-    xw = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, head_dim=64, block_size=8,
-                    window=45)
-    check_against_reference(xw, tiling=tiling, interpret=True, sliding_window=45, soft_cap=10.0)
+# The GPU kernel (attention_triton: split-KV decode programs + prefill query blocks in one launch)
+# runs in interpret mode too, so its index arithmetic is checked here: segments of unequal length
+# and empty ones, decodes of 1..TD tokens, prefill blocks overrunning into the next sequence,
+# head_dim padded to a power of two (80 -> 128), a page size that is no power of two (24, 8).
+@pytest.mark.parametrize("head_dim,block_size,splits,opts", [
+    (64, 8, 3, {}),
+    (80, 24, 4, dict(sliding_window=45, soft_cap=10.0)),
+])
+def test_gpu_kernel_in_interpret_mode(head_dim, block_size, splits, opts):
+    q_lens, seq_lens = [1, 37, 1, 4, 9, 130, 2], [50, 37, 8, 100, 100, 200, 300]
+    x = make_batch(q_lens, seq_lens, num_heads=6, num_kv_heads=2, head_dim=head_dim, block_size=block_size,
+                   window=opts.get("sliding_window"))
+    t = dataclasses.replace(gpu_tiling(6, 2, head_dim, 8, 320), kv_splits=splits)
+    assert (t.group, t.head_dim, t.decode_tokens, t.q_block) == (4, 128 if head_dim == 80 else 64, 4, 16)
+    check_against_reference(x, tiling=t, interpret=True, **opts)
+
+
+def test_gpu_kernel_decode_only_bound_and_bf16():
+    """max_query_len <= TD launches no prefill programs; decodes alone still match (bf16 cache)."""
+    x = make_batch([1, 1, 2, 1], [1, 64, 129, 17], num_heads=8, num_kv_heads=1, head_dim=64, block_size=16,
+                   dtype=jnp.bfloat16)
+    t = dataclasses.replace(gpu_tiling(8, 1, 64, 5, 144), kv_splits=2)
+    assert num_prefill_blocks(x["q"].shape[0], 5, t, max_query_len=2) == 0
+    check_against_reference(x, tiling=t, interpret=True, max_query_len=2)
+
+
+@pytest.mark.parametrize("batch,kvh,context,want", [
+    (1, 8, 32768, 64), (8, 8, 8192, 8), (64, 8, 8192, 1), (1, 3, 1024, 4), (1, 1, 64, 1)])
+def test_kv_splits_fill_the_gpu(batch, kvh, context, want):
+    """~2 programs per SM (132) when the context allows >= 4 chunks of 64 per segment."""
+    assert choose_kv_splits(batch, kvh, context, 64) == want
 
 
 def test_layer_form_matches_per_layer_and_runs_under_scan():
@@ -205,11 +226,12 @@ def _without_null_block(x):
 
 
 # tile None: the interpret tiling (one scatter); (16, 1) / (4, 1): the GPU tiling, whose last
-# tile overruns T and is masked
-@pytest.mark.parametrize("num_layers,tile,dtype", [(None, None, jnp.float32), (3, None, jnp.bfloat16),
-                                                   (3, (16, 1), jnp.float32), (None, (4, 1), jnp.bfloat16)])
-def test_kv_cache_write_matches_reference(num_layers, tile, dtype):
-    k, v, k_new, v_new, slots = make_write(21, 6, num_layers=num_layers, dtype=dtype)
+# tile overruns T and is masked (head_dim 80: columns padded to 128, the padding never stored)
+@pytest.mark.parametrize("num_layers,tile,dtype,head_dim", [
+    (None, None, jnp.float32, 64), (3, None, jnp.bfloat16, 64), (3, (16, 1), jnp.float32, 80),
+    (None, (4, 1), jnp.bfloat16, 64)])
+def test_kv_cache_write_matches_reference(num_layers, tile, dtype, head_dim):
+    k, v, k_new, v_new, slots = make_write(21, 6, num_layers=num_layers, dtype=dtype, head_dim=head_dim)
     layer = None if num_layers is None else jnp.int32(1)
     out = kv_cache_write(k, v, k_new, v_new, slots, layer=layer, tile=tile)
     ref = kv_cache_write_reference(k, v, k_new, v_new, slots, layer=layer)
@@ -291,7 +313,7 @@ def test_attention_bad_options_raise_value_error():
     with pytest.raises(ValueError, match="takes no `layer`"):
         ragged_paged_attention(**args, sm_scale=0.125, layer=jnp.int32(0))
     with pytest.raises(ValueError, match="tiling"):
-        ragged_paged_attention(**args, sm_scale=0.125, tiling=Tiling(8, 1, 1, 1, 1, 1, True))
+        ragged_paged_attention(**args, sm_scale=0.125, tiling=Tiling(8, 1, 1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("fn", [kv_cache_write, kv_cache_write_reference])

@@ -1,88 +1,123 @@
-"""The Pallas kernels lower for CUDA (Triton backend) on a machine with no GPU.
+"""The Pallas kernels lower for CUDA on a machine with no GPU, at realistic shapes, on both jax lines.
 
-`jax.export` for platform "cuda" runs Pallas' Triton lowering, which builds the Triton
-IR at export time: a kernel using something the GPU backend cannot do fails here.
-(Compiling that IR to PTX, e.g. tl.dot's >= 16 sizes, only happens on a GPU:
-tests/test_kernels_gpu.py.)
+`jax.export` for platform "cuda" runs the Pallas GPU lowering, which builds the kernel IR at
+export time: a kernel using something the GPU backend cannot do fails here. On jax >= 0.11 the
+lowering targets an abstract H200 (pallas_kernels.lowering.target_gpu); CI runs this file in a
+Python 3.12 venv with jax 0.11 too (.ci/run). Compiling the IR to machine code only happens on a
+GPU: tests/test_kernels_gpu.py.
 """
 from __future__ import annotations
-
-import re
 
 import pytest
 
 import jax
 import jax.numpy as jnp
-from jax import export
 
 from pallas_kernels import kv_cache_write, ragged_paged_attention
+from pallas_kernels.lowering import TRITON_CALL, export_for_cuda, kernel_calls, operand_types, triton_grid
 
-TRITON = "__gpu$xla.gpu.triton"
-UNCHECKED = [export.DisabledSafetyCheck.custom_call(TRITON)]
 S = jax.ShapeDtypeStruct
+CONTEXT = 32768
+# (NH, KVH, D): SmolLM2-135M, Llama-3-8B, a head_dim 80 model (Phi-2 like) and a 96 one (Phi-3-mini like)
+MODELS = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128), "d80": (32, 32, 80), "d96": (32, 32, 96)}
 
 
-def _export(fn, *args):
-    return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=UNCHECKED)(*args).mlir_module()
+def _cache(num_layers, kvh, bs, d, dtype, num_blocks=None):
+    return S((num_layers, kvh, num_blocks or CONTEXT // bs + 1, bs, d), dtype)
 
 
-def _triton_calls(module: str) -> list[str]:
-    return [line for line in module.splitlines() if f"custom_call @{TRITON}" in line]
+def _attention_args(model, bs, batch, num_tokens, dtype=jnp.bfloat16, num_layers=2):
+    nh, kvh, d = MODELS[model]
+    cache = _cache(num_layers, kvh, bs, d, dtype)
+    return [S((num_tokens, nh, d), dtype), cache, cache, S((batch, CONTEXT // bs), jnp.int32),
+            S((batch,), jnp.int32), S((batch + 1,), jnp.int32), S((), jnp.int32)]
 
 
-def _operand_types(call_line: str) -> list[str]:
-    """Operand types of a custom_call line: its trailing `: (t1, t2, ...) -> result`."""
-    sig = call_line[call_line.rindex("} : (") + 5:call_line.rindex(") -> ")]
-    return re.findall(r"tensor<[^>]*>", sig)
+def _attend(q, k, v, bt, sl, qs, layer, **kw):
+    return ragged_paged_attention(q, k, v, bt, sl, qs, sm_scale=0.125, layer=layer, interpret=False, **kw)
 
 
-# head_dim 64/128, block sizes 8/16/32, GQA 1/3/8 (3 -> group padded to 4, rows >= 16)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("layered,num_heads,num_kv_heads,head_dim,block_size,opts", [
-    (True, 12, 4, 64, 8, {}),
-    (True, 8, 1, 128, 16, dict(soft_cap=30.0, sliding_window=64)),
-    (False, 4, 4, 64, 32, {}),
+# Expected programs, worked by hand from attention_triton's rules (H200: 132 SMs):
+#   S = clamp(next_pow2(cdiv(264, B * KVH)), 1, min(64, chunks // 4)), chunks = 32768 / 64 = 512;
+#   NQB = cdiv(T, TQ) + min(B, T // (TD + 1)), TQ = 64 / Gp, TD = 16 / Gp; grid = (NQB + B * S, KVH).
+@pytest.mark.parametrize("model,bs,batch,num_tokens,grid", [
+    ("llama3-8b", 16, 1, 1, (1 + 0 + 64, 8)),          # decode, batch 1 x 32k: 64 KV segments
+    ("llama3-8b", 32, 64, 64, (4 + 12 + 64, 8)),       # decode, batch 64: S = 1
+    ("llama3-8b", 16, 1, 2048, (128 + 1 + 64, 8)),     # a 2048-token prefill chunk: 128 query blocks
+    ("smollm2", 16, 64, 64, (4 + 12 + 128, 3)),        # Gp 4 (G = 3 padded): S = 2
+    ("smollm2", 32, 1, 1, (1 + 0 + 64, 3)),
+    ("d80", 16, 8, 8, (1 + 0 + 8 * 2, 32)),            # head_dim 80 -> 128 padded; Gp 1: TD 16, TQ 64
+    ("d96", 32, 1, 300, (5 + 1 + 16, 32)),             # head_dim 96; S = next_pow2(cdiv(264, 32)) = 16
 ])
-def test_ragged_paged_attention_lowers_for_cuda(dtype, layered, num_heads, num_kv_heads, head_dim,
-                                                block_size, opts):
-    t, b, w, nb, num_layers = 96, 8, 16, 64, 3
-    cache = ((num_layers,) if layered else ()) + (num_kv_heads, nb, block_size, head_dim)
-    args = [S((t, num_heads, head_dim), dtype), S(cache, dtype), S(cache, dtype),
-            S((b, w), jnp.int32), S((b,), jnp.int32), S((b + 1,), jnp.int32)]
-    if layered:
-        fn = lambda q, k, v, bt, sl, qs, layer: ragged_paged_attention(
-            q, k, v, bt, sl, qs, sm_scale=0.125, layer=layer, interpret=False, **opts)
-        args.append(S((), jnp.int32))
-    else:
-        fn = lambda q, k, v, bt, sl, qs: ragged_paged_attention(
-            q, k, v, bt, sl, qs, sm_scale=0.125, interpret=False, **opts)
-    module = _export(fn, *args)
-    calls = _triton_calls(module)
+def test_attention_lowers_with_expected_programs(model, bs, batch, num_tokens, grid):
+    module = export_for_cuda(_attend, *_attention_args(model, bs, batch, num_tokens))
+    calls = kernel_calls(module)
     assert len(calls) == 1, module[:2000]
+    assert f"custom_call @{TRITON_CALL}(" in calls[0] and 'name = "ragged_paged_attention"' in calls[0]
+    assert triton_grid(calls[0]) == grid + (1,)
     # the whole cache (all layers) goes into the kernel as K and V operands: no per-layer copy
-    elem = "bf16" if dtype == jnp.bfloat16 else "f32"
-    cache_type = f"tensor<{'x'.join(map(str, (num_layers if layered else 1,) + cache[-4:]))}x{elem}>"
-    assert _operand_types(calls[0]).count(cache_type) == 2, _operand_types(calls[0])
-    if layered:   # and no op anywhere makes a one-layer [KVH, NB, BS, D] tensor
-        assert f"tensor<{'x'.join(map(str, cache[-4:]))}x{elem}>" not in module
-    assert 'name = "ragged_paged_attention"' in calls[0]
+    nh, kvh, d = MODELS[model]
+    cache_type = f"tensor<2x{kvh}x{CONTEXT // bs + 1}x{bs}x{d}xbf16>"
+    assert operand_types(calls[0]).count(cache_type) == 2, operand_types(calls[0])
+    assert f"tensor<{kvh}x{CONTEXT // bs + 1}x{bs}x{d}xbf16>" not in module
+
+
+def test_decode_only_bound_launches_no_prefill_programs():
+    module = export_for_cuda(lambda *a: _attend(*a, max_query_len=1), *_attention_args("llama3-8b", 16, 64, 64))
+    assert triton_grid(kernel_calls(module)[0]) == (64, 8, 1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_attention_lowers_in_other_dtypes_with_options(dtype):
+    args = _attention_args("llama3-8b", 16, 4, 96, dtype=dtype)
+    module = export_for_cuda(lambda *a: _attend(*a, soft_cap=30.0, sliding_window=4096), *args)
+    assert len(kernel_calls(module)) == 1
+
+
+@pytest.mark.parametrize("model,bs", [("llama3-8b", 16), ("d80", 32)])
+def test_one_kernel_call_per_layer_and_the_cache_updated_in_place(model, bs):
+    """A model step's pattern: a scan over layers writes this step's K/V (donated cache) and attends.
+
+    The lowered module holds one write and one attention call (inside the scan body), the write's
+    cache operands aliased to its outputs, and the step's cache arguments donated to its outputs."""
+    nh, kvh, d = MODELS[model]
+    num_layers, batch, t = 4, 64, 64
+    cache = _cache(num_layers, kvh, bs, d, jnp.bfloat16, num_blocks=4096)
+
+    def step(k, v, q, k_new, v_new, slots, bt, sl, qs):
+        def layer(carry, i):
+            k, v = kv_cache_write(*carry, k_new, v_new, slots, layer=i, interpret=False)
+            return (k, v), _attend(q, k, v, bt, sl, qs, i)
+        (k, v), outs = jax.lax.scan(layer, (k, v), jnp.arange(num_layers, dtype=jnp.int32))
+        return k, v, outs
+
+    args = [cache, cache, S((t, nh, d), jnp.bfloat16), S((t, kvh, d), jnp.bfloat16),
+            S((t, kvh, d), jnp.bfloat16), S((t,), jnp.int32), S((batch, 512), jnp.int32),
+            S((batch,), jnp.int32), S((batch + 1,), jnp.int32)]
+    module = export_for_cuda(step, *args, donate_argnums=(0, 1))
+    calls = kernel_calls(module)
+    names = sorted(line.split('name = "')[1].split('"')[0] for line in calls)
+    assert names == ["kv_cache_write", "ragged_paged_attention"], names
+    write = next(line for line in calls if 'name = "kv_cache_write"' in line)
+    assert write.count("output_operand_alias<") == 2, write[:400]
+    main = next(line for line in module.splitlines() if "func.func public @main" in line)
+    assert main.count("tf.aliasing_output") == 2 or main.count("jax.buffer_donor") == 2, main[:600]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("layered,num_tokens", [(True, 64), (True, 13), (False, 40)])
-def test_kv_cache_write_lowers_for_cuda_in_place(dtype, layered, num_tokens):
-    kvh, nb, bs, d = 4, 64, 16, 128
-    cache = ((3,) if layered else ()) + (kvh, nb, bs, d)
-    args = [S(cache, dtype), S(cache, dtype), S((num_tokens, kvh, d), dtype),
-            S((num_tokens, kvh, d), dtype), S((num_tokens,), jnp.int32)]
+@pytest.mark.parametrize("layered,num_tokens,head_dim", [(True, 64, 128), (True, 13, 80), (False, 40, 64)])
+def test_kv_cache_write_lowers_for_cuda_in_place(dtype, layered, num_tokens, head_dim):
+    kvh, nb, bs = 4, 64, 16
+    cache = ((3,) if layered else ()) + (kvh, nb, bs, head_dim)
+    args = [S(cache, dtype), S(cache, dtype), S((num_tokens, kvh, head_dim), dtype),
+            S((num_tokens, kvh, head_dim), dtype), S((num_tokens,), jnp.int32)]
     if layered:
         fn = lambda k, v, kn, vn, s, layer: kv_cache_write(k, v, kn, vn, s, layer=layer, interpret=False)
         args.append(S((), jnp.int32))
     else:
         fn = lambda k, v, kn, vn, s: kv_cache_write(k, v, kn, vn, s, interpret=False)
-    module = _export(fn, *args)
-    calls = _triton_calls(module)
-    assert len(calls) == 1, module[:2000]
+    calls = kernel_calls(export_for_cuda(fn, *args))
+    assert len(calls) == 1
     # both cache buffers are aliased to the outputs: written in place under donation
     assert calls[0].count("output_operand_alias<") == 2, calls[0][:400]
     assert 'name = "kv_cache_write"' in calls[0]

@@ -6,20 +6,21 @@
   load        against a running server: N concurrent streams, some aborted; answered/aborted/errors, KV freed, RSS
   kernel      the attention kernels against their jnp references
   startup     cold start (empty caches) vs warm start (converted params and compilations cached)
+  gpu-check   on a GPU: the GPU tests, attention bandwidth (% of HBM peak), end-to-end throughput -> one report
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 
-COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup")
+COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup", "gpu-check")
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxpaged.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        mod = importlib.import_module(f"jaxpaged.bench.{name}")
+        mod = importlib.import_module(f"jaxpaged.bench.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=mod.__doc__.splitlines()[0], description=mod.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_args(p)
