@@ -66,6 +66,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     app.state.ctx = ctx
     app.state.async_engine = async_engine
     _install_error_handlers(app)
+    app.add_middleware(_InternalErrorMiddleware)
     app.add_middleware(JsonDepthMiddleware, on_reject=_log_rejection)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
@@ -211,10 +212,34 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def engine_step_failed(_: Request, exc: EngineStepError) -> JSONResponse:
         return internal_error(str(exc)).response()
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error", exc_info=exc)
-        return internal_error(f"internal error: {exc.__class__.__name__}: {exc}").response()
+
+
+class _InternalErrorMiddleware:
+    """Pure ASGI, innermost of the user middlewares: an exception no handler took becomes a 500 with
+    OpenAI's body and ONE traceback in the log (an `Exception` handler would leave Starlette to re-raise
+    it after answering, and the ASGI server would log the traceback a second time)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - answered here, logged once
+            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await internal_error(f"internal error: {exc.__class__.__name__}: {exc}").response()(
+                    scope, receive, send)
 
 
 class _ApiKeyMiddleware:

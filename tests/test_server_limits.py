@@ -181,3 +181,21 @@ def test_limit_flags():
                 ["--override-generation-config", '{"temperature": 0.5}']):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+class _BuggyEngine(FakeEngine):
+    """add_request fails with an error that is no request's fault (a bug)."""
+
+    def add_request(self, *args, **kwargs):
+        raise RuntimeError("kaboom")
+
+
+def test_internal_error_is_a_500_with_one_traceback(caplog):
+    with TestClient(build_app(_BuggyEngine(max_model_len=64), "m"), raise_server_exceptions=False) as c:
+        with caplog.at_level(logging.INFO, logger="jaxpaged.server"):
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_server_error"
+        assert "RuntimeError: kaboom" in r.json()["error"]["message"]
+        tracebacks = [rec for rec in caplog.records if rec.exc_info]
+        assert len(tracebacks) == 1 and "POST /v1/completions" in tracebacks[0].getMessage()
+        assert c.get("/health").status_code == 200
