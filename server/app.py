@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 import jaxpaged
 
 from .async_engine import AsyncLLMEngine, EngineDeadError, EngineQueueFullError, EngineStepError
-from .body_guard import JsonDepthMiddleware
+from .body_guard import BodyGuardMiddleware
 from .errors import (OpenAIError, internal_error, invalid_request, pydantic_errors_to_openai, too_many_requests,
                      unauthorized)
 from .limits import RETRY_AFTER_S, ServerLimits
@@ -67,7 +67,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     app.state.async_engine = async_engine
     _install_error_handlers(app)
     app.add_middleware(_InternalErrorMiddleware)
-    app.add_middleware(JsonDepthMiddleware, on_reject=_log_rejection)
+    app.add_middleware(BodyGuardMiddleware, payload_limit=limits.payload_limit, on_reject=_log_rejection)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
 

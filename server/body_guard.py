@@ -1,4 +1,6 @@
-"""A guard in front of every JSON endpoint: bodies no handler can work with are a 400 before anything parses them.
+"""A guard in front of every JSON endpoint: bodies no handler can work with are refused before anything parses them.
+
+- Larger than the operator's --payload-limit (TGI's name): 413, read no further.
 
 - Nesting deeper than MAX_JSON_DEPTH: Python's json module and pydantic recurse once per level, so a
   body like `[[[[...]]]]` 1000 levels deep would end in a RecursionError (a 500 and a traceback)
@@ -18,7 +20,7 @@ import re
 
 import numpy as np
 
-from .errors import OpenAIError, invalid_request
+from .errors import OpenAIError, invalid_request, payload_too_large
 
 MAX_JSON_DEPTH = 64
 
@@ -97,36 +99,44 @@ def check_json_depth(body: bytes) -> None:
                               f"at most {MAX_JSON_DEPTH} are allowed")
 
 
-class JsonDepthMiddleware:
-    """Pure ASGI: reads the body of POST/PUT/PATCH requests, answers 400 when check_json_body refuses it, else hands
-    the same body on (one message) and then the client's later messages (so disconnects are still seen)."""
+class BodyGuardMiddleware:
+    """Pure ASGI: reads the body of POST/PUT/PATCH requests (413 as soon as it passes `payload_limit` bytes,
+    0: no limit), answers 400 when check_json_body refuses it, else hands the same body on (one message)
+    and then the client's later messages (so disconnects are still seen)."""
 
-    def __init__(self, app, on_reject=None):
+    def __init__(self, app, payload_limit: int = 0, on_reject=None):
         self.app = app
+        self.payload_limit = payload_limit
         self.on_reject = on_reject      # called with (scope, OpenAIError) to log the rejection
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
-        chunks, early = [], None
-        while True:
+        chunks, received, early = [], 0, None
+        size = _declared_length(scope)          # the Content-Length, then at least what has arrived
+        while not (self.payload_limit and size > self.payload_limit):
             message = await receive()
             if message["type"] != "http.request":
                 early = message                 # the client left while sending
                 break
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            received += len(chunk)
+            size = max(size, received)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        if early is None:
-            try:
+        try:
+            if self.payload_limit and size > self.payload_limit:
+                raise payload_too_large(size, self.payload_limit)
+            body = b"".join(chunks)
+            if early is None:
                 check_json_body(body)
-            except OpenAIError as err:
-                if self.on_reject is not None:
-                    self.on_reject(scope, err)
-                await err.response()(scope, receive, send)
-                return
+        except OpenAIError as err:
+            if self.on_reject is not None:
+                self.on_reject(scope, err)
+            await err.response()(scope, receive, send)
+            return
         pending = [{"type": "http.request", "body": body, "more_body": False}]
         if early is not None:
             pending.append(early)
@@ -135,3 +145,11 @@ class JsonDepthMiddleware:
             return pending.pop(0) if pending else await receive()
 
         await self.app(scope, replay, send)
+
+
+def _declared_length(scope) -> int:
+    """The request's Content-Length (0 when absent or not a number)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0

@@ -102,6 +102,8 @@ def make_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-client-batch-size", type=int, default=defaults.max_client_batch_size,
                         help="prompts in one /v1/completions request; more is a 400 "
                              f"(default: {defaults.max_client_batch_size})")
+    limits.add_argument("--payload-limit", type=int, default=defaults.payload_limit,
+                        help=f"bytes of a request body; more is a 413; 0: no limit (default: {defaults.payload_limit})")
     limits.add_argument("--default-max-tokens", type=int, default=None,
                         help="max_tokens of a request that leaves it unset (chat), within what is left of "
                              f"max_model_len; 0: no cap (default: {defaults.default_max_tokens})")
@@ -155,7 +157,8 @@ def server_limits_from_args(args: argparse.Namespace) -> ServerLimits:
     if default_max_tokens is None:
         default_max_tokens = ServerLimits.default_max_tokens
     return ServerLimits(max_queued_requests=args.max_queued_requests,
-                        max_client_batch_size=args.max_client_batch_size, default_max_tokens=default_max_tokens)
+                        max_client_batch_size=args.max_client_batch_size, default_max_tokens=default_max_tokens,
+                        payload_limit=args.payload_limit)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, EngineConfig]:

@@ -74,6 +74,11 @@ def unauthorized(message: str = "Incorrect API key provided.") -> OpenAIError:
     return OpenAIError(message, status=401, code="invalid_api_key")
 
 
+def payload_too_large(size: int, limit: int) -> OpenAIError:
+    return OpenAIError(f"the request body is {size} bytes or more; at most {limit} are allowed (--payload-limit)",
+                       status=413, code="payload_too_large")
+
+
 def too_many_requests(message: str, retry_after_s: int) -> OpenAIError:
     """429 with Retry-After (OpenAI's body for rate limits: code rate_limit_exceeded)."""
     return OpenAIError(message, status=429, type="rate_limit_exceeded", code="rate_limit_exceeded",

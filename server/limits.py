@@ -4,6 +4,7 @@
                          per prompt); a request beyond it is answered 429 with Retry-After (SGLang's
                          --max-queued-requests). 0: no bound.
   max_client_batch_size  prompts in one /v1/completions request (TGI's --max-client-batch-size); more: 400.
+  payload_limit          bytes of a request body (TGI's --payload-limit); more: 413. 0: no limit.
   default_max_tokens     max_tokens of a request that leaves it unset (chat, or completions with
                          "max_tokens": null), capped further by what is left of max_model_len; vLLM's
                          --override-generation-config '{"max_new_tokens": N}' sets the same. 0: no cap
@@ -21,9 +22,10 @@ class ServerLimits:
     max_queued_requests: int = 1024
     max_client_batch_size: int = 256
     default_max_tokens: int = 1024
+    payload_limit: int = 32 * 2 ** 20      # 32 MiB: 256 prompts of ~30k token ids each
 
     def __post_init__(self):
-        for name in ("max_queued_requests", "default_max_tokens"):
+        for name in ("max_queued_requests", "default_max_tokens", "payload_limit"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0 (0: no limit), got {getattr(self, name)!r}")
         if not isinstance(self.max_client_batch_size, int) or self.max_client_batch_size < 1:

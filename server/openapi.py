@@ -4,7 +4,8 @@ FastAPI's own document promises a 422 `HTTPValidationError` for invalid bodies; 
 400 with OpenAI's error body instead (and 401 / 404 / 429 / 503 in the same shape), so the
 document is patched once, when first asked for:
 
-- every operation lists the error statuses it can answer (`ERRORS`), each with `ErrorResponse`;
+- every operation lists the error statuses it can answer (`ERRORS`; 413 beyond --payload-limit), each with
+  `ErrorResponse`;
   the 422 entries and their components are removed;
 - /tokenize (whose handler picks its model by the presence of `messages`) documents its body as
   one of `TokenizeCompletionRequest` / `TokenizeChatRequest`;
@@ -29,6 +30,7 @@ _ERROR_TEXT = {
     400: "invalid request: the body is not JSON, nests too deep, or a field is wrong (`param` names it)",
     401: "missing or wrong API key (`code: invalid_api_key`)",
     404: "unknown model (`code: model_not_found`)",
+    413: "the body is larger than --payload-limit (`code: payload_too_large`)",
     429: "the waiting queue is full (`code: rate_limit_exceeded`); retry after `Retry-After` seconds",
     500: "the engine step failed; the request was aborted and the server keeps serving",
     503: "the engine has stopped or the server is shutting down",
@@ -36,10 +38,10 @@ _ERROR_TEXT = {
 
 # (method, path) -> the error statuses the route can answer (401 is added under an API key for /v1/*)
 ERRORS = {
-    ("post", "/v1/completions"): (400, 404, 429, 500, 503),
-    ("post", "/v1/chat/completions"): (400, 404, 429, 500, 503),
-    ("post", "/tokenize"): (400, 404),
-    ("post", "/detokenize"): (400, 404),
+    ("post", "/v1/completions"): (400, 404, 413, 429, 500, 503),
+    ("post", "/v1/chat/completions"): (400, 404, 413, 429, 500, 503),
+    ("post", "/tokenize"): (400, 404, 413),
+    ("post", "/detokenize"): (400, 404, 413),
     ("get", "/v1/models"): (),
     ("get", "/version"): (),
     ("get", "/health"): (),

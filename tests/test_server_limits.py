@@ -110,6 +110,22 @@ def test_prompts_per_request_cap():
         assert c.post("/v1/completions", json={"prompt": [5] * 10, "max_tokens": 1}).status_code == 200
 
 
+def test_payload_limit_is_a_413():
+    with TestClient(build_app(FakeEngine(max_model_len=64), "m", limits=ServerLimits(payload_limit=200))) as c:
+        assert c.post("/tokenize", json={"prompt": "x" * 150}).status_code == 200
+        r = c.post("/v1/completions", json={"prompt": "x" * 300, "max_tokens": 1})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+
+        def chunked():        # no Content-Length: counted as it arrives
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"y" * 50
+            yield b'"}'
+        r = c.post("/tokenize", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "at most 200" in r.json()["error"]["message"], r.text
+        assert c.post("/tokenize", json={"prompt": "ok"}).status_code == 200
+
+
 def test_default_max_tokens_caps_chat():
     chat = {"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
     with TestClient(build_app(FakeEngine(max_model_len=256), "m", limits=ServerLimits(default_max_tokens=5))) as c:
@@ -173,8 +189,10 @@ def test_full_queue_answers_429_and_queued_requests_complete():
 def test_limit_flags():
     args, _ = parse_args([])
     assert args.limits == ServerLimits()
-    args, _ = parse_args(["--max-queued-requests", "0", "--max-client-batch-size", "8", "--default-max-tokens", "0"])
-    assert args.limits == ServerLimits(max_queued_requests=0, max_client_batch_size=8, default_max_tokens=0)
+    args, _ = parse_args(["--max-queued-requests", "0", "--max-client-batch-size", "8", "--default-max-tokens", "0",
+                          "--payload-limit", "1000"])
+    assert args.limits == ServerLimits(max_queued_requests=0, max_client_batch_size=8, default_max_tokens=0,
+                                       payload_limit=1000)
     args, _ = parse_args(["--override-generation-config", '{"max_new_tokens": 77}'])
     assert args.limits.default_max_tokens == 77
     for bad in (["--max-client-batch-size", "0"], ["--max-queued-requests", "-1"],
