@@ -46,6 +46,7 @@ class LoadRequest:
 def add_args(p) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name sent (default: the server's first)")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (a server with --api-key)")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     p.add_argument("--concurrency", type=int, default=64, help="streams open at once")
     p.add_argument("--num-requests", type=int, default=256)
@@ -130,7 +131,7 @@ def _has_text(choice: dict) -> bool:
 
 
 async def _watch(client, metrics_url: str, peaks: dict, stop: asyncio.Event) -> None:
-    """Samples /metrics every 0.5 s while the load runs, keeping the peaks."""
+    """Samples /metrics every 0.25 s while the load runs, keeping the peaks."""
     while not stop.is_set():
         try:
             m = parse_metrics((await client.get(metrics_url)).text)
@@ -140,7 +141,7 @@ async def _watch(client, metrics_url: str, peaks: dict, stop: asyncio.Event) -> 
         except Exception:  # noqa: BLE001 - a missed sample is not a failure
             pass
         try:
-            await asyncio.wait_for(stop.wait(), 0.5)
+            await asyncio.wait_for(stop.wait(), 0.25)
         except asyncio.TimeoutError:
             pass
 
@@ -157,13 +158,15 @@ async def _idle_metrics(client, metrics_url: str, timeout: float) -> tuple[dict,
 
 
 async def run_load(base_url: str, requests: list[LoadRequest], *, concurrency: int, model: str | None = None,
-                   endpoint: str = "chat", timeout: float = 3600.0, idle_timeout: float = 120.0) -> dict:
+                   endpoint: str = "chat", timeout: float = 3600.0, idle_timeout: float = 120.0,
+                   api_key: str | None = None) -> dict:
     import httpx
 
     base = base_url.rstrip("/")
     url = base + ("/v1/chat/completions" if endpoint == "chat" else "/v1/completions")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
         model = model or (await client.get(base + "/v1/models")).json()["data"][0]["id"]
         before = parse_metrics((await client.get(base + "/metrics")).text)
         todo = list(reversed(requests))
@@ -216,10 +219,14 @@ def format_report(s: dict) -> str:
             f"{s['errors']} errors {s['error_samples'] or ''}\n"
             f"  {s['output_tok_per_s']:.1f} output tok/s (answered requests); TTFT p50/p99 {ms(s['ttft_ms_p50'])}/"
             f"{ms(s['ttft_ms_p99'])} ms\n"
-            f"  KV cache usage: peak {s['kv_usage_peak']}, after {s['kv_usage_after']} "
+            f"  KV cache usage: peak {_pct(s['kv_usage_peak'])}, after {_pct(s['kv_usage_after'])} "
             f"({'all blocks freed' if s['blocks_freed'] else 'BLOCKS STILL HELD'}, idle after {s['idle_after_s']:.1f} s)"
             f"\n  server RSS: {s['rss_mb_before']:.0f} MB before, {s['rss_mb_peak']:.0f} MB peak, "
             f"{s['rss_mb_after']:.0f} MB after")
+
+
+def _pct(fraction) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def run(args) -> dict:
@@ -233,7 +240,8 @@ def run(args) -> dict:
         server = _launch(args)
     try:
         report = asyncio.run(run_load(args.base_url, requests, concurrency=args.concurrency, model=args.model,
-                                      endpoint=args.endpoint, timeout=args.timeout, idle_timeout=args.idle_timeout))
+                                      endpoint=args.endpoint, timeout=args.timeout, idle_timeout=args.idle_timeout,
+                                      api_key=args.api_key))
     finally:
         if server is not None:
             server.terminate()
