@@ -16,7 +16,7 @@ import sys
 import uvicorn
 from fastapi.middleware.cors import CORSMiddleware
 
-from .cli import ignored_flags_given, parse_args
+from .cli import ignored_flags_given, parse_args, uses_remote_engines
 
 logger = logging.getLogger("jaxpaged.server")
 
@@ -39,10 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ignored_flags_given(args):
         logger.warning("%s is accepted for vLLM compatibility and ignored", flag)
     logger.info("loading %s", config.model)
-    engine = make_engine(config, args.engine_factory)
+    names = args.served_model_name or [config.model]
+    if uses_remote_engines(args):
+        from .metrics import ServerMetrics
+        from .replicas import build_distributed_engine
+        if args.data_parallel_backend == "ray" or args.distributed_executor_backend == "ray":
+            from .ray_utils import require_ray
+            try:
+                require_ray()
+            except RuntimeError as exc:
+                logger.error("%s", exc)
+                return 2
+        engine = build_distributed_engine(args, config, ServerMetrics(names[0], args.data_parallel_size))
+    else:
+        engine = make_engine(config, args.engine_factory)
     api_key = args.api_key or os.environ.get("JAXPAGED_API_KEY") or None
-    app = build_app(engine, args.served_model_name or [config.model], api_key,
-                    docs=not args.disable_fastapi_docs, limits=args.limits)
+    app = build_app(engine, names, api_key, docs=not args.disable_fastapi_docs, limits=args.limits)
     app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                        allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
     logger.info("serving %s on http://%s:%d", (args.served_model_name or [config.model])[0], args.host, args.port)

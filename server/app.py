@@ -40,7 +40,9 @@ logger = logging.getLogger("jaxpaged.server")
 def build_app(engine, served_model_name: str | list[str] | None = None, api_key: str | None = None,
               *, docs: bool = True, limits: ServerLimits | None = None) -> FastAPI:
     limits = limits or ServerLimits()
-    async_engine = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine)
+    # an AsyncLLMEngine, or something shaped like one (data_parallel.DataParallelEngine), is used as is
+    is_async = isinstance(engine, AsyncLLMEngine) or getattr(engine, "is_async_engine", False)
+    async_engine = engine if is_async else AsyncLLMEngine(engine)
     async_engine.max_queued_requests = limits.max_queued_requests
     names = _model_names(served_model_name, async_engine)
     if async_engine.metrics is None:
@@ -79,6 +81,13 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
 
     @app.get("/health")
     async def health() -> Response:
+        check = getattr(async_engine, "check_health", None)
+        if check is not None:   # data-parallel replicas: 503 naming the dead ones
+            dead = await check()
+            if dead:
+                return OpenAIError("; ".join(f"replica {i} is dead: {err}" for i, err in dead), status=503,
+                                   type="service_unavailable").response()
+            return Response(status_code=200)
         if async_engine.dead_error is not None:
             return Response(status_code=503)
         return Response(status_code=200)

@@ -50,6 +50,13 @@ class RequestStream:
         self.request_id = request_id
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self.on_finish = None     # called once (no arguments) when the stream ends; set by a router
+
+    def _mark_finished(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.on_finish is not None:
+                self.on_finish()
 
     def put(self, item) -> None:  # called on the event loop thread
         self._queue.put_nowait(item)
@@ -60,10 +67,10 @@ class RequestStream:
         while not isinstance(item, BaseException) and not self._queue.empty():
             item = self._queue.get_nowait()
         if isinstance(item, BaseException):
-            self.finished = True
+            self._mark_finished()
             raise item
         if getattr(item, "finished", False):
-            self.finished = True
+            self._mark_finished()
         return item
 
     def __aiter__(self):
@@ -203,7 +210,9 @@ class AsyncLLMEngine:
         except BaseException as exc:  # noqa: BLE001 - the thread must report, not vanish
             logger.exception("engine thread crashed")
             self.dead_error = exc
-            self._fail_all(EngineDeadError(f"engine thread crashed: {exc!r}"))
+            # an EngineDeadError from the engine (a remote replica that died) already says what happened
+            self._fail_all(exc if isinstance(exc, EngineDeadError)
+                           else EngineDeadError(f"engine thread crashed: {exc!r}"))
         finally:
             self._shutdown_engine()
 
@@ -266,6 +275,8 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineDeadError:
+            raise    # the engine is gone (a remote replica died): the thread ends, /health reports it
         except Exception as exc:  # noqa: BLE001 - fail the requests in flight, keep serving
             logger.exception("engine.step() failed; aborting %d requests", len(self._streams))
             ids = list(self._streams)

@@ -112,6 +112,7 @@ def make_parser() -> argparse.ArgumentParser:
     # test hook: "module:callable" called with the EngineConfig instead of LLMEngine
     server.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)
     add_engine_args(parser)
+    add_distributed_args(parser)
     compat = parser.add_argument_group(
         "accepted for vLLM compatibility", "vLLM flags that have no meaning here; given ones are logged and ignored")
     for flag, kind in IGNORED_VLLM_FLAGS.items():
@@ -120,6 +121,43 @@ def make_parser() -> argparse.ArgumentParser:
         else:
             compat.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
     return parser
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("distributed", "replicas and multi-process engines (docs/SERVER.md)")
+    group.add_argument("--data-parallel-size", type=int, default=1,
+                       help="engine replicas behind this server, each in its own process(es) (default: 1: the "
+                            "engine runs in the server process)")
+    group.add_argument("--data-parallel-size-local", type=int, default=None,
+                       help="replicas placed on this node; with Ray the others go wherever the cluster has room "
+                            "(default: all of them)")
+    group.add_argument("--data-parallel-backend", choices=["mp", "ray"], default="mp",
+                       help="replica processes: mp (local child processes) or ray (Ray actors) (default: mp)")
+    group.add_argument("--distributed-executor-backend", choices=["mp", "uni", "ray"], default=None,
+                       help="ray: each engine's tensor-parallel mesh spans jax.distributed processes, one Ray actor "
+                            "each (several hosts); mp/uni (default): one process drives its local devices")
+    group.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+
+
+def check_distributed_args(args: argparse.Namespace) -> str | None:
+    """The error for a bad combination of the distributed flags, or None."""
+    if args.data_parallel_size < 1:
+        return f"--data-parallel-size must be >= 1, got {args.data_parallel_size}"
+    local = args.data_parallel_size_local
+    if local is not None and not 0 <= local <= args.data_parallel_size:
+        return f"--data-parallel-size-local must be in [0, --data-parallel-size], got {local}"
+    if local is not None and local < args.data_parallel_size and args.data_parallel_backend != "ray":
+        return "--data-parallel-size-local below --data-parallel-size needs --data-parallel-backend ray"
+    if args.engine_factory and uses_remote_engines(args):
+        return "--engine-factory cannot be combined with distributed engines"
+    return None
+
+
+def uses_remote_engines(args: argparse.Namespace) -> bool:
+    """Engines in other processes: several replicas, or any Ray backend (one Ray replica measures the overhead)."""
+    return (args.data_parallel_size > 1 or args.data_parallel_backend == "ray"
+            or args.distributed_executor_backend == "ray")
 
 
 # vLLM flags that drop-in launch scripts often pass: accepted so those scripts start, then ignored.
@@ -171,4 +209,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Engin
         parser.error(str(exc))
     if args.port is not None and not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
+    error = check_distributed_args(args)
+    if error:
+        parser.error(error)
     return args, config

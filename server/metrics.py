@@ -1,8 +1,10 @@
 """Prometheus metrics of the server, in their own CollectorRegistry, named `jaxpaged:*` like vLLM's `vllm:*`.
 
-Gauges and cumulative counters are refreshed from `engine.get_stats()` by the engine thread;
-latency histograms are observed per request (time to first token, time per output token after
-the first, end-to-end latency) by the async engine as outputs arrive.
+Every series carries `model_name` and `engine` (the data-parallel replica index, "0" with one
+engine, as vLLM labels them), so one /metrics covers all replicas. Gauges and cumulative counters
+are refreshed from `engine.get_stats()` by each replica's engine thread; latency histograms are
+observed per request (time to first token, time per output token after the first, end-to-end
+latency) by the async engine as outputs arrive.
 """
 from __future__ import annotations
 
@@ -29,40 +31,71 @@ _CUMULATIVE = {
 
 
 class ServerMetrics:
-    """All metrics for one served model. Thread-safe (prometheus-client is)."""
+    """All metrics for one served model, over `num_engines` replicas. Thread-safe (prometheus-client is).
 
-    def __init__(self, model_name: str):
+    `engine(i)` is replica i's EngineMetrics; the methods below act on replica 0 (a single engine).
+    """
+
+    def __init__(self, model_name: str, num_engines: int = 1):
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model_name"]
+        self.model_name = model_name
+        labels = ["model_name", "engine"]
         r = self.registry
         ProcessCollector(registry=r)     # process_resident_memory_bytes, process_cpu_seconds_total, ... (as vLLM's)
-
-        def gauge(name, doc):
-            return Gauge(f"jaxpaged:{name}", doc, labels, registry=r).labels(model_name)
-
-        def counter(name, doc):
-            return Counter(f"jaxpaged:{name}", doc, labels, registry=r).labels(model_name)
-
-        def histogram(name, doc, buckets):
-            return Histogram(f"jaxpaged:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
-
-        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
-        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).")
-        self.prefix_cache_hit_rate = gauge("prefix_cache_hit_rate",
-                                           "Prefix-cache hits / queries in tokens since start (0..1).")
-        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
-        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
-        self.preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
-        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
-        self.generation_tokens = counter("generation_tokens", "Generation tokens processed.")
+        self._families = dict(
+            num_requests_running=Gauge("jaxpaged:num_requests_running", "Requests in the running batch.", labels,
+                                       registry=r),
+            num_requests_waiting=Gauge("jaxpaged:num_requests_waiting", "Requests waiting to be scheduled.",
+                                       labels, registry=r),
+            kv_cache_usage=Gauge("jaxpaged:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
+                                 labels, registry=r),
+            prefix_cache_hit_rate=Gauge("jaxpaged:prefix_cache_hit_rate",
+                                        "Prefix-cache hits / queries in tokens since start (0..1).", labels,
+                                        registry=r),
+            prefix_cache_queries=Counter("jaxpaged:prefix_cache_queries",
+                                         "Prompt tokens looked up in the prefix cache.", labels, registry=r),
+            prefix_cache_hits=Counter("jaxpaged:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                                      labels, registry=r),
+            preemptions=Counter("jaxpaged:num_preemptions", "Cumulative number of preemptions.", labels, registry=r),
+            prompt_tokens=Counter("jaxpaged:prompt_tokens", "Prefill tokens processed.", labels, registry=r),
+            generation_tokens=Counter("jaxpaged:generation_tokens", "Generation tokens processed.", labels,
+                                      registry=r),
+            ttft=Histogram("jaxpaged:time_to_first_token_seconds", "Time to first token.", labels,
+                           buckets=_TTFT_BUCKETS, registry=r),
+            tpot=Histogram("jaxpaged:time_per_output_token_seconds", "Time per output token after the first.",
+                           labels, buckets=_TPOT_BUCKETS, registry=r),
+            e2e=Histogram("jaxpaged:e2e_request_latency_seconds", "End-to-end request latency.", labels,
+                          buckets=_E2E_BUCKETS, registry=r),
+        )
         self.request_success = Counter("jaxpaged:request_success", "Finished requests by finish reason.",
-                                       ["model_name", "finished_reason"], registry=r)
-        self._model_name = model_name
-        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
-        self.tpot = histogram("time_per_output_token_seconds", "Time per output token after the first.",
-                              _TPOT_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _E2E_BUCKETS)
+                                       ["model_name", "engine", "finished_reason"], registry=r)
+        self.engines = [EngineMetrics(self, i) for i in range(num_engines)]
+
+    def engine(self, index: int) -> "EngineMetrics":
+        return self.engines[index]
+
+    def update_from_stats(self, stats) -> None:
+        self.engines[0].update_from_stats(stats)
+
+    def observe_finished(self, *args) -> None:
+        self.engines[0].observe_finished(*args)
+
+    def observe_first_token(self, *args) -> None:
+        self.engines[0].observe_first_token(*args)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineMetrics:
+    """One replica's series (label engine="<index>"); fed by that replica's engine thread."""
+
+    def __init__(self, server: ServerMetrics, index: int):
+        self.index = index
+        self._labels = (server.model_name, str(index))
+        for attr, family in server._families.items():
+            setattr(self, attr, family.labels(*self._labels))
+        self._request_success = server.request_success
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -90,13 +123,10 @@ class ServerMetrics:
 
     def observe_finished(self, finish_reason: str | None, arrival: float, first_token: float | None,
                          finished: float, num_output_tokens: int) -> None:
-        self.request_success.labels(self._model_name, str(finish_reason)).inc()
+        self._request_success.labels(*self._labels, str(finish_reason)).inc()
         self.e2e.observe(max(0.0, finished - arrival))
         if first_token is not None and num_output_tokens > 1:
             self.tpot.observe(max(0.0, finished - first_token) / (num_output_tokens - 1))
 
     def observe_first_token(self, arrival: float, first_token: float) -> None:
         self.ttft.observe(max(0.0, first_token - arrival))
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
