@@ -33,6 +33,8 @@ class EngineWorker:
 
     def call(self, method: str, args: tuple):
         """("ok", value) or ("error", exception class name, message): never raises across the transport."""
+        if method.startswith("_") or not callable(getattr(self, method, None)) or method == "call":
+            return "error", "ValueError", f"unknown method {method!r}"
         try:
             return "ok", getattr(self, method)(*args)
         except tuple(_PASSED_ERRORS.values()) as exc:

@@ -162,6 +162,27 @@ def test_dead_replica_fails_its_requests_with_503_and_health_names_it():
     assert m['jaxpaged:request_success_total{engine="1",finished_reason="length",model_name="fake-model"}'] == 4
 
 
+def test_mp_worker_process_answers_and_its_death_is_an_engine_dead_error():
+    """The `mp` transport: a spawned EngineWorker process answers calls; once it is killed, every call and
+    the health ping raise EngineDeadError naming the replica (what ends its engine thread)."""
+    from jaxpaged.server.remote_engine import ProcessWorker, RemoteEngine
+    worker = ProcessWorker("replica 3", env={"JAX_PLATFORMS": "cpu"})
+    engine = RemoteEngine([worker], config=None, name="data-parallel replica 3")
+    try:
+        assert engine._call_one(0, "ping") == worker._proc.pid
+        engine.ping_workers()
+        with pytest.raises(ValueError, match="unknown method"):
+            engine._call_one(0, "no_such_method")
+        worker._proc.kill()
+        worker._proc.join(30)
+        with pytest.raises(EngineDeadError, match="data-parallel replica 3 died"):
+            engine.ping_workers()
+        with pytest.raises(EngineDeadError, match="data-parallel replica 3 died"):
+            engine.step()
+    finally:
+        worker.kill()
+
+
 # ============================================================== Grafana dashboard
 
 

@@ -1,27 +1,26 @@
 """Ray, end to end, on a tiny random-weight Llama. One local Ray (127.0.0.1, no dashboard, 4 logical CPUs) for
 the whole module, started here and stopped at the end; everything else joins it through RAY_ADDRESS:
 
-- examples/ray_replicas.py: an LLM in each of two Ray actors; both give the same greedy tokens.
+- examples/ray_replicas.py's DistributedLLM: an LLM in each of two Ray actors; both give the same greedy tokens.
 - `python -m jaxpaged.server --data-parallel-size 2 --data-parallel-backend ray`: 16 concurrent requests all
   answered, each equal to the single engine's output (the example's), both replicas took requests (per-replica
   metrics), the dashboard's metrics are all exported; then one replica's actor is killed mid-request: that
   request gets a 503 naming the replica, /health says so, and the other replica keeps serving.
+- `--tensor-parallel-size 2 --distributed-executor-backend ray`: one engine over two jax.distributed processes.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 
 import httpx
 import pytest
 
-from tests.server_utils import ServerProcess, parse_metrics, wait_for
+from tests.server_utils import ServerProcess, wait_for
 from tests.test_data_parallel import dashboard_metric_names, exported_metric_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,13 +53,30 @@ def cache_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def example_results(ray_address, tiny_llama, cache_dir):
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "examples/ray_replicas.py", "--model", tiny_llama, "--max-tokens",
-                           str(MAX_TOKENS), "--max-model-len", "1024", "--download-dir", cache_dir,
-                           "--all-replicas", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """examples/ray_replicas.py's actors, driven from this process (its main() does the same from the CLI)."""
+    import importlib.util
+
+    import ray
+    from ray import cloudpickle
+
+    from jaxpaged import SamplingParams
+    spec = importlib.util.spec_from_file_location("ray_replicas", os.path.join(ROOT, "examples", "ray_replicas.py"))
+    example = importlib.util.module_from_spec(spec)
+    sys.modules["ray_replicas"] = example
+    spec.loader.exec_module(example)
+    cloudpickle.register_pickle_by_value(example)    # the workers cannot import it by name
+    replicas = [example.DistributedLLM.options(num_cpus=1).remote(
+        model=tiny_llama, max_model_len=1024, max_num_seqs=8, enforce_eager=True, download_dir=cache_dir)
+        for _ in range(2)]
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        return {"per_replica": ray.get([r.generate.remote(example.PROMPTS, params) for r in replicas]),
+                "sharded": example.generate_sharded(replicas, example.PROMPTS, params)}
+    finally:
+        for r in replicas:
+            ray.kill(r)
+        cloudpickle.unregister_pickle_by_value(example)
+        sys.modules.pop("ray_replicas", None)
 
 
 @pytest.fixture(scope="module")
