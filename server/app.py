@@ -26,8 +26,8 @@ from .body_guard import BodyGuardMiddleware
 from .errors import (OpenAIError, internal_error, invalid_request, pydantic_errors_to_openai, too_many_requests,
                      unauthorized)
 from .limits import RETRY_AFTER_S, ServerLimits
-from .openapi import ServedLimits, install_openapi
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .openapi import SchemaBounds, install_openapi
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
                        ModelList, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse)
 from .serving import ServingContext
@@ -62,7 +62,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     app = FastAPI(title="jaxpaged OpenAI-compatible server", version=jaxpaged.__version__, lifespan=lifespan,
                   **no_docs)
     install_openapi(app, api_key=bool(api_key),
-                    limits=ServedLimits(vocab_size=ctx.vocab_size, max_model_len=ctx.max_model_len,
+                    bounds=SchemaBounds(vocab_size=ctx.vocab_size, max_model_len=ctx.max_model_len,
                                         max_num_seqs=ctx.max_num_seqs, max_logprobs=ctx.max_logprobs,
                                         max_client_batch_size=limits.max_client_batch_size))
     app.state.ctx = ctx

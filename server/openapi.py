@@ -61,7 +61,7 @@ _VERSION = {"type": "object", "properties": {"version": {"type": "string"}}, "re
 
 
 @dataclass(frozen=True)
-class ServedLimits:
+class SchemaBounds:
     """The engine's bounds that the request schemas state (the server refuses values past them with a 400)."""
     vocab_size: int
     max_model_len: int
@@ -70,13 +70,13 @@ class ServedLimits:
     max_client_batch_size: int
 
 
-def install_openapi(app, *, api_key: bool, limits: ServedLimits | None = None) -> None:
+def install_openapi(app, *, api_key: bool, bounds: SchemaBounds | None = None) -> None:
     """Makes app.openapi() return the patched document (built once)."""
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = patch_openapi(generate(), api_key=api_key, limits=limits)
+            app.openapi_schema = patch_openapi(generate(), api_key=api_key, bounds=bounds)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -96,12 +96,12 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-def patch_openapi(schema: dict, *, api_key: bool, limits: ServedLimits | None = None) -> dict:
+def patch_openapi(schema: dict, *, api_key: bool, bounds: SchemaBounds | None = None) -> dict:
     """Rewrites FastAPI's generated document in place (see the module docstring) and returns it."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     _walk(components, _exact_int64_bounds)
-    if limits is not None:
-        _state_ranges(components, limits)
+    if bounds is not None:
+        _state_ranges(components, bounds)
     _add_models(components, [ErrorResponse, TokenizeCompletionRequest, TokenizeChatRequest], "validation")
     _add_models(components, [model for model, _ in OK_BODIES.values()], "serialization")
     for path, ops in schema.get("paths", {}).items():
@@ -161,7 +161,7 @@ def _patch_tokenize(schema: dict) -> None:
         return
     one_of = [{"$ref": _REF.format(model=m.__name__)} for m in (TokenizeCompletionRequest, TokenizeChatRequest)]
     op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"oneOf": one_of}}},
-                         "description": "a body with `messages` is a chat tokenization, otherwise `prompt` is tokenized"}
+                         "description": "a body with `messages` tokenizes a chat, otherwise `prompt` is tokenized"}
 
 
 def _patch_plain_routes(schema: dict) -> None:
@@ -193,31 +193,31 @@ def _exact_int64_bounds(node: dict) -> None:
         node["maximum"], node["minimum"] = INT64_MAX, INT64_MIN
 
 
-def _ranges(limits: ServedLimits) -> dict[str, dict]:
+def _ranges(bounds: SchemaBounds) -> dict[str, dict]:
     """Field -> the bounds SamplingParams and the handlers enforce (each one answered 400 past it)."""
-    tokens = {"minimum": 1, "maximum": limits.max_model_len}
+    tokens = {"minimum": 1, "maximum": bounds.max_model_len}
     return {
         "temperature": {"minimum": 0}, "top_p": {"exclusiveMinimum": 0, "maximum": 1}, "top_k": {"minimum": -1},
         "min_p": {"minimum": 0, "maximum": 1}, "presence_penalty": {"minimum": -2, "maximum": 2},
         "frequency_penalty": {"minimum": -2, "maximum": 2}, "repetition_penalty": {"exclusiveMinimum": 0},
-        "n": {"minimum": 1, "maximum": limits.max_num_seqs}, "best_of": {"minimum": 1}, "min_tokens": {"minimum": 0},
+        "n": {"minimum": 1, "maximum": bounds.max_num_seqs}, "best_of": {"minimum": 1}, "min_tokens": {"minimum": 0},
         "max_tokens": tokens, "max_completion_tokens": tokens,
-        "logprobs": {"minimum": 0, "maximum": limits.max_logprobs},
-        "top_logprobs": {"minimum": 0, "maximum": limits.max_logprobs},
+        "logprobs": {"minimum": 0, "maximum": bounds.max_logprobs},
+        "top_logprobs": {"minimum": 0, "maximum": bounds.max_logprobs},
     }
 
 
-def _state_ranges(components: dict, limits: ServedLimits) -> None:
+def _state_ranges(components: dict, bounds: SchemaBounds) -> None:
     """Writes the value ranges into the request schemas: numbers on the non-null branch, token ids below the
     vocabulary size, non-empty prompt and message lists, at most max_client_batch_size prompts."""
-    token_id = {"minimum": 0, "maximum": limits.vocab_size - 1}
-    ranges = _ranges(limits)
+    token_id = {"minimum": 0, "maximum": bounds.vocab_size - 1}
+    ranges = _ranges(bounds)
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = components.get(name, {}).get("properties", {})
-        for field, bounds in ranges.items():
+        for field, field_range in ranges.items():
             for branch in _branches(props.get(field)):
                 if branch.get("type") in ("integer", "number"):
-                    branch.update(bounds)
+                    branch.update(field_range)
         for branch in _branches(props.get("stop_token_ids")):
             if branch.get("type") == "array":
                 branch["items"].update(token_id)
@@ -227,7 +227,7 @@ def _state_ranges(components: dict, limits: ServedLimits) -> None:
             branch["minItems"] = 1
             items = branch["items"]
             if items.get("type") != "integer":        # a list of prompts (one token-id list is one prompt)
-                branch["maxItems"] = limits.max_client_batch_size
+                branch["maxItems"] = bounds.max_client_batch_size
             if items.get("type") == "array":
                 items["minItems"] = 1
                 items = items["items"]

@@ -13,10 +13,10 @@ reading would.
 
 Reported: answered (reached [DONE]), aborted (closed by us), rejected (429: the server's queue was
 full), errors (anything else: another status, an error event, a broken connection); output tokens
-per second of the answered requests (their usage); TTFT p50/p99; from the server's /metrics while the load runs: the peak KV-cache usage
-and the peak resident memory (process_resident_memory_bytes), and after the load, once no request
-is running or waiting, the KV-cache usage (0 means every block of the finished and aborted requests
-was freed) and the resident memory.
+per second of the answered requests (their usage); TTFT p50/p99; from the server's /metrics while
+the load runs: the peak KV-cache usage and the peak resident memory (process_resident_memory_bytes),
+and after the load, once no request is running or waiting, the KV-cache usage (0 means every block
+of the finished and aborted requests was freed) and the resident memory.
 """
 from __future__ import annotations
 
@@ -220,7 +220,8 @@ def format_report(s: dict) -> str:
             f"  {s['output_tok_per_s']:.1f} output tok/s (answered requests); TTFT p50/p99 {ms(s['ttft_ms_p50'])}/"
             f"{ms(s['ttft_ms_p99'])} ms\n"
             f"  KV cache usage: peak {_pct(s['kv_usage_peak'])}, after {_pct(s['kv_usage_after'])} "
-            f"({'all blocks freed' if s['blocks_freed'] else 'BLOCKS STILL HELD'}, idle after {s['idle_after_s']:.1f} s)"
+            f"({'all blocks freed' if s['blocks_freed'] else 'BLOCKS STILL HELD'}, "
+            f"idle after {s['idle_after_s']:.1f} s)"
             f"\n  server RSS: {s['rss_mb_before']:.0f} MB before, {s['rss_mb_peak']:.0f} MB peak, "
             f"{s['rss_mb_after']:.0f} MB after")
 
