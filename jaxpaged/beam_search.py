@@ -1,12 +1,14 @@
-"""Beam search inside the engine: every beam is a scheduler Sequence, and beams share KV blocks.
+"""Beam search as a request type of the engine: every beam is a scheduler Sequence, beams share KV blocks.
 
-vLLM's algorithm (`LLM.beam_search`), driven directly on the engine's scheduler and runner
-instead of through one generate() call per token. W = beam_width:
+vLLM's algorithm (`LLM.beam_search`), run by the engine's own step instead of one generate() call
+per token: `LLMEngine.add_request(id, prompt, BeamSearchParams(...))` makes a BeamSearchState (the
+engine's state of that request, like request_state.RequestState for sampling) and every
+`engine.step()` advances it together with whatever else is running. W = beam_width:
 
-    each prompt ("instance") starts as ONE Sequence: the prompt is computed once
-    loop: scheduler.schedule() -> runner.execute() (greedy rows asking for 2W logprobs)
-          -> scheduler.update_from_output(); a sampled row gives that beam its candidates
-    an instance whose live beams all have candidates takes one round:
+    the request starts as ONE Sequence: the prompt is computed once
+    each step: a sampled row of one of its beams (greedy rows asking for 2W logprobs) gives that
+          beam its candidates (on_sampled)
+    once its live beams all have candidates the request takes one round:
       candidates   per live beam its top 2W next tokens (plus the sampled one, which only
                    differs when temperature > 0), cum_logprob = beam's + the token's raw logprob
       eos          candidates (unless ignore_eos) go to the finished list (finish_reason "stop")
@@ -45,32 +47,27 @@ Stopping rules, vLLM vs transformers' `generate(num_beams=W)`:
     tokens kept), except that a finishing eos is left out unless include_stop_str_in_output.
   * beams also stop at max_model_len (finish_reason "length"), where vLLM's loop would fail.
 
-Exclusive use: beam search needs every scheduled row to be one of its beams, so it runs only on
-an idle engine (no unfinished requests; RuntimeError otherwise) and the engine must not be
-stepped by anyone else meanwhile. At most max_num_seqs // W prompts are searched at a time (so
-forks always find a seat); the others wait their turn. Every beam's Sequence is finished on the
-way out, also on errors, so no block is left in use.
+Sharing the engine: beams are ordinary sequences to the scheduler, so a beam search runs while
+other requests are in flight (the batch mixes both). A fork without a free seat waits at the
+front of the queue and recomputes (the prefix cache serves its full blocks). Aborting the request
+(or an error in LLM.beam_search) finishes every beam, so no block is left in use.
 
 KV pool pressure: the scheduler may preempt beams (they recompute). If nothing can be scheduled
-because beams that already have their candidates hold the blocks a waiting sibling needs, those
-beams release their blocks (finish_sequence) and their children are re-added as new requests
-that recompute (the prefix cache serves their full blocks).
+because beams that already have their candidates hold the blocks a waiting sibling needs, the
+engine asks the beam searches to release those blocks (release_waiting_parents: finish_sequence)
+and their children are re-added as new sequences that recompute.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
-
 from jaxpaged.detokenizer import TokenDecoder
-from jaxpaged.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
-from jaxpaged.sequence import Sequence, SequenceStatus
+from jaxpaged.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestMetrics,
+                              RequestOutput)
 from jaxpaged.sampler import SamplingRow
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
-
-_run_ids = itertools.count()
+from jaxpaged.sequence import Sequence, SequenceStatus
 
 
 def beam_search_score(num_tokens: int, cum_logprob: float, ended_by_eos: bool, length_penalty: float) -> float:
@@ -81,8 +78,8 @@ def beam_search_score(num_tokens: int, cum_logprob: float, ended_by_eos: bool, l
 
 @dataclass
 class _Beam:
-    """One live beam. `rid` names its scheduler Sequence; `tokens` are prompt + generated."""
-    rid: str
+    """One live beam. `seq_id` names its scheduler Sequence; `tokens` are prompt + generated."""
+    seq_id: str
     tokens: list[int]
     cum_logprob: float = 0.0
     logprobs: list = field(default_factory=list)      # per generated token: {token_id: Logprob}
@@ -90,215 +87,186 @@ class _Beam:
     attached: bool = True                              # its Sequence is in the scheduler
 
 
-@dataclass
-class _Instance:
-    """The search of one prompt."""
-    index: int
-    prompt_ids: list[int]
-    rounds: int                                        # tokens each beam may generate
-    beams: list[_Beam] = field(default_factory=list)
-    finished: list[BeamSearchSequence] = field(default_factory=list)
-    done: bool = False
+class BeamSearchState:
+    """The engine's state of one beam-search request (one prompt)."""
 
-    def ready(self) -> bool:
-        return bool(self.beams) and all(b.candidates is not None for b in self.beams)
-
-
-class BeamSearch:
-    """Drives one LLM.beam_search call over an idle LLMEngine."""
-
-    def __init__(self, engine, params: BeamSearchParams):
-        if not isinstance(params, BeamSearchParams):
-            raise ValueError(f"params: expected BeamSearchParams, got {type(params).__name__}")
-        cfg = engine.config
-        w = params.beam_width
-        if 2 * w > cfg.max_logprobs:
-            raise ValueError(f"beam_width: {w} needs 2 * beam_width = {2 * w} candidates per beam, more than "
-                             f"max_logprobs ({cfg.max_logprobs}); raise max_logprobs or lower beam_width")
-        if w > cfg.max_num_seqs:
-            raise ValueError(f"beam_width: {w} exceeds max_num_seqs ({cfg.max_num_seqs})")
-        if engine.has_unfinished_requests() or engine.scheduler.has_unfinished_sequences():
-            raise RuntimeError("beam_search: the engine has unfinished requests; beam search needs an idle engine")
-        self.engine, self.params, self.width = engine, params, w
-        self.scheduler, self.runner = engine.scheduler, engine.runner
-        tok = engine.get_tokenizer()
-        self.tokenizer = tok
-        eos = set(engine.model_config.eos_token_ids)
-        if not eos and getattr(tok, "eos_token_id", None) is not None:
-            eos = {tok.eos_token_id}
-        self.eos = frozenset() if params.ignore_eos else frozenset(eos)
-        self.decode_token = TokenDecoder(tok)
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: BeamSearchParams,
+                 arrival: float, *, eos_token_ids, max_model_len: int, decode_token: TokenDecoder, tokenizer):
+        self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, list(prompt_token_ids)
+        self.params, self.width = params, params.beam_width
+        self.metrics = RequestMetrics(arrival_time=arrival)
+        self.rounds = min(params.max_tokens, max_model_len - len(prompt_token_ids))   # tokens each beam may generate
+        self.eos = frozenset() if params.ignore_eos else frozenset(int(t) for t in eos_token_ids)
+        self.decode_token, self.tokenizer = decode_token, tokenizer
         # the per-step row of every beam: greedy (or the requested temperature), 2W logprobs
-        self.row_params = SamplingParams(temperature=params.temperature, max_tokens=1, logprobs=2 * w,
+        self.row_params = SamplingParams(temperature=params.temperature, max_tokens=1, logprobs=2 * self.width,
                                          ignore_eos=True)
-        self._prefix = f"beam{next(_run_ids)}-"
-        self._ids = itertools.count()
-        self._owner: dict[str, tuple[_Instance, _Beam]] = {}
-        self.peak_used_blocks = 0         # KV blocks in use at the fullest step (diagnostics, tests)
-        self.num_steps = 0
+        self.beams: list[_Beam] = []
+        self.finished_beams: list[BeamSearchSequence] = []
+        self.done = False
+        self._next_beam = 0
 
-    # ---- entry --------------------------------------------------------------------------------------
-    def run(self, prompts: list, use_tqdm: bool = False) -> list[BeamSearchOutput]:
-        eng = self.engine
-        instances = []
-        for i, prompt in enumerate(prompts):      # validate every prompt before anything runs
-            _, ids = eng._tokenize(prompt)
-            eng._check_length(ids)
-            rounds = min(self.params.max_tokens, eng.max_model_len - len(ids))
-            instances.append(_Instance(i, ids, rounds))
-        max_active = max(1, self.scheduler.max_num_seqs // self.width)
-        queue = list(instances)
-        active: list[_Instance] = []
-        bar = tqdm(total=len(instances), desc="Beam search", disable=not use_tqdm)
-        try:
-            while queue or active:
-                while queue and len(active) < max_active:
-                    inst = queue.pop(0)
-                    self._start(inst)
-                    active.append(inst)
-                self._step()
-                for inst in active:
-                    if inst.ready():
-                        self._advance(inst)
-                still = [inst for inst in active if not inst.done]
-                bar.update(len(active) - len(still))
-                active = still
-        finally:
-            bar.close()
-            for rid in list(self._owner):          # errors, interrupts: leave no block in use
-                self._release(rid)
-        return [self._output(inst) for inst in instances]
+    # ---- what the engine calls --------------------------------------------------------------------
+    def first_sequences(self) -> list[Sequence]:
+        beam = _Beam(self._new_id(), list(self.prompt_token_ids))
+        self.beams.append(beam)
+        return [Sequence(beam.seq_id, self.prompt_token_ids, self.row_params, self.metrics.arrival_time,
+                         request_id=self.request_id)]
 
-    # ---- engine steps -------------------------------------------------------------------------------
-    def _new_id(self) -> str:
-        return f"{self._prefix}{next(self._ids)}"
+    @property
+    def finished(self) -> bool:
+        return self.done
 
-    def _start(self, inst: _Instance) -> None:
-        beam = _Beam(self._new_id(), list(inst.prompt_ids))
-        self.scheduler.add_sequence(Sequence(beam.rid, inst.prompt_ids, self.row_params, time.time()))
-        self._owner[beam.rid] = (inst, beam)
-        inst.beams.append(beam)
+    def sampling_row(self, seq: Sequence) -> SamplingRow:
+        return SamplingRow(self.row_params, seq.prompt_token_ids, seq.output_token_ids)
 
-    def _step(self) -> None:
-        sched = self.scheduler
-        out = sched.schedule()
-        bm = sched.block_manager
-        self.peak_used_blocks = max(self.peak_used_blocks, bm.num_total_blocks - bm.num_free_blocks)
-        for rid in out.finished:                   # more blocks than the whole pool: ends here
-            self._drop_unfittable(rid)
-        if not out.scheduled:
-            if not out.finished and not self._release_waiting_parents():
-                raise RuntimeError("beam_search: nothing can be scheduled (KV pool too small for one beam?)")
-            return
-        rows = [SamplingRow(self.row_params, s.seq.prompt_token_ids, s.seq.output_token_ids)
-                if s.sample else None for s in out.scheduled]
-        result = self.runner.execute(out.scheduled, out.block_copies, rows)
-        sched.update_from_output(out)
-        self.num_steps += 1
+    def needs_prompt_logprobs(self, start: int) -> bool:
+        return False
+
+    def mark_scheduled(self, now: float) -> None:
+        if self.metrics.first_scheduled_time is None:
+            self.metrics.first_scheduled_time = now
+
+    def on_sampled(self, seq: Sequence, result, row: int, scheduler) -> None:
+        """Row `row` of the StepResult sampled for `seq`: its candidates; a round once every beam has them."""
+        beam = self._beam(seq.seq_id)
         k = 2 * self.width
-        for i, s in enumerate(out.scheduled):
-            if rows[i] is None:
-                continue
-            _, beam = self._owner[s.seq.seq_id]
-            cands = [(int(t), float(lp), r + 1) for r, (t, lp) in
-                     enumerate(zip(result.top_ids[i, :k], result.top_logprobs[i, :k]))]
-            tok = int(result.tokens[i])
-            if all(t != tok for t, _, _ in cands):   # sampled outside the top 2W (temperature > 0)
-                cands.append((tok, float(result.logprob[i]), int(result.rank[i])))
-            beam.candidates = cands
+        cands = [(int(t), float(lp), r + 1) for r, (t, lp) in
+                 enumerate(zip(result.top_ids[row, :k], result.top_logprobs[row, :k]))]
+        tok = int(result.tokens[row])
+        if all(t != tok for t, _, _ in cands):   # sampled outside the top 2W (temperature > 0)
+            cands.append((tok, float(result.logprob[row]), int(result.rank[row])))
+        beam.candidates = cands
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = time.time()
+        if all(b.candidates is not None for b in self.beams):
+            self._advance(scheduler)
 
-    def _release(self, rid: str) -> None:
-        self._owner.pop(rid, None)
-        self.scheduler.finish_sequence(rid, SequenceStatus.FINISHED_STOPPED)
+    def on_scheduler_finished(self, seq: Sequence, scheduler) -> None:
+        """The scheduler ended the beam (more blocks than the whole pool): it is finished as it stands."""
+        beam = self._beam(seq.seq_id)
+        self.beams.remove(beam)
+        self.finished_beams.append(BeamSearchSequence(list(beam.tokens), cum_logprob=beam.cum_logprob,
+                                                      logprobs=beam.logprobs, finish_reason="length"))
+        if not self.beams:
+            self._finish()
+        elif all(b.candidates is not None for b in self.beams):
+            self._advance(scheduler)
 
-    def _retire(self, beam: _Beam) -> None:
-        """The beam is no longer live: its Sequence (if it still has one) is finished, its blocks freed."""
-        if beam.attached:
-            self._release(beam.rid)
-        else:
-            self._owner.pop(beam.rid, None)
-
-    def _release_waiting_parents(self) -> bool:
+    def release_waiting_parents(self, scheduler) -> bool:
         """Stall under KV pressure: beams holding candidates give their blocks back (children recompute)."""
         freed = False
-        for rid, (_, beam) in list(self._owner.items()):
+        for beam in self.beams:
             if beam.candidates is not None and beam.attached:
-                self._release(rid)
+                scheduler.finish_sequence(beam.seq_id, SequenceStatus.FINISHED_STOPPED)
                 beam.attached = False
                 freed = True
         return freed
 
-    def _drop_unfittable(self, rid: str) -> None:
-        inst, beam = self._owner.pop(rid)
-        inst.beams.remove(beam)
-        inst.finished.append(BeamSearchSequence(list(beam.tokens), cum_logprob=beam.cum_logprob,
-                                                logprobs=beam.logprobs, finish_reason="length"))
-        if not inst.beams:
-            inst.done = True
+    def abort(self, scheduler) -> None:
+        for beam in self.beams:
+            self._retire(beam, scheduler)
+        self.beams = []
+        self._finish()
 
-    # ---- one round of one instance ------------------------------------------------------------------
-    def _advance(self, inst: _Instance) -> None:
+    def to_output(self) -> RequestOutput:
+        """The finished beams best first as completions (text: the generated tokens; an eos that finished a
+        beam left out unless include_stop_str_in_output); none while the search runs."""
+        outs = []
+        if self.done:
+            n = len(self.prompt_token_ids)
+            for i, s in enumerate(self.ranked()):
+                gen = s.tokens[n:]
+                shown = gen[:-1] if s.finish_reason == "stop" and not self.params.include_stop_str_in_output else gen
+                outs.append(CompletionOutput(i, self.tokenizer.decode(shown), gen, s.cum_logprob, s.logprobs,
+                                             s.finish_reason, s.stop_reason))
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, None, outs, self.done,
+                             metrics=self.metrics)
+
+    def ranked(self) -> list[BeamSearchSequence]:
+        """The best W finished beams by vLLM's score (stable: earlier wins ties)."""
+        self.finished_beams.sort(key=self._score, reverse=True)
+        del self.finished_beams[self.width:]
+        return self.finished_beams
+
+    # ---- one round ----------------------------------------------------------------------------------
+    def _advance(self, scheduler) -> None:
         w = self.width
-        pool = []                                  # (cum_logprob, order, beam, token, logprob position)
-        for b in inst.beams:
+        pool = []                                  # (cum_logprob, order, beam, token, candidate index)
+        for b in self.beams:
             for j, (tok, lp, _) in enumerate(b.candidates):
                 cum = b.cum_logprob + lp
                 if tok in self.eos:
-                    inst.finished.append(BeamSearchSequence(
+                    self.finished_beams.append(BeamSearchSequence(
                         b.tokens + [tok], cum_logprob=cum, logprobs=b.logprobs + [self._entry(b, j)],
                         finish_reason="stop", stop_reason=tok))
                 else:
                     pool.append((cum, len(pool), b, tok, j))
         pool.sort(key=lambda c: (-c[0], c[1]))     # best cum_logprob first; ties keep candidate order
         chosen = pool[:w]
-        last = len(inst.beams[0].tokens) + 1 - len(inst.prompt_ids) >= inst.rounds
-        self._keep_best_finished(inst)
+        last = len(self.beams[0].tokens) + 1 - len(self.prompt_token_ids) >= self.rounds
+        self.ranked()                              # only the best W can ever be returned: keep the list short
         if last or not chosen:
             for cum, _, b, tok, j in chosen:
-                inst.finished.append(BeamSearchSequence(b.tokens + [tok], cum_logprob=cum,
-                                                        logprobs=b.logprobs + [self._entry(b, j)],
-                                                        finish_reason="length"))
-            for b in inst.beams:
-                self._retire(b)
-            inst.beams, inst.done = [], True
+                self.finished_beams.append(BeamSearchSequence(b.tokens + [tok], cum_logprob=cum,
+                                                              logprobs=b.logprobs + [self._entry(b, j)],
+                                                              finish_reason="length"))
+            self.abort(scheduler)
             return
         by_parent: dict[int, list] = {}
         for c in chosen:
             by_parent.setdefault(id(c[2]), []).append(c)
         # unchosen parents first: their seats and blocks are free before anyone forks
-        for b in inst.beams:
+        for b in self.beams:
             if id(b) not in by_parent:
-                self._retire(b)
+                self._retire(b, scheduler)
         new_beams = []
         for group in by_parent.values():
             parent = group[0][2]
             for cum, _, _, tok, j in group[1:]:          # forks copy the parent BEFORE it moves on
-                new_beams.append(self._spawn(inst, parent, tok, cum, self._entry(parent, j)))
+                new_beams.append(self._spawn(parent, tok, cum, self._entry(parent, j), scheduler))
             cum, _, _, tok, j = group[0]
             entry = self._entry(parent, j)
             if parent.attached:
-                self.scheduler.append_token(parent.rid, tok)
+                scheduler.append_token(parent.seq_id, tok)
                 parent.tokens.append(tok)
                 parent.cum_logprob, parent.logprobs = cum, parent.logprobs + [entry]
                 parent.candidates = None
                 new_beams.append(parent)
             else:
-                self._owner.pop(parent.rid, None)
-                new_beams.append(self._spawn(inst, parent, tok, cum, entry))
-        inst.beams = new_beams
+                new_beams.append(self._spawn(parent, tok, cum, entry, scheduler))
+        self.beams = new_beams
 
-    def _spawn(self, inst: _Instance, parent: _Beam, tok: int, cum: float, entry: dict) -> _Beam:
+    def _spawn(self, parent: _Beam, tok: int, cum: float, entry: dict, scheduler) -> _Beam:
         """A child beam continuing `parent` with `tok`: a fork (shared blocks) or, for a parent that
-        gave its blocks back, a new request that recomputes."""
+        gave its blocks back, a new sequence that recomputes."""
         child = _Beam(self._new_id(), parent.tokens + [tok], cum, parent.logprobs + [entry])
         if parent.attached:
-            self.scheduler.fork_sequence(parent.rid, child.rid, self.row_params, time.time())
-            self.scheduler.append_token(child.rid, tok)
+            scheduler.fork_sequence(parent.seq_id, child.seq_id, self.row_params, time.time())
+            scheduler.append_token(child.seq_id, tok)
         else:
-            self.scheduler.add_sequence(Sequence(child.rid, inst.prompt_ids, self.row_params, time.time(),
-                                                 output_token_ids=child.tokens[len(inst.prompt_ids):]))
-        self._owner[child.rid] = (inst, child)
+            n = len(self.prompt_token_ids)
+            scheduler.add_sequence(Sequence(child.seq_id, self.prompt_token_ids, self.row_params, time.time(),
+                                            request_id=self.request_id, output_token_ids=child.tokens[n:]))
         return child
+
+    def _retire(self, beam: _Beam, scheduler) -> None:
+        """The beam is no longer live: its Sequence (if it still has one) is finished, its blocks freed."""
+        if beam.attached:
+            scheduler.finish_sequence(beam.seq_id, SequenceStatus.FINISHED_STOPPED)
+        beam.attached = False
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.metrics.finished_time = time.time()
+
+    def _new_id(self) -> str:
+        self._next_beam += 1
+        return f"{self.request_id}#beam{self._next_beam - 1}"
+
+    def _beam(self, seq_id: str) -> _Beam:
+        return next(b for b in self.beams if b.seq_id == seq_id)
 
     def _entry(self, beam: _Beam, j: int) -> dict:
         """vLLM's logprobs entry of a chosen token: the chosen token first, then the beam's other candidates."""
@@ -310,29 +278,14 @@ class BeamSearch:
         return beam_search_score(len(seq.tokens), seq.cum_logprob, seq.finish_reason == "stop",
                                  self.params.length_penalty)
 
-    def _keep_best_finished(self, inst: _Instance) -> None:
-        # only the best W can ever be returned: keep the list short (stable sort: earlier wins ties)
-        inst.finished.sort(key=self._score, reverse=True)
-        del inst.finished[self.width:]
 
-    def _output(self, inst: _Instance) -> BeamSearchOutput:
-        self._keep_best_finished(inst)
-        for seq in inst.finished:
-            toks = seq.tokens
-            if seq.finish_reason == "stop" and not self.params.include_stop_str_in_output:
-                toks = toks[:-1]
-            seq.text = self.tokenizer.decode(toks)
-        return BeamSearchOutput(sequences=inst.finished)
-
-
-def beam_search(engine, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
-    """Beam search of each prompt on an idle LLMEngine. prompts: a str, a list of str / token-id lists /
-    {"prompt"} or {"prompt_token_ids"} dicts, or one token-id list. One BeamSearchOutput per prompt, in order."""
-    if isinstance(prompts, (str, dict)):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts: must not be empty")
-    if all(isinstance(t, int) for t in prompts):
-        prompts = [prompts]                        # one prompt given as token ids
-    return BeamSearch(engine, params).run(prompts, use_tqdm=use_tqdm)
+def to_beam_search_output(out: RequestOutput, tokenizer, params: BeamSearchParams) -> BeamSearchOutput:
+    """vLLM's BeamSearchOutput from a finished beam-search RequestOutput: tokens are prompt + generated and
+    text their decoding (special tokens kept), a finishing eos left out unless include_stop_str_in_output."""
+    seqs = []
+    for c in out.outputs:
+        tokens = list(out.prompt_token_ids) + list(c.token_ids)
+        shown = tokens[:-1] if c.finish_reason == "stop" and not params.include_stop_str_in_output else tokens
+        seqs.append(BeamSearchSequence(tokens, tokenizer.decode(shown), c.cumulative_logprob, c.logprobs,
+                                       c.finish_reason, c.stop_reason))
+    return BeamSearchOutput(sequences=seqs)

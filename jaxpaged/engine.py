@@ -10,7 +10,10 @@ One step:
 Who owns what: the Scheduler owns the Sequences (sequence.py: token ids, KV progress, status); a
 user request is a RequestState (request_state.py: prompt, params, metrics) with one CompletionState
 per completion (logprobs, text, finish state). A request with n > 1 is n sequences (`<id>#<i>`) that
-share the prompt's blocks. The engine changes no process-wide JAX setting (see compilation_cache.py).
+share the prompt's blocks. A beam search (BeamSearchParams) is a BeamSearchState (beam_search.py) whose
+beams are sequences too, so it shares the steps with everything else in flight. Prompts and params are
+checked once, on the way in, by the InputProcessor (inputs.py). The engine changes no process-wide JAX
+setting (see compilation_cache.py).
 """
 from __future__ import annotations
 
@@ -19,16 +22,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.runner import ModelRunner, kv_bytes_per_block, resolve_kv_cache_dtype
 from jaxpaged.detokenizer import TokenDecoder
-from jaxpaged.sampling_params import SamplingParams
-from jaxpaged.request_state import CompletionState, RequestState
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
+from jaxpaged.beam_search import BeamSearchState
+from jaxpaged.inputs import InputProcessor
+from jaxpaged.request_state import RequestState
 from jaxpaged.scheduler import Scheduler, SchedulerStats
-from jaxpaged.sequence import Sequence, SequenceStatus
 from jaxpaged.sharding import make_mesh, place_params, prepare_params
 
 logger = logging.getLogger(__name__)
@@ -70,8 +72,13 @@ class LLMEngine:
         if not config.enforce_eager:
             self.runner.warmup(progress=progress)
         self._decode_token = TokenDecoder(self.tokenizer)
-        self._requests: dict[str, RequestState] = {}       # unfinished user requests by request_id
-        self._completions: dict[str, CompletionState] = {}  # their completions by seq_id
+        self.input_processor = InputProcessor(
+            self.tokenizer, vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
+            kv_capacity_tokens=self.scheduler.max_tokens_per_sequence(), max_num_seqs=config.max_num_seqs,
+            max_logprobs=config.max_logprobs)
+        # unfinished user requests by request_id (RequestState, or BeamSearchState for beam search);
+        # a Sequence's request_id names its owner here
+        self._requests: dict[str, RequestState | BeamSearchState] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 
@@ -104,90 +111,43 @@ class LLMEngine:
     def get_tokenizer(self):
         return self.tokenizer
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt, params: SamplingParams | BeamSearchParams | None = None,
                     arrival_time: float | None = None) -> None:
-        """Queues a request. prompt: str, list of token ids, or {"prompt": str} / {"prompt_token_ids": [...]}.
+        """Queues a request. prompt: str, token ids (list / tuple / 1-D numpy), {"prompt": str} or
+        {"prompt_token_ids": [...]}. params: SamplingParams (n completions), or BeamSearchParams (a beam
+        search: its RequestOutput lists the best beams, see beam_search.py).
 
-        Raises ValueError naming the field for bad input; nothing is queued then.
+        Raises ValueError naming the field for bad input (inputs.py has the rules); nothing is queued then.
         """
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        processed, params = self.input_processor.process(prompt, params)
         request_id = str(request_id)
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
-        params.validate(vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs,
-                        max_model_len=self.max_model_len)
-        self._check_length(ids)
         arrival = arrival_time if arrival_time is not None else time.time()
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n: {params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
-        state = RequestState(request_id, text, ids, params, arrival)
-        for i in range(params.n):
-            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            # n > 1 with a seed: sample i uses seed + i (vLLM), else every sample would be identical
-            child_params = params if params.n == 1 or params.seed is None else params.clone()
-            if child_params is not params:
-                child_params.seed = params.seed + i
-            seq = Sequence(seq_id, ids, child_params, arrival, skip_prefix_cache=params.prompt_logprobs is not None)
-            state.completions.append(CompletionState(
-                seq, state, i, self.tokenizer, eos_token_ids=self.model_config.eos_token_ids,
-                max_model_len=self.max_model_len, decode_token=self._decode_token))
-        seqs = [c.seq for c in state.completions]
-        if params.n == 1:     # the scheduler validates too: register with it before storing anything
+        text, ids = processed.prompt, processed.prompt_token_ids
+        common = dict(eos_token_ids=self.model_config.eos_token_ids, max_model_len=self.max_model_len,
+                      decode_token=self._decode_token, tokenizer=self.tokenizer)
+        if isinstance(params, BeamSearchParams):
+            eos = self.model_config.eos_token_ids
+            if not eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
+                common["eos_token_ids"] = (self.tokenizer.eos_token_id,)
+            state = BeamSearchState(request_id, text, ids, params, arrival, **common)
+        else:
+            state = RequestState(request_id, text, ids, params, arrival, **common)
+        seqs = state.first_sequences()
+        if len(seqs) == 1:     # the scheduler validates too: register with it before storing anything
             self.scheduler.add_sequence(seqs[0])
         else:
             self.scheduler.add_sequence_group(seqs)
         self._requests[request_id] = state
-        for c in state.completions:
-            self._completions[c.seq.seq_id] = c
         self._prompt_tokens_total += len(ids)
-
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            return prompt, list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = [int(t) for t in prompt] if all(isinstance(t, (int, np.integer)) for t in prompt) else None
-            if ids is None:
-                raise ValueError("prompt_token_ids: must be a list of int")
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt_token_ids: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-            return None, ids
-        raise ValueError(f"prompt: expected str or list of token ids, got {type(prompt).__name__}")
-
-    def _check_length(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("prompt: must not be empty (0 tokens)")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(ids)} tokens is too long: max_model_len is {self.max_model_len} "
-                             f"(prompt plus at least one generated token)")
-        capacity = self.scheduler.max_tokens_per_sequence()
-        if len(ids) + 1 > capacity:
-            raise ValueError(f"prompt: {len(ids)} tokens do not fit the KV cache ({capacity} tokens)")
 
     def abort_request(self, request_id) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             state = self._requests.pop(rid, None)
-            if state is None:
-                continue
-            for c in state.completions:
-                self._completions.pop(c.seq.seq_id, None)
-                if not c.finished:
-                    c.abort()
-                    self.scheduler.finish_sequence(c.seq.seq_id, SequenceStatus.FINISHED_ABORTED)
+            if state is not None:
+                state.abort(self.scheduler)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
@@ -198,46 +158,48 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        touched: dict[str, RequestState] = {}
-        for seq_id in out.finished:   # the scheduler gave up on these (they can never fit)
-            c = self._completions.get(seq_id)
-            if c is not None and not c.finished:
-                c.finish_length()
-                touched[c.request.request_id] = c.request
+        sched, requests = self.scheduler, self._requests
+        out = sched.schedule()
+        touched: dict[str, object] = {}
+        for seq in out.finished:      # the scheduler gave up on these (they can never fit)
+            state = requests.get(seq.request_id)
+            if state is not None:
+                state.on_scheduler_finished(seq, sched)
+                touched[state.request_id] = state
+        if not out.scheduled and not out.finished and requests:
+            self._release_stalled_beams()
         if out.scheduled:
             now = time.time()
-            completions = [self._completions[s.seq.seq_id] for s in out.scheduled]
-            rows = [c.sampling_row() if s.sample else None for c, s in zip(completions, out.scheduled)]
-            want_prompt_lp = any(c.request.needs_prompt_logprobs(s.start) for c, s in zip(completions, out.scheduled))
+            states = [requests[s.seq.request_id] for s in out.scheduled]
+            rows = [st.sampling_row(s.seq) if s.sample else None for st, s in zip(states, out.scheduled)]
+            want_prompt_lp = any(st.needs_prompt_logprobs(s.start) for st, s in zip(states, out.scheduled))
             result = self.runner.execute(out.scheduled, out.block_copies, rows, prompt_logprobs=want_prompt_lp)
             if want_prompt_lp:
-                self._record_prompt_logprobs(out.scheduled, result)
-            self.scheduler.update_from_output(out)
-            for i, (c, s) in enumerate(zip(completions, out.scheduled)):
-                c.request.mark_scheduled(now)
+                self._record_prompt_logprobs(out.scheduled, states, result)
+            sched.update_from_output(out)
+            for i, (st, s) in enumerate(zip(states, out.scheduled)):
+                st.mark_scheduled(now)
                 if rows[i] is None:
                     continue
-                self.scheduler.append_token(s.seq.seq_id, int(result.tokens[i]))
                 self._generation_tokens_total += 1
-                reason = c.on_token(result, i)
-                if reason is not None:
-                    status = SequenceStatus.FINISHED_LENGTH if reason == "length" else SequenceStatus.FINISHED_STOPPED
-                    self.scheduler.finish_sequence(s.seq.seq_id, status)
-                touched[c.request.request_id] = c.request
+                st.on_sampled(s.seq, result, i, sched)
+                touched[st.request_id] = st
         outputs = []
         for rid, state in touched.items():
             outputs.append(state.to_output())
             if state.finished:
-                self._requests.pop(rid, None)
-                for c in state.completions:
-                    self._completions.pop(c.seq.seq_id, None)
+                requests.pop(rid, None)
         return outputs
 
-    def _record_prompt_logprobs(self, scheduled, result) -> None:
+    def _release_stalled_beams(self) -> None:
+        """Nothing could be scheduled: only beams waiting for their siblings' blocks do that (beam_search.py)."""
+        beams = [st for st in self._requests.values() if isinstance(st, BeamSearchState)]
+        if beams and not any([st.release_waiting_parents(self.scheduler) for st in beams]):
+            raise RuntimeError("beam_search: nothing can be scheduled (KV pool too small for one beam?)")
+
+    def _record_prompt_logprobs(self, scheduled, states, result) -> None:
         row = 0   # flat rows follow the scheduled order (step_inputs.py)
-        for s in scheduled:
-            state = self._completions[s.seq.seq_id].request
+        for s, state in zip(scheduled, states):
             if state.needs_prompt_logprobs(s.start):
                 state.record_prompt_logprobs(s.start, s.num_new_tokens, row, result, self._decode_token)
             row += s.num_new_tokens

@@ -9,14 +9,15 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
+from jaxpaged.beam_search import to_beam_search_output
 from jaxpaged.compilation_cache import enable_compilation_cache
 from jaxpaged.engine import LLMEngine
 from jaxpaged.engine_config import DEFAULT_MODEL, EngineConfig
-from jaxpaged.outputs import RequestOutput
-from jaxpaged.sampling_params import SamplingParams
+from jaxpaged.inputs import as_prompt_list, plain_message, render_chat
+from jaxpaged.outputs import BeamSearchOutput, RequestOutput
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -37,12 +38,16 @@ class LLM:
     # ---- generate -----------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a str, a list of str, a list of token ids, a list of token-id lists, or dict prompts.
-
-        Returns one RequestOutput per prompt, in input order. All prompts are validated before any runs.
+        """prompts: a str, a list of str, a list of token ids, a list of token-id lists, numpy arrays, or dict
+        prompts (jaxpaged/inputs.py). Returns one RequestOutput per prompt, in input order. All prompts are
+        validated before any runs.
         """
-        prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        prompts = as_prompt_list(prompts)
+        return self._run(self._add_all(prompts, _as_params_list(sampling_params, len(prompts))), use_tqdm,
+                         "Processed prompts")
+
+    def _add_all(self, prompts: list, params: list) -> list[str]:
+        """Adds every prompt to the engine (which validates it); on the first bad one, none stays queued."""
         ids = [str(next(self._counter)) for _ in prompts]
         engine = self.llm_engine
         added = []
@@ -53,13 +58,13 @@ class LLM:
         except Exception:
             engine.abort_request(added)
             raise
-        return self._run(ids, use_tqdm)
+        return ids
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool, desc: str) -> list[RequestOutput]:
         engine = self.llm_engine
         done: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+        bar = tqdm(total=len(ids), desc=desc, disable=not use_tqdm)
         try:
             while len(done) < len(ids) and engine.has_unfinished_requests():
                 for out in engine.step():
@@ -92,51 +97,23 @@ class LLM:
                         continue_final_message=False, chat_template_kwargs=None, tools=None) -> list[int]:
         """Token ids of a conversation rendered through the tokenizer's chat template."""
         tok = self.get_tokenizer()
-        conversation = [_plain_message(i, m) for i, m in enumerate(conversation)]
-        text = tok.apply_chat_template(conversation, chat_template=chat_template, tokenize=False, tools=tools,
-                                       add_generation_prompt=add_generation_prompt and not continue_final_message,
-                                       continue_final_message=continue_final_message,
-                                       **(chat_template_kwargs or {}))
+        conversation = [plain_message(i, m) for i, m in enumerate(conversation)]
+        text = render_chat(tok, conversation, chat_template=chat_template, tools=tools,
+                           add_generation_prompt=add_generation_prompt and not continue_final_message,
+                           continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
         # the template already holds any special tokens (bos, role markers): add none
         return list(tok.encode(text, add_special_tokens=False))
 
     # ---- beam search --------------------------------------------------------------------------------
-    def beam_search(self, prompts, params, use_tqdm: bool = False) -> list:
-        """vLLM's LLM.beam_search (BeamSearchParams -> one BeamSearchOutput per prompt, best sequences first),
-        run inside the engine with beams sharing KV blocks; see jaxpaged/beam_search.py."""
-        from jaxpaged.beam_search import beam_search
-        return beam_search(self.llm_engine, prompts, params, use_tqdm=use_tqdm)
-
-
-def _plain_message(i: int, m) -> dict:
-    """A chat message with string content (OpenAI text content parts joined); ValueError otherwise."""
-    if not isinstance(m, dict) or "role" not in m or "content" not in m:
-        raise ValueError(f"messages[{i}]: each message needs 'role' and 'content'")
-    content = m["content"]
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
-                                 f"are supported, got {part!r}")
-            texts.append(part["text"])
-        return {**m, "content": "".join(texts)}
-    if content is not None and not isinstance(content, str):
-        raise ValueError(f"messages[{i}].content: expected a string or a list of text parts")
-    return m
-
-
-def _as_prompt_list(prompts) -> list:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
-        return [prompts.tolist()]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
-        return [prompts]          # one prompt given as token ids
-    if not prompts:
-        raise ValueError("prompts: must not be empty")
-    return prompts
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: one BeamSearchOutput per prompt (best sequences first). Each prompt is an
+        engine request with BeamSearchParams (jaxpaged/beam_search.py): beams share KV blocks and the steps
+        with any other request in flight."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params: expected BeamSearchParams, got {type(params).__name__}")
+        prompts = as_prompt_list(prompts)
+        outs = self._run(self._add_all(prompts, [params] * len(prompts)), use_tqdm, "Beam search")
+        return [to_beam_search_output(o, self.get_tokenizer(), params) for o in outs]
 
 
 def _as_params_list(params, n: int) -> list[SamplingParams]:

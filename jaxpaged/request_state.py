@@ -13,17 +13,31 @@ import time
 
 from jaxpaged.detokenizer import SequenceDetokenizer, StopResult, TokenDecoder
 from jaxpaged.outputs import CompletionOutput, RequestMetrics, RequestOutput, make_logprobs_entry
-from jaxpaged.sequence import Sequence
 from jaxpaged.sampler import SamplingRow
+from jaxpaged.sequence import Sequence, SequenceStatus
 
 
 class RequestState:
-    """A user request: its prompt, params, metrics and its n completions."""
+    """A user request (SamplingParams): its prompt, params, metrics and its n completions.
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, arrival: float):
+    Completion i runs as Sequence `<request_id>` (n == 1) or `<request_id>#<i>`; with a seed, sample i
+    uses seed + i (vLLM), else every sample would be identical.
+    """
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params, arrival: float,
+                 *, tokenizer, eos_token_ids, max_model_len: int, decode_token: TokenDecoder):
         self.request_id, self.prompt, self.prompt_token_ids, self.params = request_id, prompt, prompt_token_ids, params
-        self.completions: list[CompletionState] = []
         self.metrics = RequestMetrics(arrival_time=arrival)
+        self.completions: list[CompletionState] = []
+        for i in range(params.n):
+            seq_params = params if params.n == 1 or params.seed is None else params.clone()
+            if seq_params is not params:
+                seq_params.seed = params.seed + i
+            seq = Sequence(request_id if params.n == 1 else f"{request_id}#{i}", prompt_token_ids, seq_params,
+                           arrival, request_id=request_id, skip_prefix_cache=params.prompt_logprobs is not None)
+            self.completions.append(CompletionState(seq, self, i, tokenizer, eos_token_ids=eos_token_ids,
+                                                    max_model_len=max_model_len, decode_token=decode_token))
+        self._by_seq = {c.seq.seq_id: c for c in self.completions}
         # prompt_logprobs: entry i scores prompt token i (entry 0 is None, as in vLLM); filled as the
         # prompt's chunks are computed (rows of position p score token p + 1)
         self.prompt_logprobs = [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
@@ -47,6 +61,33 @@ class RequestState:
     def mark_scheduled(self, now: float) -> None:
         if self.metrics.first_scheduled_time is None:
             self.metrics.first_scheduled_time = now
+
+    # ---- what the engine calls (beam_search.BeamSearchState has the same methods) -----------------
+    def first_sequences(self) -> list[Sequence]:
+        return [c.seq for c in self.completions]
+
+    def sampling_row(self, seq: Sequence) -> SamplingRow:
+        return self._by_seq[seq.seq_id].sampling_row()
+
+    def on_sampled(self, seq: Sequence, result, row: int, scheduler) -> None:
+        """Row `row` of the StepResult sampled a token for `seq`: append it, detokenize, stop checks."""
+        scheduler.append_token(seq.seq_id, int(result.tokens[row]))
+        reason = self._by_seq[seq.seq_id].on_token(result, row)
+        if reason is not None:
+            status = SequenceStatus.FINISHED_LENGTH if reason == "length" else SequenceStatus.FINISHED_STOPPED
+            scheduler.finish_sequence(seq.seq_id, status)
+
+    def on_scheduler_finished(self, seq: Sequence, scheduler) -> None:
+        """The scheduler ended `seq` (more blocks than the whole pool): finish_reason "length"."""
+        c = self._by_seq[seq.seq_id]
+        if not c.finished:
+            c.finish_length()
+
+    def abort(self, scheduler) -> None:
+        for c in self.completions:
+            if not c.finished:
+                c.abort()
+                scheduler.finish_sequence(c.seq.seq_id, SequenceStatus.FINISHED_ABORTED)
 
     @property
     def finished(self) -> bool:

@@ -64,8 +64,8 @@ class SchedulerOutput:
     num_batched_tokens: int
     block_copies: list[tuple[int, int]]  # (src, dst) copy-on-write copies to do, in order, BEFORE the step
     preempted: list[str]
-    finished: list[str] = field(default_factory=list)  # finished by the scheduler (FINISHED_LENGTH:
-                                                       # more blocks than the whole pool); report them
+    finished: list[Sequence] = field(default_factory=list)  # finished by the scheduler (FINISHED_LENGTH:
+                                                            # more blocks than the whole pool); report them
 
 
 @dataclass
@@ -118,6 +118,8 @@ class Scheduler:
         return self.block_manager.num_total_blocks * self.block_size
 
     def _check_new(self, req: Sequence) -> None:
+        """The scheduler's preconditions (a sequence it could never run would stall the queue). User
+        input is validated before it gets here (inputs.py); these guard direct callers."""
         if req.seq_id in self.seqs:
             raise ValueError(f"seq_id: {req.seq_id!r} is already in the scheduler")
         if req.num_tokens < 1:
@@ -219,7 +221,7 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         copies: list[tuple[int, int]] = []
         preempted: list[str] = []
-        finished: list[str] = []
+        finished: list[Sequence] = []
 
         # 1. running sequences, oldest first
         i = 0
@@ -240,7 +242,7 @@ class Scheduler:
                 if victim is req and len(running) == 1:
                     # alone in the pool and still too big: it can never run
                     self.finish_sequence(rid, SequenceStatus.FINISHED_LENGTH)
-                    finished.append(rid)
+                    finished.append(req)
                     break
                 self._preempt(victim)
                 preempted.append(victim.seq_id)
@@ -281,7 +283,7 @@ class Scheduler:
                 if not self.running:
                     # every block is free and it still does not fit: it never will
                     self.finish_sequence(rid, SequenceStatus.FINISHED_LENGTH)
-                    finished.append(rid)
+                    finished.append(req)
                     continue
                 break
             waiting.popleft()

@@ -53,14 +53,15 @@ class Sequence:
     Invariant: all_token_ids == prompt_token_ids + output_token_ids; the three lists change
     only through append_output_token (read them, never mutate them).
     """
-    __slots__ = ("seq_id", "prompt_token_ids", "output_token_ids", "_all_token_ids", "sampling_params",
+    __slots__ = ("seq_id", "request_id", "prompt_token_ids", "output_token_ids", "_all_token_ids", "sampling_params",
                  "arrival_time", "num_computed_tokens", "status", "num_cached_tokens", "num_preemptions",
                  "skip_prefix_cache")
 
     def __init__(self, seq_id: str, prompt_token_ids: Iterable[int], sampling_params: Any = None,
-                 arrival_time: float | None = None, *, output_token_ids: Iterable[int] = (),
-                 skip_prefix_cache: bool = False):
+                 arrival_time: float | None = None, *, request_id: str | None = None,
+                 output_token_ids: Iterable[int] = (), skip_prefix_cache: bool = False):
         self.seq_id = seq_id
+        self.request_id = seq_id if request_id is None else request_id   # the user request it serves
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = list(output_token_ids)
         self._all_token_ids: list[int] = self.prompt_token_ids + self.output_token_ids
@@ -82,8 +83,8 @@ class Sequence:
     def continuation(self, seq_id: str, sampling_params: Any = None) -> "Sequence":
         """A new WAITING sequence with this one's prompt and output tokens (beam search forks)."""
         return Sequence(seq_id, self.prompt_token_ids, sampling_params if sampling_params is not None
-                        else self.sampling_params, self.arrival_time, output_token_ids=self.output_token_ids,
-                        skip_prefix_cache=self.skip_prefix_cache)
+                        else self.sampling_params, self.arrival_time, request_id=self.request_id,
+                        output_token_ids=self.output_token_ids, skip_prefix_cache=self.skip_prefix_cache)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -20,11 +20,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 import jaxpaged
+from jaxpaged.inputs import check_token_ids
 
 from .async_engine import AsyncLLMEngine, EngineDeadError, EngineQueueFullError, EngineStepError
 from .body_guard import BodyGuardMiddleware
-from .errors import (OpenAIError, internal_error, invalid_request, pydantic_errors_to_openai, too_many_requests,
-                     unauthorized)
+from .errors import (OpenAIError, from_value_error, internal_error, invalid_request, pydantic_errors_to_openai,
+                     too_many_requests, unauthorized)
 from .limits import RETRY_AFTER_S, ServerLimits
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .openapi import SchemaBounds, install_openapi
@@ -137,9 +138,10 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         ctx.check_model(body.model)
-        bad = [t for t in body.tokens if not 0 <= t < ctx.vocab_size]
-        if bad:
-            raise invalid_request(f"tokens contains ids outside [0, {ctx.vocab_size}): {bad[:8]}", param="tokens")
+        try:
+            check_token_ids(body.tokens, ctx.vocab_size, "tokens")
+        except ValueError as exc:
+            raise from_value_error(exc, {"tokens"}) from None
         return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens)).model_dump(mode="json")
 
     @app.get("/metrics")
@@ -161,8 +163,7 @@ def _model_names(served_model_name, async_engine: AsyncLLMEngine) -> list[str]:
         return [served_model_name]
     if served_model_name:
         return list(served_model_name)
-    config = getattr(async_engine.engine, "config", None)
-    return [str(getattr(config, "model", "default"))]
+    return [str(async_engine.engine.config.model)]
 
 
 async def _json_object(raw: Request) -> dict:

@@ -1,5 +1,10 @@
-"""What completions and chat share: model-name and prompt checks, SamplingParams from a request,
-logprob formatting, SSE framing, and running a request so that a client disconnect aborts it.
+"""What completions and chat share: model-name checks, SamplingParams from a request, OpenAI's
+max_tokens rule, logprob formatting, SSE framing, and running a request so that a client disconnect
+aborts it.
+
+Prompts and sampling params are validated by the engine (jaxpaged/inputs.py, in add_request); its
+ValueError becomes a 400 naming the request's field (`add`). The server checks only what is its own:
+the request's shape, the model name, and OpenAI's rule that prompt + max_tokens fit the context.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from functools import lru_cache
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from jaxpaged.inputs import render_chat
 from jaxpaged.sampling_params import SamplingParams
 from .errors import OpenAIError, from_value_error, invalid_request, not_found_model
 from .limits import ServerLimits
@@ -37,13 +43,12 @@ class ServingContext:
         self.metrics = metrics
         self.tokenizer = async_engine.get_tokenizer()
         self.max_model_len = int(async_engine.max_model_len)
-        inner = async_engine.engine
-        model_config = getattr(inner, "model_config", None)
-        self.vocab_size = int(getattr(model_config, "vocab_size", 0) or len(self.tokenizer))
-        config = getattr(inner, "config", None)
-        self.max_logprobs = int(getattr(config, "max_logprobs", 20))
-        self.max_num_seqs = int(getattr(config, "max_num_seqs", 256))
-        self.model_path = str(getattr(config, "model", served_model_names[0]))
+        inner = async_engine.engine                 # the Engine contract (docs/CONTRACTS.md)
+        self.vocab_size = int(inner.model_config.vocab_size)
+        # the engine's limits, to document them (/openapi.json); the engine enforces them (inputs.py)
+        self.max_num_seqs = int(inner.config.max_num_seqs)
+        self.max_logprobs = int(inner.config.max_logprobs)
+        self.model_path = str(inner.config.model)
         self.decode_token = lru_cache(maxsize=65536)(self._decode_token)
 
     @property
@@ -56,23 +61,14 @@ class ServingContext:
         if model is not None and model not in self.served_model_names:
             raise not_found_model(model)
 
-    def check_token_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise invalid_request(f"{param} must not be empty", param=param)
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise invalid_request(f"{param} contains token ids outside [0, {self.vocab_size}): {bad[:8]}",
-                                  param=param)
-
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,
-                           max_tokens_param: str) -> int:
-        """max_tokens to send to the engine; 400 when prompt + completion cannot fit in max_model_len."""
+                           max_tokens_param: str) -> int | None:
+        """max_tokens to send to the engine; 400 when prompt + completion cannot fit in max_model_len
+        (OpenAI's rule; offline, the engine stops such a request at max_model_len instead). A prompt
+        that alone leaves no room is the engine's to reject (inputs.py)."""
         limit = self.max_model_len
         if num_prompt_tokens >= limit:
-            raise invalid_request(
-                f"This model's maximum context length is {limit} tokens. However, your request has "
-                f"{num_prompt_tokens} input tokens, which leaves no room for a completion. "
-                f"Please reduce the length of the {prompt_param}.", param=prompt_param)
+            return max_tokens
         if max_tokens is None:     # the operator's default cap, within what is left of the context
             room = limit - num_prompt_tokens
             return min(room, self.limits.default_max_tokens) if self.limits.default_max_tokens else room
@@ -85,18 +81,12 @@ class ServingContext:
         return max_tokens
 
     def sampling_params(self, fields: dict, rename: dict[str, str] | None = None) -> SamplingParams:
-        """SamplingParams from request values (None means the default); ValueError -> 400 naming the field."""
+        """SamplingParams from request values (None means the default); a TypeError/ValueError -> 400 naming the field."""
         kwargs = {k: v for k, v in fields.items() if v is not None and k in SAMPLING_FIELDS}
         known = {name: name for name in SAMPLING_FIELDS}
         known.update(rename or {})
-        n = kwargs.get("n", 1)
-        if isinstance(n, int) and n > self.max_num_seqs:
-            raise invalid_request(f"n must be <= max_num_seqs={self.max_num_seqs}, got {n}",
-                                  param=known["n"])
         try:
-            params = SamplingParams(**kwargs)
-            params.validate(vocab_size=self.vocab_size, max_logprobs=self.max_logprobs,
-                            max_model_len=self.max_model_len)
+            params = SamplingParams(**kwargs)     # the engine checks the rest (vocabulary, limits, n)
         except (ValueError, TypeError, OverflowError) as exc:
             raise from_value_error(exc, known) from None
         return params
@@ -134,9 +124,8 @@ class ServingContext:
             raise invalid_request("continue_final_message and add_generation_prompt cannot both be true",
                                   param="continue_final_message")
         try:
-            text = self.tokenizer.apply_chat_template(
-                convo, tokenize=False, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, **kwargs)
+            text = render_chat(self.tokenizer, convo, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, chat_template_kwargs=kwargs)
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise invalid_request(f"messages could not be rendered with the chat template: {exc}",
                                   param="messages") from None
@@ -147,7 +136,8 @@ class ServingContext:
     # ------------------------------------------------------------ running requests
 
     async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, param_names):
-        """Adds one request to the engine; its ValueError becomes a 400."""
+        """Adds one request to the engine, which validates it; its ValueError becomes a 400 naming the
+        request's field (`param_names` maps the engine's field names to the request's)."""
         try:
             return await self.engine.add_request(request_id, prompt_ids, params)
         except (ValueError, TypeError, OverflowError) as exc:

@@ -57,7 +57,6 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         req.messages, add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message, extra=req.chat_template_kwargs)
     ids = ctx.encode(prompt_text, add_special_tokens=req.add_special_tokens)
-    ctx.check_token_ids(ids, "messages")
     names = _param_names(req)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = ctx.resolve_max_tokens(len(ids), requested, "messages", names["max_tokens"])

@@ -1,8 +1,8 @@
 """POST /v1/completions: prompts (text or token ids) -> engine requests -> OpenAI text_completion JSON or SSE.
 
 Prompt i with n samples gives choices i*n .. i*n+n-1 (vLLM's numbering). Text prompts are tokenized
-here (the tokenizer's special tokens added, as LLM.generate does), so the prompt length can be
-checked against max_model_len before anything reaches the engine.
+here (the tokenizer's special tokens added, as LLM.generate does): OpenAI's max_tokens rule needs the
+prompt length. The engine validates the token ids (emptiness, vocabulary, max_model_len).
 """
 from __future__ import annotations
 
@@ -25,20 +25,11 @@ def _prompts(ctx: ServingContext, prompt) -> list[tuple[str | None, list[int]]]:
         prompt = [prompt]
     if not prompt:
         raise invalid_request("prompt must not be empty", param="prompt")
-    out = []
     if isinstance(prompt[0], str):
-        for text in prompt:
-            ids = ctx.encode(text)
-            ctx.check_token_ids(ids, "prompt")
-            out.append((text, ids))
-    elif isinstance(prompt[0], int):
-        ctx.check_token_ids(prompt, "prompt")
-        out.append((None, list(prompt)))
-    else:
-        for ids in prompt:
-            ctx.check_token_ids(ids, "prompt")
-            out.append((None, list(ids)))
-    return out
+        return [(text, ctx.encode(text)) for text in prompt]
+    if isinstance(prompt[0], int):
+        return [(None, list(prompt))]
+    return [(None, list(ids)) for ids in prompt]
 
 
 def completion_logprobs(ctx: ServingContext, token_ids: list[int], entries: list, k: int,

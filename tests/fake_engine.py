@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from jaxpaged.engine_config import EngineConfig
+from jaxpaged.inputs import InputProcessor
 from jaxpaged.outputs import CompletionOutput, RequestOutput, make_logprobs_entry
 from jaxpaged.sampling_params import SamplingParams
 
@@ -82,6 +83,10 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.step_delay = step_delay
         self.total_blocks = num_kv_blocks - 1       # block 0 is the null block
+        # the real engine's entry checks (same rules, same ValueErrors)
+        self.input_processor = InputProcessor(tokenizer, vocab_size=vocab_size, max_model_len=max_model_len,
+                                              kv_capacity_tokens=self.total_blocks * block_size,
+                                              max_num_seqs=max_num_seqs, max_logprobs=self.config.max_logprobs)
         self.used_blocks = 0
         self.requests: dict[str, _Req] = {}
         self.stats = FakeStats()
@@ -92,20 +97,15 @@ class FakeEngine:
     def get_tokenizer(self):
         return self.tokenizer
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams, arrival_time: float | None = None):
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None):
         self._thread_ids.add(threading.get_ident())
+        if params is not None and not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params: FakeEngine runs SamplingParams only")
+        processed, params = self.input_processor.process(prompt, params)
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise ValueError("params must be a SamplingParams")
-        params.validate(vocab_size=self.model_config.vocab_size, max_logprobs=self.config.max_logprobs,
-                        max_model_len=self.max_model_len)
-        text = prompt if isinstance(prompt, str) else None
-        ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens, more than max_model_len={self.max_model_len} allows")
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        text, ids = processed.prompt, processed.prompt_token_ids
         seqs = [_Seq(j, logprobs=[] if params.logprobs is not None else None) for j in range(params.n)]
         self.requests[request_id] = _Req(request_id, text, ids, params, seqs)
 

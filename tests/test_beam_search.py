@@ -158,9 +158,9 @@ def test_kv_pool_pressure_gives_the_same_beams(tiny_llama, tmp_path_factory, mon
                   max_num_batched_tokens=16)
     prompt = _prompts((12,), seed=4)[0]
     released = []
-    release = beam_search_module.BeamSearch._release_waiting_parents
-    monkeypatch.setattr(beam_search_module.BeamSearch, "_release_waiting_parents",
-                        lambda self: released.append(1) or release(self))
+    release = beam_search_module.BeamSearchState.release_waiting_parents
+    monkeypatch.setattr(beam_search_module.BeamSearchState, "release_waiting_parents",
+                        lambda self, scheduler: released.append(1) or release(self, scheduler))
     out = llm.beam_search([prompt], BeamSearchParams(beam_width=4, max_tokens=12, ignore_eos=True))[0]
     want = hf_beam_search(prompt, 4, 12, 1.0, False)
     assert [s.tokens for s in out.sequences] == [w[0] for w in want]
@@ -190,28 +190,47 @@ def test_bad_input_names_the_field(llm):
     assert _used_blocks(llm) == 0 and not llm.llm_engine.scheduler.has_unfinished_sequences()
 
 
-def test_refuses_a_busy_engine(llm):
+def test_runs_while_other_requests_are_in_flight(llm):
+    """A beam search shares the engine's steps with ordinary requests: same beams as on an idle engine,
+    the other requests' outputs as when run alone, and no block left in use."""
     from jaxpaged import SamplingParams
     engine = llm.llm_engine
-    engine.add_request("other", [5, 6, 7], SamplingParams(max_tokens=2))
-    try:
-        with pytest.raises(RuntimeError, match="idle engine"):
-            llm.beam_search([[5, 6, 7]], BeamSearchParams(beam_width=2, max_tokens=4))
-        assert engine.scheduler.get_sequence("other") is not None        # untouched
-    finally:
-        engine.abort_request("other")
-    assert _used_blocks(llm) == 0
+    prompts = _prompts((21, 9), seed=6)
+    params = BeamSearchParams(beam_width=2, max_tokens=6, ignore_eos=True)
+    idle = llm.beam_search(prompts, params)
+    others = _prompts((14, 30), seed=7)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in llm.generate(others, greedy, use_tqdm=False)]
+    # two ordinary requests already running when the beam searches join, beams finishing first
+    for i, p in enumerate(others):
+        engine.add_request(f"other{i}", p, greedy)
+    engine.step()
+    for i, p in enumerate(prompts):          # the same input path as generate: numpy prompts too
+        engine.add_request(f"beam{i}", np.array(p) if i else p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    busy = [beam_search_module.to_beam_search_output(done[f"beam{i}"], llm.get_tokenizer(), params)
+            for i in range(len(prompts))]
+    for a, b in zip(idle, busy):
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+        np.testing.assert_allclose([s.cum_logprob for s in a.sequences], [s.cum_logprob for s in b.sequences],
+                                   atol=1e-4)
+    assert [done[f"other{i}"].outputs[0].token_ids for i in range(len(others))] == alone
+    assert _used_blocks(llm) == 0 and not engine.scheduler.has_unfinished_sequences()
 
 
 def test_an_error_mid_search_frees_every_block(llm, monkeypatch):
     runner = llm.llm_engine.runner
     execute, calls = runner.execute, []
 
-    def failing_execute(*args):
+    def failing_execute(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return execute(*args)
+        return execute(*args, **kwargs)
 
     monkeypatch.setattr(runner, "execute", failing_execute)
     with pytest.raises(KeyboardInterrupt):

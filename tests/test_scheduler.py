@@ -106,8 +106,8 @@ class Loop:
         check_step(self.sched, out)
         sampled = self.model.step(out)
         self.sched.update_from_output(out)
-        for rid in out.finished:
-            self.finished[rid] = SequenceStatus.FINISHED_LENGTH
+        for seq in out.finished:
+            self.finished[seq.seq_id] = SequenceStatus.FINISHED_LENGTH
         for sr in out.scheduled:
             rid = sr.seq.seq_id
             if rid not in sampled:
