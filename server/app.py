@@ -90,7 +90,8 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
                                    type="service_unavailable").response()
             return Response(status_code=200)
         if async_engine.dead_error is not None:
-            return Response(status_code=503)
+            return OpenAIError(f"the engine has stopped: {async_engine.dead_error!r}", status=503,
+                               type="service_unavailable").response()
         return Response(status_code=200)
 
     @app.get("/version")

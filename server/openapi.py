@@ -9,7 +9,8 @@ document is patched once, when first asked for:
   the 422 entries and their components are removed;
 - /tokenize (whose handler picks its model by the presence of `messages`) documents its body as
   one of `TokenizeCompletionRequest` / `TokenizeChatRequest`;
-- /health answers with an empty body (no content type); /metrics with Prometheus text;
+- /health answers 200 with an empty body (no content type), 503 with an error body; /metrics with
+  Prometheus text;
 - with an API key, /v1/* operations carry a bearer security requirement;
 - the request schemas state the value ranges the server enforces (temperature >= 0, 0 < top_p <= 1,
   n <= max_num_seqs, token ids below the vocabulary size, ...), and the int64 bounds exactly.
@@ -33,7 +34,7 @@ _ERROR_TEXT = {
     413: "the body is larger than --payload-limit (`code: payload_too_large`)",
     429: "the waiting queue is full (`code: rate_limit_exceeded`); retry after `Retry-After` seconds",
     500: "the engine step failed; the request was aborted and the server keeps serving",
-    503: "the engine has stopped or the server is shutting down",
+    503: "the engine (or a data-parallel replica: the message names it) has stopped, or the server is shutting down",
 }
 
 # (method, path) -> the error statuses the route can answer (401 is added under an API key for /v1/*)
@@ -169,7 +170,7 @@ def _patch_plain_routes(schema: dict) -> None:
     health = paths.get("/health", {}).get("get")
     if health is not None:
         health["responses"] = {"200": {"description": "the engine is running (empty body)"},
-                               "503": {"description": "the engine has stopped (empty body)"}}
+                               "503": _error_response(503)}
     metrics = paths.get("/metrics", {}).get("get")
     if metrics is not None:
         metrics["responses"]["200"] = {"description": "Prometheus text exposition format",

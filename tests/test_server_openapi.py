@@ -20,7 +20,7 @@ from jaxpaged.server.app import build_app
 from jaxpaged.server.limits import ServerLimits
 from jaxpaged.server.openapi import ErrorResponse
 from tests.fake_engine import FakeEngine
-from tests.server_utils import ServerProcess
+from tests.server_utils import ServerProcess, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,21 @@ def test_answers_match_the_document(app_client):
         r = app_client.post(path, json=body, headers=headers)
         assert r.status_code == status, (path, r.text)
         ErrorResponse.model_validate(r.json())       # exactly OpenAI's error body (extra keys are refused)
+
+
+class _CrashingEngine(FakeEngine):
+    """The engine thread's first look at the engine raises: the thread dies (as on a device failure)."""
+
+    def has_unfinished_requests(self):
+        raise RuntimeError("device lost")
+
+
+def test_dead_engine_health_is_a_503_error_body():
+    with TestClient(build_app(_CrashingEngine(max_model_len=64), "m")) as client:
+        r = wait_for(lambda: (lambda r: r if r.status_code == 503 else None)(client.get("/health")), timeout=30,
+                     what="/health to report the dead engine")
+        assert "device lost" in ErrorResponse.model_validate(r.json()).error.message
+        assert r.json()["error"]["type"] == "service_unavailable"
 
 
 def test_schemathesis_finds_no_failure(tmp_path):
