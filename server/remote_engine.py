@@ -68,11 +68,14 @@ class EngineWorker:
         return self.engine.get_tokenizer()
 
     def add_request(self, request_id, prompt, params, arrival_time):
+        """The engine's stats after the add (the driver's get_stats() must count the request as waiting)."""
         self.engine.add_request(request_id, prompt, params, arrival_time=arrival_time)
+        return self.engine.get_stats()
 
-    def abort_request(self, request_ids) -> bool:
+    def abort_request(self, request_ids) -> tuple[bool, object]:
+        """(unfinished requests remain, stats): the freed blocks show at once, no step follows an idle abort."""
         self.engine.abort_request(request_ids)
-        return self.engine.has_unfinished_requests()
+        return self.engine.has_unfinished_requests(), self.engine.get_stats()
 
     def step(self) -> tuple[list, bool, object]:
         """(outputs, unfinished requests remain, stats) after one engine step."""
@@ -179,11 +182,11 @@ class RemoteEngine:
         return self._tokenizer
 
     def add_request(self, request_id, prompt, params=None, arrival_time=None) -> None:
-        self._broadcast("add_request", lambda _: (request_id, prompt, params, arrival_time))
+        self._stats = self._broadcast("add_request", lambda _: (request_id, prompt, params, arrival_time))
         self._unfinished = True
 
     def abort_request(self, request_id) -> None:
-        self._unfinished = self._broadcast("abort_request", lambda _: (request_id,))
+        self._unfinished, self._stats = self._broadcast("abort_request", lambda _: (request_id,))
 
     def has_unfinished_requests(self) -> bool:
         return self._unfinished
@@ -193,6 +196,7 @@ class RemoteEngine:
         return outputs
 
     def get_stats(self):
+        """The stats every reply carries (as of the last add, abort or step): no round trip."""
         return self._stats
 
     def ping_workers(self) -> None:

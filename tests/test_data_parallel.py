@@ -162,6 +162,48 @@ def test_dead_replica_fails_its_requests_with_503_and_health_names_it():
     assert m['jaxpaged:request_success_total{engine="1",finished_reason="length",model_name="fake-model"}'] == 4
 
 
+class InlineWorker:
+    """A WorkerHandle that runs its EngineWorker (over a FakeEngine) in this process: the protocol without a transport."""
+
+    name = "inline"
+
+    def __init__(self, engine):
+        from jaxpaged.server.remote_engine import EngineWorker
+        self.worker = EngineWorker()
+        self.worker.engine = engine
+
+    def submit(self, method, args):
+        return self.worker.call(method, args)
+
+    def wait(self, reply):
+        return reply
+
+    def is_alive(self) -> bool:
+        return True
+
+    def kill(self) -> None:
+        pass
+
+
+def test_remote_engine_protocol_keeps_stats_current_and_passes_value_errors():
+    from jaxpaged.server.remote_engine import RemoteEngine
+    fake = FakeEngine(max_model_len=64)
+    remote = RemoteEngine([InlineWorker(fake)], config=fake.config)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    remote.add_request("a", [5, 6, 7], params)
+    assert remote.has_unfinished_requests() and remote.get_stats().num_waiting == 1
+    with pytest.raises(ValueError, match="already in use"):      # the engine's own ValueError, not a wrapper
+        remote.add_request("a", [5, 6, 7], params)
+    outs = remote.step()
+    assert [o.outputs[0].token_ids for o in outs] == [expected_tokens([5, 6, 7], 1)]
+    assert remote.get_stats().num_running == 1 and remote.get_stats().kv_cache_usage > 0
+    remote.abort_request(["a"])
+    # the abort's reply carries the stats: freed blocks show although no step follows
+    assert not remote.has_unfinished_requests()
+    assert remote.get_stats().kv_cache_usage == 0 and remote.get_stats().num_running == 0
+    assert remote.step() == []
+
+
 def test_mp_worker_process_answers_and_its_death_is_an_engine_dead_error():
     """The `mp` transport: a spawned EngineWorker process answers calls; once it is killed, every call and
     the health ping raise EngineDeadError naming the replica (what ends its engine thread)."""

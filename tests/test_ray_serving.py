@@ -11,6 +11,7 @@ the whole module, started here and stopped at the end; everything else joins it 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -101,17 +102,25 @@ def test_llm_in_two_ray_actors_gives_equal_outputs(example_results):
 
 def test_two_replicas_answer_16_concurrent_requests_like_one_engine(dp_server, example_results):
     reference = {r["prompt"]: r["text"] for r in example_results["per_replica"][0]}
-    prompts = [p for p in reference for _ in range(4)]    # 16 requests
+    prompts = [p for p in reference for _ in range(4)]    # 16 requests, every other one streamed
 
-    async def one(client, prompt):
-        r = await client.post(dp_server.url + "/v1/completions", json={
-            "model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True})
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
+    async def one(client, i, prompt):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        if i % 2 == 0:
+            r = await client.post(dp_server.url + "/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+        text = ""
+        async with client.stream("POST", dp_server.url + "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
 
     async def main():
         async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*(one(client, p) for p in prompts))
+            return await asyncio.gather(*(one(client, i, p) for i, p in enumerate(prompts)))
 
     before = dp_server.metrics()
     texts = asyncio.run(main())
@@ -127,6 +136,24 @@ def test_two_replicas_answer_16_concurrent_requests_like_one_engine(dp_server, e
 def test_dashboard_metrics_are_exported_by_the_dp_server(dp_server):
     exported = exported_metric_names(httpx.get(dp_server.url + "/metrics", timeout=30).text)
     assert dashboard_metric_names() <= exported, sorted(dashboard_metric_names() - exported)
+
+
+def test_client_disconnect_aborts_the_request_on_its_replica(dp_server):
+    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    before = dp_server.metrics()
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", dp_server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 4:
+                    break        # leaving mid-stream closes the connection
+    # the replica that held it aborts it and frees its blocks (900 tokens would take far longer)
+    wait_for(lambda: all(v == 0 for k, v in dp_server.metrics().items()
+                         if k.startswith(("jaxpaged:num_requests_running{", "jaxpaged:kv_cache_usage_perc{"))),
+             timeout=60, what="the replicas to be idle after the disconnect")
+    after = dp_server.metrics()
+    assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 900
+    assert after["jaxpaged:e2e_request_latency_seconds_count"] == before["jaxpaged:e2e_request_latency_seconds_count"]
 
 
 def test_killed_replica_fails_its_request_with_503_and_the_other_serves(dp_server):
