@@ -41,7 +41,8 @@ class GpuTiling:
     group: int           # Gp: GQA group padded to a power of two
     head_dim: int        # Dp: head_dim padded to a power of two (>= 16)
     num_warps: int = 4
-    num_stages: int = 3  # software pipelining depth of the KV loop (Triton)
+    num_stages: int = 3  # software pipelining depth of the KV loop (Triton) / SMEM ring slots (Mosaic)
+    kernel: str = "triton"   # "triton" (this module) or "mosaic" (attention_mosaic, jax >= 0.11)
 
 
 def choose_kv_splits(batch: int, num_kv_heads: int, max_context: int, kv_chunk: int,

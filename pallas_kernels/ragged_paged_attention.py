@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +38,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from pallas_kernels.attention_reference import ragged_paged_attention_reference  # noqa: F401 (re-export)
+from pallas_kernels.attention_reference import validate_attention_args as _validate
 from pallas_kernels.attention_triton import DEFAULT_NUM_SMS, GpuTiling, gpu_tiling, ragged_paged_attention_gpu
 
 _MASK_VALUE = -1e30        # finite "minus infinity": keeps exp(m_old - m_new) NaN-free
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +184,31 @@ def _ragged_paged_attention_kernel(
 # ----------------------------------------------------------------------------- pallas_call wrapper
 
 
+def gpu_kernel_choice(choice: str | None = None) -> str:
+    """"mosaic" on jax >= 0.11 (Pallas' Triton backend is deprecated there), "triton" before;
+    `choice` or else JAXPAGED_GPU_ATTENTION=triton|mosaic overrides it."""
+    choice = choice or os.environ.get("JAXPAGED_GPU_ATTENTION", "auto")
+    if choice not in ("auto", "triton", "mosaic"):
+        raise ValueError(f"gpu_kernel / JAXPAGED_GPU_ATTENTION must be auto, triton or mosaic, got {choice!r}")
+    if choice == "auto":
+        return "mosaic" if jax.__version_info__ >= (0, 11) else "triton"
+    if choice == "mosaic" and jax.__version_info__ < (0, 11):
+        raise ValueError("the Mosaic GPU attention kernel needs jax >= 0.11")
+    return choice
+
+
+def default_gpu_tiling(dtype, num_heads, num_kv_heads, head_dim, block_size, batch, max_context,
+                       kernel: str | None = None) -> GpuTiling:
+    """The GPU kernel's tiling: Mosaic GPU where gpu_kernel_choice() says so and it takes the shape
+    (bf16/f16, head_dim 64/128, pages dividing 64), else Triton."""
+    gt = gpu_tiling(num_heads, num_kv_heads, head_dim, batch, max_context, _num_sms())
+    if gpu_kernel_choice(kernel) == "mosaic":
+        from pallas_kernels import attention_mosaic
+        if attention_mosaic.supports(dtype, head_dim, block_size, gt.group):
+            return attention_mosaic.mosaic_tiling(num_heads, num_kv_heads, head_dim, gt.kv_splits)
+    return gt
+
+
 def _num_sms() -> int:
     """Streaming multiprocessors of the target GPU (the split count targets them): an abstract
     device's (jax >= 0.11 ahead-of-time lowering), else the first GPU's, else an H100's."""
@@ -218,54 +245,12 @@ def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_s
 # ----------------------------------------------------------------------------- public function
 
 
-def _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale,
-              soft_cap, sliding_window):
-    shapes = (f"q {q.shape} {q.dtype}, k_pages {k_pages.shape} {k_pages.dtype}, v_pages "
-              f"{v_pages.shape} {v_pages.dtype}, block_tables {block_tables.shape} {block_tables.dtype}, "
-              f"seq_lens {seq_lens.shape} {seq_lens.dtype}, query_start {query_start.shape} "
-              f"{query_start.dtype}")
-
-    def fail(why):
-        raise ValueError(f"ragged_paged_attention: {why} (got {shapes})")
-
-    if q.ndim != 3:
-        fail("q must be [T, NH, D]")
-    if k_pages.ndim not in (4, 5):
-        fail("k_pages must be [KVH, NB, BS, D] or [L, KVH, NB, BS, D]")
-    if k_pages.shape != v_pages.shape:
-        fail("k_pages and v_pages must have the same shape")
-    if (k_pages.ndim == 5) != (layer is not None):
-        fail("a 5-D cache needs `layer`, a 4-D cache takes no `layer`")
-    if layer is not None and (jnp.shape(layer) != () or not jnp.issubdtype(jnp.result_type(layer), jnp.integer)):
-        fail(f"layer must be an integer scalar, got shape {jnp.shape(layer)}")
-    if not (q.dtype == k_pages.dtype == v_pages.dtype) or q.dtype not in _FLOAT_DTYPES:
-        fail("q, k_pages and v_pages must share one float dtype (float32, bfloat16, float16)")
-    t, nh, d = q.shape
-    kvh, _, _, dk = k_pages.shape[-4:]
-    if dk != d:
-        fail(f"head_dim of q ({d}) and the cache ({dk}) differ")
-    if nh % kvh:
-        fail(f"query heads ({nh}) must be a multiple of KV heads ({kvh})")
-    if block_tables.ndim != 2 or block_tables.dtype != jnp.int32 or 0 in block_tables.shape:
-        fail("block_tables must be [B, W] int32 with B, W >= 1")
-    b = block_tables.shape[0]
-    if seq_lens.shape != (b,) or seq_lens.dtype != jnp.int32:
-        fail(f"seq_lens must be [{b}] int32")
-    if query_start.shape != (b + 1,) or query_start.dtype != jnp.int32:
-        fail(f"query_start must be [{b + 1}] int32")
-    if not isinstance(sm_scale, (int, float)):
-        fail(f"sm_scale must be a Python float, got {type(sm_scale).__name__}")
-    if soft_cap is not None and not soft_cap > 0:
-        fail(f"soft_cap must be > 0, got {soft_cap}")
-    if sliding_window is not None and (int(sliding_window) != sliding_window or sliding_window < 1):
-        fail(f"sliding_window must be a positive int, got {sliding_window}")
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret", "tiling",
-                                             "max_query_len"))
+                                             "max_query_len", "gpu_kernel"))
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_start, *, sm_scale,
                            soft_cap=None, sliding_window=None, layer=None, interpret=None,
-                           tiling: Tiling | GpuTiling | None = None, max_query_len: int | None = None):
+                           tiling: Tiling | GpuTiling | None = None, max_query_len: int | None = None,
+                           gpu_kernel: str | None = None):
     """Causal attention of a flat ragged batch over a paged KV cache. Returns [T, NH, D] (q's dtype).
 
     q [T, NH, D]; k_pages/v_pages [KVH, NB, BS, D] or [L, KVH, NB, BS, D] with `layer` (int32
@@ -278,6 +263,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
     (interpret mode), a `GpuTiling` the GPU one (attention_triton; in interpret mode too).
     max_query_len (static, optional): an upper bound on any sequence's q_len this call; a bound
     <= the decode tile (e.g. 1 for a decode-only step) launches no prefill programs on GPU.
+    gpu_kernel (static): "triton" or "mosaic" (jax >= 0.11; bf16/f16, head_dim 64/128, pages
+    dividing 64, else Triton); None: gpu_kernel_choice() (JAXPAGED_GPU_ATTENTION, read at trace time).
     """
     _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
               sliding_window)
@@ -292,12 +279,19 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
     window = None if sliding_window is None else int(sliding_window)
     soft_cap = None if soft_cap is None else float(soft_cap)
     if isinstance(tiling, GpuTiling) or (tiling is None and not interpret):
-        gt = tiling or gpu_tiling(nh, kvh, d, block_tables.shape[0], block_tables.shape[1] * bs, _num_sms())
+        gt = tiling or default_gpu_tiling(q.dtype, nh, kvh, d, bs, block_tables.shape[0], block_tables.shape[1] * bs,
+                                          gpu_kernel)
         if any(x & (x - 1) for x in (gt.group, gt.head_dim, gt.kv_chunk)) or gt.group < g or gt.head_dim < d:
             raise ValueError(f"tiling {gt} does not fit groups of {g} and head_dim {d}")
-        return ragged_paged_attention_gpu(
-            q, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr, sm_scale=float(sm_scale),
-            soft_cap=soft_cap, window=window, t=gt, interpret=interpret, max_query_len=max_query_len)
+        kw = dict(sm_scale=float(sm_scale), soft_cap=soft_cap, window=window, t=gt, interpret=interpret,
+                  max_query_len=max_query_len)
+        if gt.kernel == "mosaic":
+            from pallas_kernels import attention_mosaic
+            if not attention_mosaic.supports(q.dtype, d, bs, gt.group) or gt.head_dim != d:
+                raise ValueError(f"the Mosaic GPU kernel does not take {q.dtype} head_dim {d} block_size {bs}")
+            return attention_mosaic.ragged_paged_attention_mosaic(
+                q, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr, **kw)
+        return ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr, **kw)
     if not interpret:
         raise ValueError("a CPU `Tiling` runs in interpret mode only (pass a GpuTiling for the GPU kernel)")
     tiling = tiling or default_tiling(nh, kvh, bs)
@@ -317,60 +311,3 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
     out = out.transpose(1, 0, 2, 3).reshape(t, nh, d)
     # rows no sequence owns were never stored (uninitialized memory on GPU): zero them
     return jnp.where((jnp.arange(t) < query_start[-1])[:, None, None], out, 0).astype(q.dtype)
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start, *,
-                                     sm_scale, soft_cap=None, sliding_window=None, layer=None,
-                                     interpret=None, max_query_len=None, token_chunk: int | None = None):
-    """Plain-jnp ragged paged attention (same contract as the kernel; `interpret` and `max_query_len`
-    are ignored).
-
-    Each query token gathers its own sequence's pages through the block table and runs a
-    masked softmax over them; tokens go through `lax.map` in chunks of `token_chunk`
-    (default: as many as keep one chunk's gathered K near 2**24 elements), so memory stays
-    at token_chunk * W * BS * KVH * D however large the batch.
-    """
-    del interpret, max_query_len
-    _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
-              sliding_window)
-    if k_pages.ndim == 5:
-        k_pages = lax.dynamic_index_in_dim(k_pages, layer, 0, keepdims=False)
-        v_pages = lax.dynamic_index_in_dim(v_pages, layer, 0, keepdims=False)
-    t, nh, d = q.shape
-    kvh, _, bs, _ = k_pages.shape
-    b, w = block_tables.shape
-    g = nh // kvh
-
-    tok = jnp.arange(t, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right"), 0, b - 1).astype(jnp.int32)
-    valid = tok < query_start[-1]
-    q_len = query_start[seq + 1] - query_start[seq]
-    pos = seq_lens[seq] - q_len + (tok - query_start[seq])       # absolute position of each query
-
-    def one_token(args):
-        qt, sid, p, ok = args                                    # [NH, D], (), (), ()
-        pages = block_tables[sid]                                # [W]
-        k = k_pages[:, pages].reshape(kvh, w * bs, d).astype(jnp.float32)
-        v = v_pages[:, pages].reshape(kvh, w * bs, d).astype(jnp.float32)
-        kpos = jnp.arange(w * bs)
-        seen = (kpos <= p) & (kpos < seq_lens[sid])
-        if sliding_window is not None:
-            seen = seen & (kpos > p - sliding_window)
-        qg = qt.reshape(kvh, g, d).astype(jnp.float32) * sm_scale
-        s = jnp.einsum("kgd,ksd->kgs", qg, k, precision=lax.Precision.HIGHEST)
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        s = jnp.where(seen, s, -jnp.inf)
-        probs = jax.nn.softmax(s, axis=-1)
-        probs = jnp.where(seen & ok, probs, 0.0)                 # padding rows: all zero, not NaN
-        v = jnp.where(seen[None, :, None], v, 0.0)               # unread pages may hold NaN
-        o = jnp.einsum("kgs,ksd->kgd", probs, v, precision=lax.Precision.HIGHEST)
-        return o.reshape(nh, d)
-
-    if token_chunk is None:
-        token_chunk = max(1, min(64, 2 ** 24 // (w * bs * kvh * d)))
-    out = lax.map(one_token, (q, seq, pos, valid), batch_size=min(token_chunk, t))
-    return out.astype(q.dtype)

@@ -2,8 +2,9 @@
 
 `jax.export` for platform "cuda" runs the Pallas GPU lowering, which builds the kernel IR at
 export time: a kernel using something the GPU backend cannot do fails here. On jax >= 0.11 the
-lowering targets an abstract H200 (pallas_kernels.lowering.target_gpu); CI runs this file in a
-Python 3.12 venv with jax 0.11 too (.ci/run). Compiling the IR to machine code only happens on a
+lowering targets an abstract H200 (pallas_kernels.lowering.target_gpu) and the attention lowers
+with Mosaic GPU where it applies (bf16/f16, head_dim 64/128); CI runs this file in a Python 3.12
+venv with jax 0.11+ too (.ci/run). Compiling the IR to machine code only happens on a
 GPU: tests/test_kernels_gpu.py.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import kv_cache_write, ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import gpu_kernel_choice
 from pallas_kernels.lowering import TRITON_CALL, export_for_cuda, kernel_calls, operand_types, triton_grid
 
 S = jax.ShapeDtypeStruct
@@ -37,33 +39,61 @@ def _attend(q, k, v, bt, sl, qs, layer, **kw):
     return ragged_paged_attention(q, k, v, bt, sl, qs, sm_scale=0.125, layer=layer, interpret=False, **kw)
 
 
+MOSAIC = jax.__version_info__ >= (0, 11)     # jax >= 0.11 lowers bf16 head_dim 64/128 with Mosaic GPU
+
+
 # Expected programs, worked by hand from attention_triton's rules (H200: 132 SMs):
 #   S = clamp(next_pow2(cdiv(264, B * KVH)), 1, min(64, chunks // 4)), chunks = 32768 / 64 = 512;
-#   NQB = cdiv(T, TQ) + min(B, T // (TD + 1)), TQ = 64 / Gp, TD = 16 / Gp; grid = (NQB + B * S, KVH).
-@pytest.mark.parametrize("model,bs,batch,num_tokens,grid", [
-    ("llama3-8b", 16, 1, 1, (1 + 0 + 64, 8)),          # decode, batch 1 x 32k: 64 KV segments
-    ("llama3-8b", 32, 64, 64, (4 + 12 + 64, 8)),       # decode, batch 64: S = 1
-    ("llama3-8b", 16, 1, 2048, (128 + 1 + 64, 8)),     # a 2048-token prefill chunk: 128 query blocks
-    ("smollm2", 16, 64, 64, (4 + 12 + 128, 3)),        # Gp 4 (G = 3 padded): S = 2
-    ("smollm2", 32, 1, 1, (1 + 0 + 64, 3)),
-    ("d80", 16, 8, 8, (1 + 0 + 8 * 2, 32)),            # head_dim 80 -> 128 padded; Gp 1: TD 16, TQ 64
-    ("d96", 32, 1, 300, (5 + 1 + 16, 32)),             # head_dim 96; S = next_pow2(cdiv(264, 32)) = 16
+#   NQB = cdiv(T, TQ) + min(B, T // (TD + 1)); grid = (NQB + B * S, KVH).
+#   Triton: TQ = 64 / Gp, TD = 16 / Gp. Mosaic GPU (64 rows per program): TQ = TD = 64 / Gp;
+#   its programs show in the lowered module as the queries operand [KVH, P, 64, D].
+@pytest.mark.parametrize("model,bs,batch,num_tokens,grid,mosaic_programs", [
+    ("llama3-8b", 16, 1, 1, (1 + 0 + 64, 8), 1 + 0 + 64),         # decode, batch 1 x 32k: 64 KV segments
+    ("llama3-8b", 32, 64, 64, (4 + 12 + 64, 8), 4 + 3 + 64),      # decode, batch 64: S = 1
+    ("llama3-8b", 16, 1, 2048, (128 + 1 + 64, 8), 128 + 1 + 64),  # a 2048-token prefill chunk: 128 query blocks
+    ("smollm2", 16, 64, 64, (4 + 12 + 128, 3), 4 + 3 + 128),      # Gp 4 (G = 3 padded): S = 2
+    ("smollm2", 32, 1, 1, (1 + 0 + 64, 3), 1 + 0 + 64),
+    ("d80", 16, 8, 8, (1 + 0 + 8 * 2, 32), None),                 # head_dim 80 -> 128 padded; Gp 1: TD 16, TQ 64
+    ("d96", 32, 1, 300, (5 + 1 + 16, 32), None),                  # head_dim 96; S = next_pow2(cdiv(264, 32)) = 16
 ])
-def test_attention_lowers_with_expected_programs(model, bs, batch, num_tokens, grid):
+def test_attention_lowers_with_expected_programs(model, bs, batch, num_tokens, grid, mosaic_programs):
     module = export_for_cuda(_attend, *_attention_args(model, bs, batch, num_tokens))
     calls = kernel_calls(module)
     assert len(calls) == 1, module[:2000]
-    assert f"custom_call @{TRITON_CALL}(" in calls[0] and 'name = "ragged_paged_attention"' in calls[0]
-    assert triton_grid(calls[0]) == grid + (1,)
-    # the whole cache (all layers) goes into the kernel as K and V operands: no per-layer copy
     nh, kvh, d = MODELS[model]
+    if MOSAIC and mosaic_programs is not None:
+        assert "custom_call @mosaic_gpu_v2(" in calls[0]
+        assert f"tensor<{kvh}x{mosaic_programs}x64x{d}xbf16>" in operand_types(calls[0]), operand_types(calls[0])
+    else:
+        assert f"custom_call @{TRITON_CALL}(" in calls[0] and 'name = "ragged_paged_attention"' in calls[0]
+        assert triton_grid(calls[0]) == grid + (1,)
+    # the whole cache (all layers) goes into the kernel as K and V operands: no per-layer copy
     cache_type = f"tensor<2x{kvh}x{CONTEXT // bs + 1}x{bs}x{d}xbf16>"
     assert operand_types(calls[0]).count(cache_type) == 2, operand_types(calls[0])
     assert f"tensor<{kvh}x{CONTEXT // bs + 1}x{bs}x{d}xbf16>" not in module
 
 
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
+def test_the_gpu_kernel_can_be_chosen(kernel, monkeypatch):
+    """gpu_kernel= (or JAXPAGED_GPU_ATTENTION) picks the kernel; mosaic needs jax >= 0.11."""
+    monkeypatch.setenv("JAXPAGED_GPU_ATTENTION", kernel)
+    if kernel == "mosaic" and not MOSAIC:
+        with pytest.raises(ValueError, match="needs jax >= 0.11"):
+            gpu_kernel_choice()
+    else:
+        assert gpu_kernel_choice() == kernel
+    args = _attention_args("llama3-8b", 16, 8, 8)
+    if kernel == "mosaic" and not MOSAIC:
+        with pytest.raises(ValueError, match="needs jax >= 0.11"):
+            export_for_cuda(lambda *a: _attend(*a, gpu_kernel=kernel), *args)
+        return
+    call = kernel_calls(export_for_cuda(lambda *a: _attend(*a, gpu_kernel=kernel), *args))[0]
+    assert ("mosaic_gpu" in call) == (kernel == "mosaic")
+
+
 def test_decode_only_bound_launches_no_prefill_programs():
-    module = export_for_cuda(lambda *a: _attend(*a, max_query_len=1), *_attention_args("llama3-8b", 16, 64, 64))
+    module = export_for_cuda(lambda *a: _attend(*a, max_query_len=1, gpu_kernel="triton"),
+                             *_attention_args("llama3-8b", 16, 64, 64))
     assert triton_grid(kernel_calls(module)[0]) == (64, 8, 1)
 
 
@@ -96,9 +126,10 @@ def test_one_kernel_call_per_layer_and_the_cache_updated_in_place(model, bs):
             S((batch,), jnp.int32), S((batch + 1,), jnp.int32)]
     module = export_for_cuda(step, *args, donate_argnums=(0, 1))
     calls = kernel_calls(module)
-    names = sorted(line.split('name = "')[1].split('"')[0] for line in calls)
-    assert names == ["kv_cache_write", "ragged_paged_attention"], names
+    assert len(calls) == 2, calls
     write = next(line for line in calls if 'name = "kv_cache_write"' in line)
+    attention = next(line for line in calls if line is not write)
+    assert ("mosaic_gpu" in attention) == (MOSAIC and d in (64, 128)), attention[:300]
     assert write.count("output_operand_alias<") == 2, write[:400]
     main = next(line for line in module.splitlines() if "func.func public @main" in line)
     assert main.count("tf.aliasing_output") == 2 or main.count("jax.buffer_donor") == 2, main[:600]

@@ -6,10 +6,11 @@
    CUDA lowering tests), via pytest;
 2. attention kernel bandwidth: decode at batch 1/8/64 x context 1k/8k/32k and two prefill chunks,
    Llama-3-8B heads in bf16: median time, GB/s of the bytes the kernel must move
-   (pallas_kernels.gpu_estimate) and % of the device's HBM peak, next to the paper estimate;
+   (pallas_kernels.gpu_estimate) and % of the device's HBM peak, next to the paper estimate; on
+   jax >= 0.11 for both kernels (Triton and Mosaic GPU), a kernel that fails reported, not fatal;
 3. an end-to-end offline throughput run (`bench throughput`, the built-in SmolLM2 model, bf16).
 Writes a markdown report (and the rows as JSON beside it). Exits 2 at once, with the reason, when
-jax sees no GPU; exits 1 when a GPU test failed.
+jax sees no GPU; exits 1 when a GPU test or a kernel failed.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def run_tests() -> dict:
                 tail="\n".join(tail))
 
 
-def _attention_row(name, q_lens, ctx_lens, shapes, block_size, repeats, peak):
+def _attention_row(name, q_lens, ctx_lens, shapes, block_size, repeats, peak, kernel):
     import jax
     import jax.numpy as jnp
 
@@ -74,31 +75,39 @@ def _attention_row(name, q_lens, ctx_lens, shapes, block_size, repeats, peak):
     nh, kvh, d = shapes
     x = _make_inputs(Case(name, q_lens, ctx_lens), num_heads=nh, num_kv_heads=kvh, head_dim=d,
                      block_size=block_size, num_layers=1, dtype=jnp.bfloat16)
-    attend = jax.jit(lambda q, k, v, bt, sl, qs: ragged_paged_attention(q, k, v, bt, sl, qs, sm_scale=d ** -0.5))
+    attend = jax.jit(lambda q, k, v, bt, sl, qs: ragged_paged_attention(q, k, v, bt, sl, qs, sm_scale=d ** -0.5,
+                                                                        gpu_kernel=kernel))
     ms, _ = _time(attend, (x["q"], x["k"][0], x["v"][0], x["bt"], x["lens"], x["qs"]), repeats)
     e = estimate(q_lens, ctx_lens, num_heads=nh, num_kv_heads=kvh, head_dim=d, block_size=block_size)
     gbps = e.bytes / ms / 1e6
     del x
-    return dict(case=name, ms=ms, gbps=gbps, pct_peak=None if peak is None else 100 * gbps / peak,
+    return dict(case=f"{kernel}: {name}", ms=ms, gbps=gbps, pct_peak=None if peak is None else 100 * gbps / peak,
                 tflops=e.flops / ms / 1e9, programs=e.programs, kv_splits=e.kv_splits,
                 iterations=e.iterations, mbytes=e.bytes / 1e6,
                 ideal_us=None if peak is None else e.ideal_us(peak))
 
 
 def run_bandwidth(args, peak) -> list[dict]:
+    """Both GPU kernels where the jax line has both (Mosaic GPU from 0.11), Triton otherwise."""
+    import jax
+
     from pallas_kernels.gpu_estimate import MODELS, decode_case, prefill_case
 
     shapes = MODELS[args.model_shapes]
     batches, contexts = ((1, 64), (8192,)) if args.quick else (BATCHES, CONTEXTS)
+    cases = [(f"decode B={b} ctx={c}", decode_case(b, c)) for b in batches for c in contexts]
+    cases += [(f"prefill {n} @ ctx {c}", prefill_case(n, c)) for n, c in (PREFILLS[:1] if args.quick else PREFILLS)]
     rows = []
-    for b in batches:
-        for c in contexts:
-            rows.append(_attention_row(f"decode B={b} ctx={c}", *decode_case(b, c), shapes, args.block_size,
-                                       args.repeats, peak))
+    for kernel in ("triton", "mosaic") if jax.__version_info__ >= (0, 11) else ("triton",):
+        for name, (q_lens, ctx_lens) in cases:
+            try:
+                rows.append(_attention_row(name, q_lens, ctx_lens, shapes, args.block_size, args.repeats, peak,
+                                           kernel))
+            except Exception as e:       # a kernel that fails to compile or run is a finding, not the end
+                rows.append(dict(case=f"{kernel}: {name}", error=f"{type(e).__name__}: {str(e)[:300]}"))
+                print(f"  {rows[-1]['case']}: FAILED {rows[-1]['error']}", flush=True)
+                continue
             print(f"  {rows[-1]['case']}: {rows[-1]['ms']:.3f} ms, {rows[-1]['gbps']:.0f} GB/s", flush=True)
-    for chunk, c in PREFILLS[:1] if args.quick else PREFILLS:
-        rows.append(_attention_row(f"prefill {chunk} @ ctx {c}", *prefill_case(chunk, c), shapes,
-                                   args.block_size, args.repeats, peak))
     return rows
 
 
@@ -128,6 +137,9 @@ def write_report(path, device, peak, tests, rows, e2e) -> None:
               "| case | ms | GB/s | % HBM peak | TFLOP/s | programs | S | iterations | MB moved | ideal us |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | FAILED: {r['error']} |")
+            continue
         lines.append(f"| {r['case']} | {r['ms']:.3f} | {r['gbps']:.0f} | {_fmt(r['pct_peak'], '.1f')} | "
                      f"{r['tflops']:.1f} | {r['programs']} | {r['kv_splits']} | {r['iterations']} | "
                      f"{r['mbytes']:.1f} | {_fmt(r['ideal_us'], '.1f')} |")
@@ -154,5 +166,5 @@ def run(args) -> None:
     e2e = None if args.skip_e2e else run_e2e(args)
     write_report(args.out, device, peak, tests, rows, e2e)
     print(f"report: {args.out}")
-    if tests is not None and not tests["ok"]:
+    if (tests is not None and not tests["ok"]) or any("error" in r for r in rows):
         raise SystemExit(1)
