@@ -17,6 +17,7 @@ logger = logging.getLogger("jaxpaged.server")
 RAY_MISSING = ("Ray is not installed: the Ray backends (--data-parallel-backend ray, "
                "--distributed-executor-backend ray) need the extra: pip install \"jaxpaged[ray]\"")
 LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
+WAIT_LOG_INTERVAL_S = 60
 
 
 def require_ray():
@@ -77,10 +78,17 @@ class RayWorker:
         return self.actor.call.remote(method, args)
 
     def wait(self, ref):
-        try:
-            return self._ray.get(ref)
-        except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError) as exc:
-            raise WorkerDiedError(f"{self.name} (Ray actor) died: {exc.__class__.__name__}") from None
+        """The reply; while none comes, a warning every minute (an actor Ray cannot place waits forever)."""
+        waited = 0
+        while True:
+            try:
+                return self._ray.get(ref, timeout=WAIT_LOG_INTERVAL_S)
+            except self._ray.exceptions.GetTimeoutError:
+                waited += WAIT_LOG_INTERVAL_S
+                logger.warning("still waiting for %s after %d s (if it is not placed: the cluster lacks the "
+                               "resources it asks for, see `ray status`)", self.name, waited)
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError) as exc:
+                raise WorkerDiedError(f"{self.name} (Ray actor) died: {exc.__class__.__name__}") from None
 
     def is_alive(self, timeout: float = 5.0) -> bool:
         """False once Ray reports the actor dead; a busy actor (no answer in `timeout`) counts as alive."""

@@ -93,8 +93,7 @@ def _make_remote_engines(args, config, dp: int, use_ray: bool) -> list[RemoteEng
             name = f"replica {i} rank {rank}" if ranks > 1 else f"replica {i}"
             share = shares[i * ranks + rank] if local else None
             env = _worker_env(cpu, per_process if multi_host_tp else tp, i, use_ray)
-            workers.append(_make_worker(name, env, use_ray and (args.data_parallel_backend == "ray" or multi_host_tp),
-                                        local, cpu, per_process))
+            workers.append(_make_worker(name, env, use_ray, local, cpu, per_process))
             rank_cpus.append(share)
         engines.append(RemoteEngine(workers, config, name=f"data-parallel replica {i}"))
         cpus_of.append(rank_cpus)
