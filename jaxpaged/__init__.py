@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestOutput)
-from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
+from jaxpaged.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name):
@@ -18,5 +18,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput",
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "RequestOutput",
            "CompletionOutput", "Logprob", "BeamSearchOutput", "BeamSearchSequence"]

@@ -32,6 +32,7 @@ from jaxpaged.inputs import InputProcessor
 from jaxpaged.request_state import RequestState
 from jaxpaged.scheduler import Scheduler, SchedulerStats
 from jaxpaged.sharding import make_mesh, place_params, prepare_params
+from jaxpaged.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class LLMEngine:
         if not config.enforce_eager:
             self.runner.warmup(progress=progress)
         self._decode_token = TokenDecoder(self.tokenizer)
+        # grammars of structured-output requests (compiled in a thread pool on first use)
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                         self.model_config.eos_token_ids)
         self.input_processor = InputProcessor(
             self.tokenizer, vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
             kv_capacity_tokens=self.scheduler.max_tokens_per_sequence(), max_num_seqs=config.max_num_seqs,
@@ -135,6 +139,9 @@ class LLMEngine:
         else:
             state = RequestState(request_id, text, ids, params, arrival, **common)
         seqs = state.first_sequences()
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
+            for seq in seqs:        # each its own matcher; the compile is shared (cached by spec)
+                seq.structured_output = self.structured_output.new_state(params.structured_outputs)
         if len(seqs) == 1:     # the scheduler validates too: register with it before storing anything
             self.scheduler.add_sequence(seqs[0])
         else:

@@ -137,7 +137,7 @@ class CompletionState:
 
     def sampling_row(self) -> SamplingRow:
         s = self.seq
-        return SamplingRow(self.params, s.prompt_token_ids, s.output_token_ids)
+        return SamplingRow(self.params, s.prompt_token_ids, s.output_token_ids, grammar=s.structured_output)
 
     def on_token(self, result, row: int) -> str | None:
         """Records the token sampled in `row` of a StepResult (already appended to the Sequence).
@@ -145,6 +145,8 @@ class CompletionState:
         Returns the finish reason ("stop" / "length") when the sequence ends, else None.
         """
         token = int(result.tokens[row])
+        if self.seq.structured_output is not None:
+            self.seq.structured_output.accept(token)
         now = time.time()
         m = self.request.metrics
         if m.first_token_time is None:

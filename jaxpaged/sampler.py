@@ -6,7 +6,10 @@ its jitted step. Per row, in vLLM's order:
 
   1. penalties (static `use_penalties`): repetition on tokens of prompt + output, then frequency and
      presence on output counts. Counts are built on device by scatter-add from a padded token history;
-  2. min_tokens: ids in `banned_ids` (eos + stop_token_ids while the row is short of min_tokens) -> -inf;
+  2. logit_bias: `bias_vals` added at `bias_ids` (width 0 when no row has a bias: no work);
+     min_tokens: ids in `banned_ids` (eos + stop_token_ids while the row is short of min_tokens) -> -inf;
+     structured output: tokens whose bit is clear in the row's packed `allowed` mask -> -inf (width 0
+     when no row has a grammar: no work; rows without one are all ones);
   3. greedy rows (temperature 0, or top_k 1) take the argmax of these logits (padding rows, temperature
      -1, return token 0);
   4. other rows: divide by temperature, keep tokens with s >= threshold where the threshold combines
@@ -33,7 +36,7 @@ and counts tokens with logit >= the token's (vLLM's convention).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +55,7 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: Sequence[int] = ()   # read only for penalties
     output_token_ids: Sequence[int] = ()   # tokens generated so far (their count is the seed offset)
+    grammar: Any = None                    # structured_output.GrammarState of a constrained row
 
 
 @jax.tree_util.register_dataclass
@@ -69,6 +73,9 @@ class SamplingTensors:
     banned_ids: jax.Array          # [B, S] i32; -1 padded; ids set to -inf this step (min_tokens)
     history: jax.Array             # [B, H] i32; -1 padded; prompt + output ids (H == 0 without penalties)
     prompt_len: jax.Array          # [B] i32; history[b, :prompt_len[b]] is the prompt
+    bias_ids: jax.Array            # [B, S2] i32; -1 padded; logit_bias ids (S2 == 0 when no row has one)
+    bias_vals: jax.Array           # [B, S2] f32; their biases
+    allowed: jax.Array             # [B, W] i32 packed token mask, W = ceil(V / 32) (W == 0: no grammar rows)
 
     @property
     def batch_size(self) -> int:
@@ -147,8 +154,9 @@ class SamplingTensors:
                 prompt_len[b] = len(row.prompt_token_ids)
         if seeded_rows:
             uniforms[seeded_rows] = seeded_uniforms(np.array(seeds, np.uint64), np.array(offsets, np.uint64))
+        bias_ids, bias_vals = _bias_arrays(rows, B)
         return cls(temperature, top_k, top_p, min_p, presence, frequency, repetition, uniforms,
-                   banned_ids, history, prompt_len)
+                   banned_ids, history, prompt_len, bias_ids, bias_vals, _allowed_mask(rows, B, V))
 
 
 @jax.tree_util.register_dataclass
@@ -177,6 +185,31 @@ def seeded_uniforms(seeds: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     hi = (h >> np.uint64(40)).astype(np.float32)                       # top 24 bits
     lo = ((h >> np.uint64(8)) & np.uint64(0xFFFFFF)).astype(np.float32)  # bits 8..31
     return np.stack([hi, lo], axis=-1) * np.float32(2.0 ** -24)
+
+
+def _bias_arrays(rows: Sequence[Optional[SamplingRow]], B: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, S2] ids (-1 padded) and f32 biases of the rows' logit_bias; S2 = 0 when no row has one, else
+    the next power of two >= 8 (few compiled widths)."""
+    biases = [(r.params.logit_bias or {}) if r is not None else {} for r in rows]
+    width = max((len(b) for b in biases), default=0)
+    S = _pow2_at_least(max(MIN_BANNED_WIDTH, width)) if width else 0
+    ids = np.full((B, S), -1, np.int32)
+    vals = np.zeros((B, S), np.float32)
+    for b, bias in enumerate(biases):
+        ids[b, :len(bias)] = list(bias.keys())
+        vals[b, :len(bias)] = list(bias.values())
+    return ids, vals
+
+
+def _allowed_mask(rows: Sequence[Optional[SamplingRow]], B: int, V: int) -> np.ndarray:
+    """[B, W] packed masks of the constrained rows (others all ones); W = 0 when no row has a grammar."""
+    constrained = [(r.grammar, b) for b, r in enumerate(rows) if r is not None and r.grammar is not None]
+    if not constrained:
+        return np.zeros((B, 0), np.int32)
+    from jaxpaged.structured_output.state import fill_bitmasks, mask_width
+    mask = np.full((B, mask_width(V)), -1, np.int32)
+    fill_bitmasks(constrained, mask)
+    return mask
 
 
 def needs_penalties(rows: Sequence[Optional[SamplingRow]]) -> bool:
@@ -210,9 +243,13 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: Optional[int]
     if use_penalties is None:
         use_penalties = t.history.shape[1] > 0
     x = apply_penalties(logits, t) if use_penalties else logits
+    if t.bias_ids.shape[1]:
+        x = _add_bias(x, t.bias_ids, t.bias_vals)
     # a scatter of B*S entries: in place when logits are an intermediate of the step (a jit argument
     # that is not donated costs one [B, V] copy here)
     x = _ban(x, t.banned_ids)
+    if t.allowed.shape[1]:
+        x = apply_token_bitmask(x, t.allowed)
     greedy = t.temperature <= 0.0                                  # [B] greedy or padding
     zeros = jnp.zeros((B,), jnp.int32)
     # each branch runs only when some row needs it (lax.cond executes one side)
@@ -271,6 +308,22 @@ def _ban(x: jax.Array, banned_ids: jax.Array) -> jax.Array:
     ids = jnp.where(banned_ids >= 0, banned_ids, V)
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], ids.shape)
     return x.at[rows, ids].set(-jnp.inf, mode="drop")
+
+
+def _add_bias(x: jax.Array, ids: jax.Array, vals: jax.Array) -> jax.Array:
+    B, V = x.shape
+    ids = jnp.where(ids >= 0, ids, V)                                      # padding -> dropped
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], ids.shape)
+    return x.at[rows, ids].add(vals, mode="drop")
+
+
+def apply_token_bitmask(x: jax.Array, allowed: jax.Array) -> jax.Array:
+    """x [B, V] with tokens whose bit is clear in allowed [B, W] (packed int32, bit t % 32 of word
+    t // 32) set to -inf."""
+    B, V = x.shape
+    bits = jnp.right_shift(allowed[:, :, None], jnp.arange(32, dtype=jnp.int32)[None, None, :]) & 1
+    keep = bits.reshape(B, -1)[:, :V] != 0                                # [B, W*32] -> [B, V]
+    return jnp.where(keep, x, -jnp.inf)
 
 
 def _argmax(x: jax.Array) -> jax.Array:

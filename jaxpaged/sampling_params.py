@@ -17,6 +17,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from jaxpaged.structured_output.params import StructuredOutputsParams
+
 # Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
 
@@ -82,6 +84,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100], added to the logits
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -147,6 +151,28 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of int, got {self.stop_token_ids!r}")
         if any(i < 0 for i in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
+        self._verify_logit_bias()
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
+
+    def _verify_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+        clean = {}
+        for k, v in self.logit_bias.items():
+            # OpenAI clients send the ids as JSON object keys, i.e. strings
+            if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+                k = int(k)
+            if not _is_int(k) or k < 0:
+                raise ValueError(f"logit_bias keys must be token ids (int >= 0), got {k!r}")
+            b = _check_number("logit_bias", v)
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {v} for token {k}")
+            clean[int(k)] = b
+        self.logit_bias = clean
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int = 20,
                  max_model_len: int | None = None) -> "SamplingParams":
@@ -161,6 +187,11 @@ class SamplingParams:
             bad = [i for i in self.stop_token_ids if i >= vocab_size]
             if bad:
                 raise ValueError(f"stop_token_ids must be < vocab_size={vocab_size}, got {bad}")
+            bad = sorted(i for i in (self.logit_bias or {}) if i >= vocab_size)
+            if bad:
+                raise ValueError(f"logit_bias token ids must be < vocab_size={vocab_size}, got {bad[:8]}")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
         if max_model_len is not None and self.max_tokens is not None and self.max_tokens > max_model_len:
             raise ValueError(f"max_tokens must be <= max_model_len={max_model_len}, got {self.max_tokens}")
         return self
@@ -209,6 +240,8 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100], added to the logits
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema / regex / choice / grammar
 
     def __post_init__(self):
         _check_int("beam_width", self.beam_width, minimum=1)

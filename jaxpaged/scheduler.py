@@ -25,7 +25,8 @@ schedule():
    blocks than the pool has: it is finished with FINISHED_LENGTH and listed in
    SchedulerOutput.finished (the engine should have rejected it; see
    max_tokens_per_sequence()).
-2. If nothing was preempted: waiting sequences are admitted first come first served while
+2. If nothing was preempted: waiting sequences are admitted first come first served (those whose
+   structured-output grammar is still compiling are passed over until it is ready) while
    the budget, the seats and the blocks allow (a prompt larger than the budget left gets a
    chunk). At admission the prefix cache is looked up: the sequence starts at
    num_computed_tokens = num_cached_tokens = the cached prefix length (never the whole
@@ -264,6 +265,22 @@ class Scheduler:
         return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, copies, preempted, finished)
 
     def _admit(self, budget: int, scheduled: list, copies: list, finished: list) -> int:
+        held = self._hold_unready()
+        try:
+            return self._admit_ready(budget, scheduled, copies, finished)
+        finally:
+            self.waiting.extendleft(reversed(held))      # back at the front, in their order
+
+    def _hold_unready(self) -> list[Sequence]:
+        """Takes the sequences whose grammar is still compiling out of the queue (order kept)."""
+        ready = [s.is_ready() for s in self.waiting]     # read once: a compile may finish meanwhile
+        if all(ready):
+            return []
+        held = [s for s, ok in zip(self.waiting, ready) if not ok]
+        self.waiting = deque(s for s, ok in zip(self.waiting, ready) if ok)
+        return held
+
+    def _admit_ready(self, budget: int, scheduled: list, copies: list, finished: list) -> int:
         bm = self.block_manager
         bs = self.block_size
         waiting = self.waiting

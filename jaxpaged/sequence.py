@@ -55,7 +55,7 @@ class Sequence:
     """
     __slots__ = ("seq_id", "request_id", "prompt_token_ids", "output_token_ids", "_all_token_ids", "sampling_params",
                  "arrival_time", "num_computed_tokens", "status", "num_cached_tokens", "num_preemptions",
-                 "skip_prefix_cache")
+                 "skip_prefix_cache", "structured_output")
 
     def __init__(self, seq_id: str, prompt_token_ids: Iterable[int], sampling_params: Any = None,
                  arrival_time: float | None = None, *, request_id: str | None = None,
@@ -74,6 +74,9 @@ class Sequence:
         # no prefix-cache hits at admission: the sequence needs logits at every prompt position
         # (prompt_logprobs), which cached blocks cannot give
         self.skip_prefix_cache = skip_prefix_cache
+        # structured output: this sequence's GrammarState; the scheduler leaves the sequence waiting
+        # until its grammar has compiled (is_ready)
+        self.structured_output: Any = None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id!r}, prompt={len(self.prompt_token_ids)} tokens, "
@@ -106,6 +109,10 @@ class Sequence:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+
+    def is_ready(self) -> bool:
+        """Whether the sequence may be admitted (its grammar, if any, has compiled)."""
+        return self.structured_output is None or self.structured_output.is_ready()
 
     @property
     def is_finished(self) -> bool:

@@ -57,3 +57,11 @@ def test_plot_writes_png(tmp_path):
     rows[-1]["output_throughput"] = 40.0
     plot_serve(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_structured_overhead_smoke(tiny_llama, tmp_path, capsys):
+    from jaxpaged.bench.__main__ import main
+    main(["structured", "--model", tiny_llama, "--batch-size", "4", "--steps", "3", "--enforce-eager",
+          "--download-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "B=4 decode step" in out and "every row constrained" in out

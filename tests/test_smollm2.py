@@ -80,3 +80,42 @@ def test_bfloat16_weights_stored_as_bits_and_still_paris(tmp_path):
     assert runner.attention_backend == "native" and runner.kv_cache[0].dtype == np.uint16
     out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     assert out[0].outputs[0].text.strip().startswith("Paris")
+
+
+SMALL_SCHEMAS = [
+    ("Give the name and age of a fictional person as JSON.",
+     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                       "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+      "required": ["name", "age"], "additionalProperties": False}),
+    ("What is the capital of France? Answer in JSON.",
+     {"type": "object", "properties": {"country": {"type": "string", "maxLength": 20},
+                                       "capital": {"type": "string", "maxLength": 20}},
+      "required": ["country", "capital"], "additionalProperties": False}),
+    ("Is the sky blue? Answer in JSON.",
+     {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"],
+      "additionalProperties": False}),
+    ("List three colors as JSON.",
+     {"type": "object", "properties": {"colors": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                                  "maxItems": 3}},
+      "required": ["colors"], "additionalProperties": False}),
+]
+
+
+def test_small_schemas_finish_with_stop_within_200_tokens(llm):
+    """Issue 15's bar: on the built-in model at least 3 of 4 constrained outputs finish with "stop"
+    within 200 tokens; every one that does validates."""
+    import json
+
+    import jsonschema
+
+    from jaxpaged import StructuredOutputsParams
+
+    convs = [[{"role": "user", "content": q}] for q, _ in SMALL_SCHEMAS]
+    params = [SamplingParams(temperature=0.0, max_tokens=200, structured_outputs=StructuredOutputsParams(json=s))
+              for _, s in SMALL_SCHEMAS]
+    outs = llm.chat(convs, params, use_tqdm=False)
+    stopped = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
+    assert len(stopped) >= 3, [o.outputs[0].text for o in outs]
+    for (_, schema), out in zip(SMALL_SCHEMAS, outs):
+        if out.outputs[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(out.outputs[0].text), schema)

@@ -1,4 +1,4 @@
-"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,startup} [options]; --help on each.
+"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,startup,gpu-check,structured} [options]; --help on each.
 
   throughput  offline requests/s and tok/s, side by side with transformers / vLLM (--backend jaxpaged,hf,vllm)
   latency     one batch size: per-step time, host vs device split, FLOP ceiling, device-step breakdown
@@ -7,13 +7,14 @@
   kernel      the attention kernels against their jnp references
   startup     cold start (empty caches) vs warm start (converted params and compilations cached)
   gpu-check   on a GPU: the GPU tests, attention bandwidth (% of HBM peak), end-to-end throughput -> one report
+  structured  a B=64 decode step with every row under a JSON schema vs none (mask overhead)
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 
-COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup", "gpu-check")
+COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup", "gpu-check", "structured")
 
 
 def make_parser() -> argparse.ArgumentParser:
