@@ -39,7 +39,8 @@ logger = logging.getLogger("jaxpaged.server")
 
 
 def build_app(engine, served_model_name: str | list[str] | None = None, api_key: str | None = None,
-              *, docs: bool = True, limits: ServerLimits | None = None) -> FastAPI:
+              *, docs: bool = True, limits: ServerLimits | None = None, tool_call_parser: str | None = None,
+              enable_auto_tool_choice: bool = False) -> FastAPI:
     limits = limits or ServerLimits()
     # an AsyncLLMEngine, or something shaped like one (data_parallel.DataParallelEngine), is used as is
     is_async = isinstance(engine, AsyncLLMEngine) or getattr(engine, "is_async_engine", False)
@@ -49,6 +50,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     if async_engine.metrics is None:
         async_engine.metrics = ServerMetrics(names[0])
     ctx = ServingContext(async_engine, names, async_engine.metrics, limits)
+    ctx.tool_call_parser, ctx.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -16,6 +16,7 @@ import typing
 from jaxpaged.engine_config import EngineConfig
 
 from .limits import ServerLimits
+from .tool_parsers import TOOL_PARSERS
 
 _HELP = {
     "model": "model name or path: an HF directory, a .gguf file, or the built-in smollm2-135m-instruct (the default)",
@@ -94,6 +95,11 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate file")
     server.add_argument("--disable-fastapi-docs", action="store_true", help="no /docs, /redoc, /openapi.json")
     server.add_argument("--disable-uvicorn-access-log", action="store_true", help="no per-request access log")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                        help="how tool calls are read from the model's output for tool_choice \"auto\": "
+                             "hermes (<tool_call> JSON) or llama3_json")
     limits = parser.add_argument_group("limits", "bounds on the work clients can cause")
     defaults = ServerLimits()
     limits.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,
@@ -207,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Engin
         args.limits = server_limits_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice requires --tool-call-parser")
     if args.port is not None and not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
     error = check_distributed_args(args)

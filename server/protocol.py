@@ -65,6 +65,14 @@ class SamplingFields(RequestModel):
         return 1 if v is None else v     # OpenAI allows "n": null, meaning the default
     user: StrictStr | None = None
     logit_bias: dict[str, Float] | None = None
+    # structured output (server/structured.py): OpenAI's response_format, vLLM's structured_outputs and
+    # its older guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: StrictStr | dict[str, Any] | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
 
 
 PromptType = Union[StrictStr, list[StrictStr], list[Int64], list[list[Int64]]]
@@ -108,7 +116,6 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
@@ -224,6 +231,7 @@ class ChatCompletionResponse(ResponseModel):
 class DeltaMessage(ResponseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(ResponseModel):

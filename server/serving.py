@@ -50,6 +50,9 @@ class ServingContext:
         self.max_logprobs = int(inner.config.max_logprobs)
         self.model_path = str(inner.config.model)
         self.decode_token = lru_cache(maxsize=65536)(self._decode_token)
+        # --tool-call-parser / --enable-auto-tool-choice (server/serving_tools.py)
+        self.tool_call_parser: str | None = None
+        self.enable_auto_tool_choice = False
 
     @property
     def model_name(self) -> str:
@@ -107,15 +110,10 @@ class ServingContext:
         return text if text is not None else self.decode_token(int(token_id))
 
     def apply_chat_template(self, messages: list, *, add_generation_prompt: bool,
-                            continue_final_message: bool, extra: dict | None) -> str:
+                            continue_final_message: bool, extra: dict | None, tools: list | None = None) -> str:
         if not messages:
             raise invalid_request("messages must not be empty", param="messages")
-        convo = []
-        for m in messages:
-            item = {"role": m.role, "content": m.text()}
-            if m.name is not None:
-                item["name"] = m.name
-            convo.append(item)
+        convo = [_template_message(m) for m in messages]
         reserved = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
                     "return_dict", "return_tensors", "padding", "truncation", "max_length", "tools",
                     "documents", "chat_template", "tokenizer_kwargs", "return_assistant_tokens_mask"}
@@ -125,7 +123,8 @@ class ServingContext:
                                   param="continue_final_message")
         try:
             text = render_chat(self.tokenizer, convo, add_generation_prompt=add_generation_prompt,
-                               continue_final_message=continue_final_message, chat_template_kwargs=kwargs)
+                               continue_final_message=continue_final_message, chat_template_kwargs=kwargs,
+                               tools=tools or None)
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise invalid_request(f"messages could not be rendered with the chat template: {exc}",
                                   param="messages") from None
@@ -176,6 +175,32 @@ class ServingContext:
             unfinished = [s.request_id for s in streams if not s.finished]
             if unfinished:
                 self.engine.abort(unfinished)
+
+
+def _template_message(m) -> dict:
+    """A chat message as chat templates read it: an assistant's earlier `tool_calls` (arguments as
+    objects, as Hermes/Llama templates expect) and a tool result's `tool_call_id` pass through."""
+    item = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        item["name"] = m.name
+    extra = m.model_extra or {}
+    if isinstance(extra.get("tool_call_id"), str):
+        item["tool_call_id"] = extra["tool_call_id"]
+    calls = extra.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        item["tool_calls"] = [_template_tool_call(c) for c in calls if isinstance(c, dict)]
+    return item
+
+
+def _template_tool_call(call: dict) -> dict:
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args)
+        except ValueError:
+            pass                     # not JSON: the template gets the string
+    return {**call, "function": fn}
 
 
 async def wait_for_disconnect(raw: Request) -> None:

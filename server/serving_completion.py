@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from .errors import OpenAIError, invalid_request
 from .protocol import (CompletionLogProbs, CompletionRequest, CompletionResponse, CompletionResponseChoice,
                        UsageInfo, random_id)
+from .structured import structured_outputs_of
 from .serving import (SAMPLING_FIELDS, ClientDisconnected, ServingContext, SSEResponse, clamp_logprob, merge_streams,
                       ordered_top, sse, sse_error)
 
@@ -61,11 +62,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     ctx.check_model(req.model)
     if req.suffix is not None:
         raise invalid_request("suffix is not supported", param="suffix")
-    if req.logit_bias:
-        raise invalid_request("logit_bias is not supported", param="logit_bias")
     if req.stream_options is not None and not req.stream:
         raise invalid_request("stream_options can only be set when stream is true", param="stream_options")
     prompts = _prompts(ctx, req.prompt)
+    structured = structured_outputs_of(req)
     request_id = random_id("cmpl")
     items = []
     for i, (_, ids) in enumerate(prompts):
@@ -79,7 +79,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output))
+            include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=req.logit_bias,
+            structured_outputs=structured))
         items.append((f"{request_id}-{i}", ids, params))
     try:
         streams = await ctx.add_all(items, _PARAM_NAMES)
