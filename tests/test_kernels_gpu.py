@@ -26,40 +26,48 @@ def _has_gpu() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_gpu(), reason="no GPU visible to jax")]
 
 
+# the attention kernels of this jax line: Triton everywhere, Mosaic GPU from jax 0.11 (it takes
+# bf16/f16 with head_dim 64/128 and pages dividing 64; other shapes fall back to Triton)
+@pytest.fixture(params=["triton"] + (["mosaic"] if jax.__version_info__ >= (0, 11) else []))
+def gpu_kernel(request):
+    return request.param
+
+
 @pytest.mark.parametrize("block_size,num_heads,num_kv_heads,head_dim",
-                         [(8, 2, 2, 64), (16, 6, 2, 128), (32, 8, 1, 64), (16, 24, 8, 128)])
+                         [(8, 2, 2, 64), (16, 6, 2, 128), (32, 8, 1, 64), (16, 24, 8, 128), (24, 8, 2, 80)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_page_boundaries_on_gpu(block_size, num_heads, num_kv_heads, head_dim, dtype):
+def test_page_boundaries_on_gpu(block_size, num_heads, num_kv_heads, head_dim, dtype, gpu_kernel):
     width = 4
     lens = boundary_lengths(block_size, width)
     x = make_batch([1] * len(lens) + lens, lens + lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
                    head_dim=head_dim, block_size=block_size, width=width, dtype=dtype)
-    check_against_reference(x, interpret=False)
+    check_against_reference(x, interpret=False, gpu_kernel=gpu_kernel)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mixed_batch_on_gpu(dtype):
+def test_mixed_batch_on_gpu(dtype, gpu_kernel):
     rng = np.random.default_rng(1)
     dec_lens = [int(n) for n in rng.integers(1, 2000, 100)]
     q_lens = [512, 300, 100, 5] + [1] * len(dec_lens)
     seq_lens = [512, 900, 1300, 40] + dec_lens
     x = make_batch(q_lens, seq_lens, num_heads=12, num_kv_heads=4, head_dim=64, block_size=16,
                    dtype=dtype, pad_seqs=3, pad_tokens=40)
-    check_against_reference(x, interpret=False)
+    check_against_reference(x, interpret=False, gpu_kernel=gpu_kernel)
 
 
 @pytest.mark.parametrize("soft_cap,window", [(30.0, None), (None, 100), (20.0, 37)])
-def test_soft_cap_and_sliding_window_on_gpu(soft_cap, window):
+def test_soft_cap_and_sliding_window_on_gpu(soft_cap, window, gpu_kernel):
     q_lens, seq_lens = [1, 1, 200, 70, 1], [900, 16, 200, 400, 130]
     x = make_batch(q_lens, seq_lens, num_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
                    window=window)
-    check_against_reference(x, interpret=False, soft_cap=soft_cap, sliding_window=window)
+    check_against_reference(x, interpret=False, gpu_kernel=gpu_kernel, soft_cap=soft_cap,
+                            sliding_window=window)
 
 
-def test_layer_form_on_gpu():
+def test_layer_form_on_gpu(gpu_kernel):
     x = make_batch([64, 1, 1], [100, 20, 64], num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
                    num_layers=3, dtype=jnp.bfloat16)
-    check_against_reference(x, interpret=False, layer=jnp.int32(2))
+    check_against_reference(x, interpret=False, gpu_kernel=gpu_kernel, layer=jnp.int32(2))
 
 
 @pytest.mark.parametrize("num_layers", [None, 3])
