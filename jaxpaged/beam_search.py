@@ -48,8 +48,10 @@ Stopping rules, vLLM vs transformers' `generate(num_beams=W)`:
   * beams also stop at max_model_len (finish_reason "length"), where vLLM's loop would fail.
 
 Sharing the engine: beams are ordinary sequences to the scheduler, so a beam search runs while
-other requests are in flight (the batch mixes both). A fork without a free seat waits at the
-front of the queue and recomputes (the prefix cache serves its full blocks). Aborting the request
+other requests are in flight (the batch mixes both). The engine starts beam searches while the
+beam_width seats of each fit max_num_seqs (LLMEngine._start_waiting_beams; one always runs); a fork
+that still finds no free seat waits at the front of the queue and recomputes (the prefix cache
+serves its full blocks). Aborting the request
 (or an error in LLM.beam_search) finishes every beam, so no block is left in use.
 
 KV pool pressure: the scheduler may preempt beams (they recompute). If nothing can be scheduled

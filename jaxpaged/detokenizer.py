@@ -1,13 +1,13 @@
 """Incremental detokenization and stop rules: sampled token ids -> text deltas -> finish reasons.
 
-IncrementalDetokenizer keeps vLLM's two offsets into a decoding window: text is produced by decoding the
-window ids[prefix_offset:] and subtracting the decoding of ids[prefix_offset:read_offset]. A window
-(rather than each token alone) keeps tokenizer context such as SentencePiece's leading space; the first
-window starts inside the prompt's last tokens, so the first generated word gets its space. When the
-window's text ends in U+FFFD, the newest tokens hold only part of a multi-byte UTF-8 character (byte-level
-BPE splits emoji and CJK across tokens) and nothing is emitted until the character completes. Only the
-window is kept (tokens before prefix_offset are dropped): the sequence's token ids are owned by the
-scheduler's Sequence (sequence.py), not copied here.
+IncrementalDetokenizer decodes a short window of ids (vLLM's prefix/read offsets): the window holds the
+ids of the text emitted last (window[:read_offset], context) and the ids not emitted yet; new text is
+decode(window) minus decode(window[:read_offset]). The context (rather than each token alone) keeps
+tokenizer context such as SentencePiece's leading space; the first window starts with the prompt's last
+tokens, so the first generated word gets its space. When the window's text ends in U+FFFD, the newest
+tokens hold only part of a multi-byte UTF-8 character (byte-level BPE splits emoji and CJK across tokens)
+and nothing is emitted until the character completes. Only the window is kept: the sequence's token ids
+are owned by the scheduler's Sequence (sequence.py), not copied here.
 
 StopChecker applies the stop rules in vLLM's order:
   1. stop_token_ids, then eos (unless ignore_eos), once min_tokens outputs exist: finish "stop"
@@ -43,11 +43,9 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.spaces_between_special_tokens = spaces_between_special_tokens
-        # the decoding window: the last prompt tokens as context, then output ids not yet behind prefix_offset
+        # the decoding window: context ids (the last prompt tokens at first), then ids not emitted yet
         self._window: list[int] = list(prompt_token_ids)[-PROMPT_CONTEXT_TOKENS:]
-        self.prefix_offset = 0                  # window start (always 0 after a trim)
-        self.read_offset = len(self._window)    # window ids before this are already emitted
-        self.output_text = ""
+        self.read_offset = len(self._window)    # window[:read_offset] is context, already emitted
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:
@@ -61,32 +59,29 @@ class IncrementalDetokenizer:
             token_ids = [token_ids]
         ids = self._window
         ids.extend(int(t) for t in token_ids)
-        prefix_text = self._decode(ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(ids[self.prefix_offset:])
+        prefix_text = self._decode(ids[:self.read_offset])
+        new_text = self._decode(ids)
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             # nothing new yet (a skipped special token), or an incomplete UTF-8 character at the end
             return ""
         delta = new_text[len(prefix_text):]
         self._advance()
-        self.output_text += delta
         return delta
 
     def _advance(self) -> None:
-        """Everything in the window is emitted: the next window starts at the old read_offset."""
+        """Everything in the window is emitted: what was new becomes the next window's context."""
         del self._window[:self.read_offset]
-        self.prefix_offset, self.read_offset = 0, len(self._window)
+        self.read_offset = len(self._window)
 
     def flush(self) -> str:
         """Text still held back at the end of generation (an incomplete character decodes to U+FFFD)."""
         ids = self._window
         if self.read_offset == len(ids):
             return ""
-        prefix_text = self._decode(ids[self.prefix_offset:self.read_offset])
-        new_text = self._decode(ids[self.prefix_offset:])
+        prefix_text = self._decode(ids[:self.read_offset])
+        new_text = self._decode(ids)
         self._advance()
-        delta = new_text[len(prefix_text):]
-        self.output_text += delta
-        return delta
+        return new_text[len(prefix_text):]
 
 
 class TokenDecoder:

@@ -17,6 +17,7 @@ setting (see compilation_cache.py).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -83,6 +84,7 @@ class LLMEngine:
         # unfinished user requests by request_id (RequestState, or BeamSearchState for beam search);
         # a Sequence's request_id names its owner here
         self._requests: dict[str, RequestState | BeamSearchState] = {}
+        self._waiting_beams: collections.deque[BeamSearchState] = collections.deque()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 
@@ -136,8 +138,11 @@ class LLMEngine:
             if not eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
                 common["eos_token_ids"] = (self.tokenizer.eos_token_id,)
             state = BeamSearchState(request_id, text, ids, params, arrival, **common)
-        else:
-            state = RequestState(request_id, text, ids, params, arrival, **common)
+            self._waiting_beams.append(state)       # step() starts it when its beams have seats
+            self._requests[request_id] = state
+            self._prompt_tokens_total += len(ids)
+            return
+        state = RequestState(request_id, text, ids, params, arrival, **common)
         seqs = state.first_sequences()
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             for seq in seqs:        # each its own matcher; the compile is shared (cached by spec)
@@ -166,6 +171,8 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched, requests = self.scheduler, self._requests
+        if self._waiting_beams:
+            self._start_waiting_beams()
         out = sched.schedule()
         touched: dict[str, object] = {}
         for seq in out.finished:      # the scheduler gave up on these (they can never fit)
@@ -197,6 +204,21 @@ class LLMEngine:
             if state.finished:
                 requests.pop(rid, None)
         return outputs
+
+    def _start_waiting_beams(self) -> None:
+        """Beam searches start first come first served while the beam_width seats each will fork into
+        fit max_num_seqs next to those already running (a fork without a seat waits and recomputes);
+        one always runs."""
+        reserved = sum(st.width for st in self._requests.values()
+                       if isinstance(st, BeamSearchState) and st.beams and not st.finished)
+        while self._waiting_beams:
+            st = self._waiting_beams[0]
+            if not st.finished:             # (an aborted one is dropped)
+                if reserved and reserved + st.width > self.scheduler.max_num_seqs:
+                    return
+                self.scheduler.add_sequence(st.first_sequences()[0])
+                reserved += st.width
+            self._waiting_beams.popleft()
 
     def _release_stalled_beams(self) -> None:
         """Nothing could be scheduled: only beams waiting for their siblings' blocks do that (beam_search.py)."""

@@ -207,6 +207,7 @@ def test_runs_while_other_requests_are_in_flight(llm):
     engine.step()
     for i, p in enumerate(prompts):          # the same input path as generate: numpy prompts too
         engine.add_request(f"beam{i}", np.array(p) if i else p, params)
+    assert engine.get_num_unfinished_requests() == 4
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

@@ -69,7 +69,7 @@ def test_incremental_text_equals_full_decode(which, skip, request):
         for chunk in (1, 3):
             deltas, tail, d = _stream(tok, ids, prompt, skip, chunk)
             assert "".join(deltas) + tail == tok.decode(ids, skip_special_tokens=skip), (text, chunk)
-            assert tail == "" and d.output_text == tok.decode(ids, skip_special_tokens=skip)
+            assert tail == ""
             assert not any("\ufffd" in x for x in deltas), deltas     # never half a character
 
 
@@ -81,7 +81,6 @@ def test_multibyte_character_is_held_until_complete(tiny):
     for i in ids[1:-1]:
         assert d.append(i) == ""
     assert d.append(ids[-1]) == "🙂"
-    assert d.output_text == "a🙂"
 
 
 def test_flush_returns_an_incomplete_tail(tiny):

@@ -49,3 +49,12 @@ def test_compilation_cache_keeps_a_directory_already_set(tmp_path):
         assert jax.config.jax_compilation_cache_dir == other and (tmp_path / "other").is_dir()
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_engine_constructor_leaves_jax_config_alone(tiny_llama, tmp_path_factory):
+    from jaxpaged.engine import LLMEngine
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    engine = LLMEngine(EngineConfig(model=tiny_llama, enforce_eager=True, max_model_len=64, num_kv_blocks=8,
+                                    download_dir=str(tmp_path_factory.getbasetemp() / "jp-cache")), progress=False)
+    assert engine.max_model_len == 64
+    assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) == before
