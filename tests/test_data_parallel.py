@@ -225,6 +225,20 @@ def test_mp_worker_process_answers_and_its_death_is_an_engine_dead_error():
         worker.kill()
 
 
+def test_replica_cpu_shares_and_gpu_groups(monkeypatch):
+    from jaxpaged.server import replicas
+    monkeypatch.setattr(replicas.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert replicas.cpu_shares(2) == [[0, 1], [2, 3]]       # disjoint, equal; the odd core is left over
+    assert replicas.cpu_shares(1) == [None]                 # one replica: every core
+    assert replicas.cpu_shares(6) == [None] * 6             # fewer cores than processes: not pinned
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    env = replicas._worker_env(cpu=False, devices=2, replica=1, use_ray=False)
+    assert env["CUDA_VISIBLE_DEVICES"] == "6,7"             # mp replica i: the i-th group of TP devices
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    env = replicas._worker_env(cpu=True, devices=2, replica=0, use_ray=True)
+    assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"] and env["JAX_PLATFORMS"] == "cpu"
+
+
 # ============================================================== Grafana dashboard
 
 
