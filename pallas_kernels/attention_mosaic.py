@@ -12,7 +12,7 @@ Each CUDA block runs two warpgroups:
 The program's work is described by one row of an int32 table the wrapper builds in XLA
 (`_program_table`: sequence, chunk range, first query position, window start, length), so the
 kernel reads 6 scalars and never derives the ragged layout itself. Every program writes its
-unnormalised (acc, m, l) for 64 rows; an XLA epilogue normalises the prefill blocks, combines the
+unnormalised (acc, m, l) (acc only for its real query rows); an XLA epilogue normalises the prefill blocks, combines the
 decode segments (attention_triton._combine) and gathers the rows back to tokens.
 
 Applies to bf16/f16 caches with head_dim 64 or 128, page sizes dividing 64 (8/16/32/64) and GQA
@@ -51,8 +51,9 @@ def mosaic_tiling(num_heads: int, num_kv_heads: int, head_dim: int, splits: int)
 
 
 def _program_table(query_start, seq_lens, blk_seq, blk_tile, num_blocks, t: GpuTiling, window):
-    """[P, 6] int32 per program: (sequence, first chunk, end chunk, first query position, window
-    start, sequence length); P = NQB + B * S. Programs with nothing to do get an empty chunk range."""
+    """[P, 7] int32 per program: (sequence, first chunk, end chunk, first query position, window
+    start, sequence length, rows holding real queries); P = NQB + B * S. Programs with nothing to
+    do get an empty chunk range and 0 rows."""
     batch = seq_lens.shape[0]
     q_len = query_start[1:] - query_start[:-1]
     ctx = seq_lens - q_len
@@ -63,7 +64,8 @@ def _program_table(query_start, seq_lens, blk_seq, blk_tile, num_blocks, t: GpuT
     qpos = ctx[b] + blk_tile[:num_blocks] * t.q_block
     end = ctx[b] + jnp.minimum((blk_tile[:num_blocks] + 1) * t.q_block, q_len[b])
     lo = jnp.zeros_like(qpos) if window is None else jnp.maximum(qpos - window + 1, 0)
-    pf = [b, lo // c, jnp.where(used, (end + c - 1) // c, lo // c), qpos, lo, seq_lens[b]]
+    rows_pf = jnp.where(used, jnp.minimum(t.q_block, q_len[b] - blk_tile[:num_blocks] * t.q_block) * t.group, 0)
+    pf = [b, lo // c, jnp.where(used, (end + c - 1) // c, lo // c), qpos, lo, seq_lens[b], rows_pf]
     # decode segments: program NQB + b * S + s
     bd = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), t.kv_splits)
     s = jnp.tile(jnp.arange(t.kv_splits, dtype=jnp.int32), batch)
@@ -73,20 +75,21 @@ def _program_table(query_start, seq_lens, blk_seq, blk_tile, num_blocks, t: GpuT
     c_end = jnp.where(is_dec, (seq_lens[bd] + c - 1) // c, c_lo)
     per = (c_end - c_lo + t.kv_splits - 1) // t.kv_splits
     a = jnp.minimum(c_lo + s * per, c_end)
-    dec = [bd, a, jnp.minimum(a + per, c_end), ctx[bd], lo_d, seq_lens[bd]]
+    dec = [bd, a, jnp.minimum(a + per, c_end), ctx[bd], lo_d, seq_lens[bd], jnp.where(is_dec, q_len[bd] * t.group, 0)]
     cols = [jnp.concatenate([x.astype(jnp.int32), y.astype(jnp.int32)]) for x, y in zip(pf, dec)]
     return jnp.stack(cols, axis=1)
 
 
 def _kernel(info_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scoped, *,
             t: GpuTiling, block_size, sm_scale, soft_cap, window):
-    # info_ref [P, 6] i32; bt_ref [B, W] i32; layer_ref [1] i32
+    # info_ref [P, 7] i32; bt_ref [B, W] i32; layer_ref [1] i32
     # q_ref [KVH, P, 64, D]; k_ref / v_ref [L, KVH, NB, BS, D] (GMEM, read by TMA page by page)
-    # acc_ref [KVH, P, 64, D] f32; m_ref / l_ref [KVH, P, 64] f32 (unnormalised partials)
+    # acc_ref [KVH, P, 64, D] f32; m_ref / l_ref [KVH, P, 64] f32 (unnormalised partials; acc rows
+    #   past the program's real query rows are never written)
     (q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem), (q_bar, k_bars, v_bars), (k_free, v_free) = scoped
     p, h, wg = lax.axis_index("p"), lax.axis_index("h"), lax.axis_index("wg")
     b, c_lo, c_hi = info_ref[p, 0], info_ref[p, 1], info_ref[p, 2]
-    qpos0, lo, seq_len = info_ref[p, 3], info_ref[p, 4], info_ref[p, 5]
+    qpos0, lo, seq_len, real_rows = info_ref[p, 3], info_ref[p, 4], info_ref[p, 5], info_ref[p, 6]
     n = jnp.maximum(c_hi - c_lo, 0)
     stages, chunk, pages = t.num_stages, t.kv_chunk, t.kv_chunk // block_size
     max_blocks = bt_ref.shape[1]
@@ -141,7 +144,14 @@ def _kernel(info_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_
         m_smem[...] = m * (1.0 / _LOG2E)        # the loop keeps m in log2 units; partials are natural-log
         l_smem[...] = l
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, acc_ref.at[h, p])
+        # only the real rows (a decode token is Gp of 64): TMA boxes are static, so a ladder of
+        # power-of-two row counts whose bits add up to real_rows
+        start = real_rows & 0                   # traced: a constant start does not lower as a subview offset
+        for k in (64, 32, 16, 8, 4, 2, 1):
+            rows = pl.ds(start, k)
+            pl.when((real_rows & k) != 0)(
+                lambda rows=rows: plgpu.copy_smem_to_gmem(o_smem.at[rows], acc_ref.at[h, p, rows]))
+            start = start + (real_rows & k)
         plgpu.copy_smem_to_gmem(m_smem, m_ref.at[h, p])
         plgpu.copy_smem_to_gmem(l_smem, l_ref.at[h, p])
         plgpu.wait_smem_to_gmem(0)
