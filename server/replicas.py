@@ -26,10 +26,15 @@ from .remote_engine import ProcessWorker, RemoteEngine
 logger = logging.getLogger("jaxpaged.server")
 
 
-def on_cpu() -> bool:
+def on_cpu(use_ray: bool = False) -> bool:
+    """Whether the engines run on CPU: as $JAX_PLATFORMS says, else when the Ray cluster has no GPU
+    (with Ray), else when this machine has no nvidia-smi."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
+    if use_ray:
+        from .ray_utils import cluster_gpus
+        return cluster_gpus() == 0
     return shutil.which("nvidia-smi") is None
 
 
@@ -77,7 +82,7 @@ def build_distributed_engine(args, config, metrics) -> DataParallelEngine:
 def _make_remote_engines(args, config, dp: int, use_ray: bool) -> list[RemoteEngine]:
     tp = config.tensor_parallel_size
     multi_host_tp = args.distributed_executor_backend == "ray" and tp > 1
-    cpu = on_cpu()
+    cpu = on_cpu(use_ray)
     if multi_host_tp:
         per_process = 1 if cpu else min(tp, _gpus_per_node())
         ranks = math.ceil(tp / per_process)
