@@ -155,8 +155,6 @@ def check_distributed_args(args: argparse.Namespace) -> str | None:
         return f"--data-parallel-size-local must be in [0, --data-parallel-size], got {local}"
     if local is not None and local < args.data_parallel_size and args.data_parallel_backend != "ray":
         return "--data-parallel-size-local below --data-parallel-size needs --data-parallel-backend ray"
-    if args.engine_factory and uses_remote_engines(args):
-        return "--engine-factory cannot be combined with distributed engines"
     return None
 
 

@@ -43,16 +43,23 @@ class EngineWorker:
             return "error", "RuntimeError", f"{exc!r}\n{traceback.format_exc()}"
 
     def start(self, config, rank: int = 0, world_size: int = 1, coordinator: str | None = None,
-              cpus: list[int] | None = None) -> dict:
+              cpus: list[int] | None = None, factory: str | None = None) -> dict:
+        """Builds this rank's engine; `factory` ("module:callable", the server's test hook --engine-factory)
+        builds something with the Engine contract instead of an LLMEngine."""
         if cpus:
             os.sched_setaffinity(0, cpus)   # this replica's CPU share (before XLA sizes its thread pools)
         if world_size > 1:
             import jax
             jax.distributed.initialize(coordinator_address=coordinator, num_processes=world_size, process_id=rank)
-        from jaxpaged.compilation_cache import enable_compilation_cache
-        from jaxpaged.engine import LLMEngine
-        enable_compilation_cache(config)     # this process's entry point: it sets the process-wide JAX config
-        self.engine = LLMEngine(config, progress=False)
+        if factory:
+            import importlib
+            module, _, name = factory.partition(":")
+            self.engine = getattr(importlib.import_module(module), name or "make_engine")(config)
+        else:
+            from jaxpaged.compilation_cache import enable_compilation_cache
+            from jaxpaged.engine import LLMEngine
+            enable_compilation_cache(config)     # this process's entry point: it sets the process-wide JAX config
+            self.engine = LLMEngine(config, progress=False)
         return dict(model_config=self.engine.model_config, max_model_len=self.engine.max_model_len,
                     stats=self.engine.get_stats(), pid=os.getpid())
 
@@ -163,14 +170,14 @@ class RemoteEngine:
         self.max_model_len = None
         self._tokenizer = None
 
-    def start(self, cpus_per_rank: list | None = None) -> None:
+    def start(self, cpus_per_rank: list | None = None, factory: str | None = None) -> None:
         """Builds the engine on every rank (concurrently: jax.distributed waits for all of them).
 
         cpus_per_rank[r]: the cores rank r is pinned to (None: not pinned)."""
         world = len(self.workers)
         coordinator = self._call_one(0, "free_address") if world > 1 else None
         cpus = cpus_per_rank or [None] * world
-        info = self._broadcast("start", lambda rank: (self.config, rank, world, coordinator, cpus[rank]))
+        info = self._broadcast("start", lambda rank: (self.config, rank, world, coordinator, cpus[rank], factory))
         self.model_config, self.max_model_len, self._stats = info["model_config"], info["max_model_len"], info["stats"]
         self.pid = info["pid"]
 

@@ -104,7 +104,7 @@ def _make_remote_engines(args, config, dp: int, use_ray: bool) -> list[RemoteEng
         cpus_of.append(rank_cpus)
     try:
         with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
-            list(pool.map(lambda e_c: e_c[0].start(e_c[1]), zip(engines, cpus_of)))
+            list(pool.map(lambda e_c: e_c[0].start(e_c[1], args.engine_factory), zip(engines, cpus_of)))
     except BaseException:
         for e in engines:
             e.shutdown()

@@ -1,7 +1,8 @@
-"""Data-parallel serving without Ray or child processes: the router, and DataParallelEngine over in-process
-FakeEngine replicas behind the real app (routing, per-replica metrics, aborts reaching the owning replica,
-a dead replica's requests failing with 503 and /health naming it), the Grafana dashboard's queries against
-the exported metrics, and the distributed flags' errors (Ray missing, bad combinations).
+"""Data-parallel serving without Ray: the router; DataParallelEngine over in-process FakeEngine replicas behind
+the real app (routing, per-replica metrics, aborts reaching the owning replica, a dead replica's requests
+failing with 503 and /health naming it); the RemoteEngine protocol and the mp transport; the mp backend end to
+end (a server process with two child-process FakeEngine replicas); the Grafana dashboard's queries against the
+exported metrics; the distributed flags' errors (Ray missing, bad combinations).
 The same paths on Ray actors with a real model: tests/test_ray_serving.py.
 """
 from __future__ import annotations
@@ -237,6 +238,77 @@ def test_replica_cpu_shares_and_gpu_groups(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     env = replicas._worker_env(cpu=True, devices=2, replica=0, use_ray=True)
     assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"] and env["JAX_PLATFORMS"] == "cpu"
+
+
+# ============================================================== the mp backend, end to end (FakeEngine replicas)
+
+
+def test_mp_server_two_replicas_end_to_end():
+    """`python -m jaxpaged.server --data-parallel-size 2` (local child processes) with FakeEngines inside
+    (--engine-factory reaches the replica processes): 16 concurrent requests, half streamed, all exact and
+    spread over both replicas; a replica killed mid-request fails that request with 503 and /health names it;
+    the other keeps serving; SIGTERM still exits 0."""
+    import threading
+
+    import httpx
+
+    from tests.server_utils import ServerProcess, wait_for
+    from tests.tiny_models import make_tokenizer
+    tok = make_tokenizer(320)
+    server = ServerProcess(["--model", "fake-model", "--engine-factory", "tests.server_utils:make_fake_engine",
+                            "--data-parallel-size", "2", "--max-model-len", "2048", "--num-kv-blocks", "257"],
+                           env={"FAKE_ENGINE_STEP_DELAY": "0.005"}, startup_timeout=120)
+    try:
+        prompts = [f"Hello world {i}" for i in range(16)]
+
+        async def one(client, i, prompt):
+            body = {"prompt": prompt, "max_tokens": 6, "stream": i % 2 == 1}
+            if not body["stream"]:
+                r = await client.post(server.url + "/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+            text = ""
+            async with client.stream("POST", server.url + "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        text += json.loads(line[6:])["choices"][0]["text"]
+            return text
+
+        async def main():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(one(client, i, p) for i, p in enumerate(prompts)))
+
+        texts = asyncio.run(main())
+        assert texts == [tok.decode(expected_tokens(tok.encode(p), 6)) for p in prompts]
+        m = server.metrics()
+        done = [m.get(f'jaxpaged:request_success_total{{engine="{i}",finished_reason="length",'
+                      f'model_name="fake-model"}}', 0) for i in range(2)]
+        assert sum(done) == 16 and min(done) >= 1, done
+
+        pids = {int(i): int(p) for i, p in re.findall(r"data-parallel replica (\d+) ready \(pid (\d+)",
+                                                       server.output())}
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(r=httpx.post(
+            server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1500, "ignore_eos": True},
+            timeout=120)))
+        thread.start()
+
+        def busy():
+            m = server.metrics()
+            return [i for i in range(2)
+                    if m.get(f'jaxpaged:num_requests_running{{engine="{i}",model_name="fake-model"}}', 0)]
+
+        victim = wait_for(busy, timeout=60, what="the long request to run")[0]
+        os.kill(pids[victim], 9)
+        thread.join(60)
+        assert not thread.is_alive(), "the request on the killed replica hangs"
+        assert result["r"].status_code == 503 and f"replica {victim}" in result["r"].json()["error"]["message"]
+        health = httpx.get(server.url + "/health", timeout=30)
+        assert health.status_code == 503 and f"replica {victim} is dead" in health.json()["error"]["message"]
+        assert httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                          timeout=60).status_code == 200
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
 
 
 # ============================================================== Grafana dashboard
