@@ -51,6 +51,15 @@ def _compiler() -> str:
     raise NativeBuildError("no C++ compiler found (set $CXX, or install g++)")
 
 
+def compiler_available() -> bool:
+    """Whether a C++ compiler is on this machine (cheap: nothing is built)."""
+    try:
+        _compiler()
+        return True
+    except NativeBuildError:
+        return False
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

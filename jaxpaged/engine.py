@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.runner import ModelRunner, kv_bytes_per_block, resolve_kv_cache_dtype
+from jaxpaged.backends import kv_bytes_per_block, kv_cache_dtype
+from jaxpaged.runner import ModelRunner
 from jaxpaged.detokenizer import TokenDecoder
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 from jaxpaged.beam_search import BeamSearchState
@@ -63,6 +64,7 @@ class LLMEngine:
         self.model_config, params = prepare_params(self.model_config, loaded.params, config.tensor_parallel_size)
         graphdef, state = build_state(self.model_config, params, config.dtype)
         state = place_params(state, self.mesh)
+        self.kv_cache_dtype = kv_cache_dtype(config)     # the KV pool is sized by it (no side effects)
         num_blocks = self._num_blocks()
         self.scheduler = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
                                    max_num_seqs=config.max_num_seqs,
@@ -70,7 +72,7 @@ class LLMEngine:
                                    max_model_len=self.max_model_len,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len,
-                                  mesh=self.mesh)
+                                  self.kv_cache_dtype, mesh=self.mesh)
         if not config.enforce_eager:
             self.runner.warmup(progress=progress)
         self._decode_token = TokenDecoder(self.tokenizer)
@@ -103,7 +105,7 @@ class LLMEngine:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, resolve_kv_cache_dtype(cfg))
+        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.kv_cache_dtype)
         if cfg.kv_cache_memory_bytes is not None:
             n = cfg.kv_cache_memory_bytes // per_block
             if n < 2:

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cpu_kernels.matmul import packed_matmul
+from jaxpaged.attention import AttentionMetadata, AttentionOptions
+from jaxpaged.backends import get_backend, resolve_backend
+from jaxpaged.backends.layout import lay_out_params
 from jaxpaged.buckets import BucketError, BucketTable
 from jaxpaged.config import ModelConfig
 from jaxpaged.engine_config import EngineConfig
-from jaxpaged.models import jnp_dtype
-from jaxpaged.models.layers import AttentionMetadata, AttentionOptions
 from jaxpaged.sampler import SamplingTensors, needs_penalties, sample, token_logprobs
 from jaxpaged.sharding import constrain_kv, constrain_step_outputs, zeros_kv_cache
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
@@ -51,124 +51,21 @@ class StepResult:
     prompt_top_logprobs: np.ndarray | None = None  # [num_tokens, K] f32
 
 
-def resolve_kv_cache_dtype(config: EngineConfig) -> str:
-    """The KV cache's dtype name: explicit, or "auto" = the model's dtype, except float32 under the
-    Pallas/jnp backends on CPU (XLA CPU widens a 16-bit cache around every slice and scatter; the
-    native kernel reads bf16 pages as is)."""
-    if config.kv_cache_dtype != "auto":
-        return config.kv_cache_dtype
-    if jax.default_backend() == "cpu" and resolve_attention_backend(config.attention_backend) != "native":
-        return "float32"
-    return config.dtype
-
-
-def kv_storage_dtype(dtype_name: str, backend: str):
-    """The cache arrays' dtype: a bf16 cache under the native backend is held as its uint16 bit
-    patterns (XLA CPU scatters uint16 rows in place; a bf16 scatter is widened to f32 around the
-    whole cache), which the native kernel reads as bf16."""
-    if dtype_name == "bfloat16" and backend == "native":
-        return jnp.uint16
-    return jnp_dtype(dtype_name)
-
-
-def resolve_attention_backend(name: str) -> str:
-    """EngineConfig.attention_backend -> the one the runner uses ("auto": native on CPU when the
-    C++ kernels build on this machine, Pallas otherwise)."""
-    if name == "native" and jax.default_backend() != "cpu":
-        raise ValueError(f"attention_backend: 'native' runs on CPU only, the backend is "
-                         f"{jax.default_backend()}")
-    if name != "auto":
-        return name
-    if jax.default_backend() == "cpu":
-        from cpu_kernels import available
-        if available():
-            return "native"
-    return "pallas"
-
-
-def cpu_param_layout(state, vocab_size: int):
-    """How bf16 params are held on XLA CPU (other backends keep bf16 as is):
-
-    - vocabulary-sized tables (embedding, LM head) -> f32: XLA CPU's bf16 dot of a few rows against
-      [H, V] ran at ~3 GB/s (SmolLM2's head: 32-43 ms at B=4..64), the f32 one in 8-18 ms;
-    - every other bf16 leaf -> its uint16 bit patterns (models/layers.read bit-casts them back per
-      layer): a bf16 array sliced inside the layer scan is upcast whole on every call, a uint16
-      array is sliced as raw bits.
-    """
-    if jax.default_backend() != "cpu":
-        return state
-
-    def cast(x):
-        if x.dtype != jnp.bfloat16:
-            return x
-        if x.ndim == 2 and vocab_size in x.shape:    # unstacked [V, H] or [H, V]
-            return x.astype(jnp.float32)
-        return jax.lax.bitcast_convert_type(x, jnp.uint16)
-    return jax.tree_util.tree_map(cast, state)
-
-
-def use_native_matmul(config: EngineConfig, backend: str, mesh) -> bool:
-    """Pre-packed native weight matmuls (cpu_kernels/matmul.py): with the native CPU backend, on one
-    device, for f32 weights on AVX-512 CPUs and bf16 weights on AMX CPUs (elsewhere XLA's dot is
-    the better path); `native_matmul=False` in the EngineConfig turns them off."""
-    if backend != "native" or mesh is not None or not config.native_matmul:
-        return False
-    from cpu_kernels.matmul import worthwhile
-    return worthwhile(jnp_dtype(config.dtype))
-
-
-def _path_names(path) -> tuple[str, ...]:
-    """A state leaf's path as names, without the Variable's trailing "value": ('layers', 'q_proj', 'kernel')."""
-    names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    return names[:-1] if names and names[-1] == "value" else names
-
-
-def pack_weights(state, cfg: ModelConfig):
-    """Packs every stacked Linear kernel [L, K, N] for the native matmul, and the LM head [H, V]
-    (the embedding table transposed when tied, else lm_head's kernel): returns (state, head).
-    The embedding table itself stays for the token lookup; an untied lm_head kernel stays unused."""
-    from cpu_kernels.matmul import pack
-
-    def leaf(path, x):
-        names = _path_names(path)
-        return pack(x, stacked=True) if names[-1] == "kernel" and x.ndim == 3 else x
-
-    head = None
-    for path, x in jax.tree_util.tree_leaves_with_path(state):
-        names = _path_names(path)
-        if cfg.tie_word_embeddings and names[-1] == "embedding" and x.shape == (cfg.vocab_size, cfg.hidden_size):
-            head = pack(np.asarray(x).T, stacked=False)
-        elif not cfg.tie_word_embeddings and names[-2:] == ("lm_head", "kernel"):
-            head = pack(x, stacked=False)
-    return jax.tree_util.tree_map_with_path(leaf, state), head
-
-
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: str) -> int:
-    """dtype: the KV cache's dtype name."""
-    itemsize = 2 if dtype == "bfloat16" else 4
-    return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
-
-
-def _forward_impl(graphdef, opts, prompt_logprobs, params, kv_cache, inputs):
+def _forward_impl(graphdef, opts, prompt_logprobs, state, kv_cache, inputs):
     """The model part of a step (jitted per (T, B) bucket): forward over the flat batch, logits of each
-    sequence's last row. params = (state, packed LM head or None). Static: prompt_logprobs (None / K:
-    also score next_token_ids at every flat row, for requests that asked for prompt logprobs).
-    Returns (kv_cache, logits [B, V] f32, prompt_out)."""
-    state, head = params
+    sequence's last row. Static: prompt_logprobs (None / K: also score next_token_ids at every flat
+    row, for requests that asked for prompt logprobs). Returns (kv_cache, logits [B, V] f32, prompt_out)."""
     model = nnx.merge(graphdef, state)
-    def logits_of(h, real_rows):
-        """h [N, H] -> [N, V] f32; under a packed head only the first real_rows rows are computed."""
-        return model.logits(h) if head is None else packed_matmul(h, head.with_rows(real_rows))
     meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
                              inputs["query_start"])
     hidden, kv_cache = model.forward(inputs["token_ids"], inputs["positions"], kv_cache, meta, opts)
     last = jnp.take(hidden, inputs["logits_indices"], axis=0)      # [B, H]
     # real sequences come first; padding ones have seq_len 0
-    logits = logits_of(last, jnp.sum(inputs["seq_lens"] > 0))      # [B, V] f32
+    logits = model.logits(last, jnp.sum(inputs["seq_lens"] > 0))   # [B, V] f32
     prompt_out = None
     if prompt_logprobs is not None:
         # logits of every row [T, V]: only in this variant (a [T, H] x [H, V] matmul is costly)
-        prompt_out = token_logprobs(logits_of(hidden, inputs["query_start"][-1]), inputs["next_token_ids"],
+        prompt_out = token_logprobs(model.logits(hidden, inputs["query_start"][-1]), inputs["next_token_ids"],
                                     prompt_logprobs)
     return kv_cache, logits, prompt_out
 
@@ -184,9 +81,24 @@ def _copy_blocks_impl(kv_cache, src, dst):
     return k.at[:, :, dst].set(k[:, :, src]), v.at[:, :, dst].set(v[:, :, src])
 
 
+def ready_backend(requested: str):
+    """The backend object for EngineConfig.attention_backend, its kernels built/loaded (first use).
+    "auto" falls back to Pallas, with a warning, when the native kernels cannot be built here."""
+    backend = get_backend(resolve_backend(requested))
+    try:
+        backend.ready()
+    except Exception as e:      # cpu_kernels.NativeBuildError, or a toolchain that breaks otherwise
+        if requested != "auto":
+            raise
+        logger.warning("native CPU kernels unavailable, falling back to Pallas: %s", e)
+        backend = get_backend("pallas")
+    return backend
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, graphdef, state,
-                 num_blocks: int, max_model_len: int, mesh=None):
+                 num_blocks: int, max_model_len: int, kv_dtype: str, mesh=None):
+        """kv_dtype: the KV cache's dtype name (backends.kv_cache_dtype; the pool was sized by it)."""
         self.config, self.model_config = config, model_config
         self.block_size = config.block_size
         self.num_blocks = num_blocks
@@ -194,20 +106,21 @@ class ModelRunner:
         self.buckets = BucketTable.build(config.max_num_batched_tokens, config.max_num_seqs)
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         self.generator = np.random.default_rng(config.seed)
-        self.attention_backend = resolve_attention_backend(config.attention_backend)
-        self.native_matmul = use_native_matmul(config, self.attention_backend, mesh)
-        self.lm_head = None        # the packed LM head under native matmuls (the model's own otherwise)
-        if self.native_matmul:
-            state, self.lm_head = pack_weights(state, model_config)
-        self.state = cpu_param_layout(state, model_config.vocab_size)
-        # the KV cache arrays' dtype (uint16: bf16 bit patterns, see kv_storage_dtype)
-        self.dtype = kv_storage_dtype(resolve_kv_cache_dtype(config), self.attention_backend)
+        self.backend = ready_backend(config.attention_backend)
+        # weight matmuls on the backend's own packed weights (native CPU: AVX-512 f32, AMX bf16)
+        self.native_matmul = config.native_matmul and self.backend.packs_weights(config.dtype, mesh)
+        # params in the backend's storage forms (backends/layout.py), decided once here
+        graphdef, self.state = lay_out_params(graphdef, state, self.backend,
+                                              platform=jax.default_backend(), pack=self.native_matmul)
+        self.dtype = self.backend.kv_storage_dtype(kv_dtype)   # the cache arrays' dtype
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
                  model_config.head_dim)
         self.kv_cache = zeros_kv_cache(shape, self.dtype, mesh)   # sharded on KVH under a mesh
-        opts = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
-                                sliding_window=model_config.sliding_window, backend=self.attention_backend,
-                                mesh=mesh)
+        self.graphdef = graphdef
+        self.attention_options = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
+                                                  sliding_window=model_config.sliding_window,
+                                                  backend=self.backend.name, mesh=mesh)
+        opts = self.attention_options
         # A step is two jitted calls chained on the device (no host round trip between them): the model
         # keyed by (T, B) and the sampler keyed by B alone, so the sampler compiles once per sequence
         # bucket instead of once per (T, B) pair (it is ~half of a step's compile time on CPU).
@@ -216,6 +129,10 @@ class ModelRunner:
         # a fresh partial per runner: jit caches are per callable, so this runner's count is its own
         self._sample = jax.jit(functools.partial(_sample_impl), static_argnums=(0, 1))
         self._copy = jax.jit(constrain_kv(_copy_blocks_impl, mesh), donate_argnums=(0,))
+
+    @property
+    def attention_backend(self) -> str:
+        return self.backend.name
 
     # ---- compile discipline -------------------------------------------------------------------
     def num_compiled(self) -> int:
@@ -280,8 +197,7 @@ class ModelRunner:
         names = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start",
                  "logits_indices") + (("next_token_ids",) if prompt_logprobs is not None else ())
         arrays = {k: getattr(inputs, k) for k in names}
-        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, (self.state, self.lm_head),
-                                                          self.kv_cache, arrays)
+        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays)
         return self._sample(num_logprobs, use_penalties, logits, sampling), prompt_out
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -101,20 +101,25 @@ def _lowered_text(runner) -> str:
     names = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start",
              "logits_indices")
     arrays = {k: getattr(inputs, k) for k in names}
-    return runner._forward.lower(None, (runner.state, runner.lm_head), runner.kv_cache, arrays).as_text()
+    return runner._forward.lower(None, runner.state, runner.kv_cache, arrays).as_text()
 
 
-@pytest.mark.skipif(not worthwhile("float32"), reason="needs AVX-512 (the f32 fast path)")
-def test_engine_packs_weights_and_matches_xla_dot(tiny_llama, tmp_path_factory):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_packs_weights_and_matches_xla_dot(tiny_llama, tmp_path_factory, monkeypatch, dtype):
+    # packing forced on whatever this CPU is (without AVX-512/AMX the kernel runs its portable loops)
+    import cpu_kernels.matmul
+    monkeypatch.setattr(cpu_kernels.matmul, "worthwhile", lambda dt: True)
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     prompts = ["Hello there", "The quick brown fox jumps", "a b c d e f g"]
-    native = make_llm(tiny_llama, tmp_path_factory, max_num_batched_tokens=64)
-    xla = make_llm(tiny_llama, tmp_path_factory, max_num_batched_tokens=64, native_matmul=False)
+    native = make_llm(tiny_llama, tmp_path_factory, max_num_batched_tokens=64, dtype=dtype)
+    xla = make_llm(tiny_llama, tmp_path_factory, max_num_batched_tokens=64, native_matmul=False, dtype=dtype)
     rn, rx = native.llm_engine.runner, xla.llm_engine.runner
     assert rn.native_matmul and not rx.native_matmul
-    packed = [x for x in jax.tree_util.tree_leaves(rn.state, is_leaf=lambda v: isinstance(v, PackedWeight))
-              if isinstance(x, PackedWeight)]
-    assert len(packed) == 7 and isinstance(rn.lm_head, PackedWeight) and rx.lm_head is None
+    is_packed = lambda v: isinstance(v, PackedWeight)
+    packed = lambda r: [x for x in jax.tree_util.tree_leaves(r.state, is_leaf=is_packed) if is_packed(x)]
+    # 7 stacked Linear kernels + the LM head (the tied table's packed twin, beside the lookup table)
+    assert len(packed(rn)) == 8 and not packed(rx)
+    assert sum(x.data.shape[0] == 1 for x in packed(rn)) == 1        # one unstacked: the head
     # q, k, v, o, gate, up, down (one custom call each in the scan body) + the LM head
     assert _lowered_text(rn).count("jaxpaged_matmul") == 8
     assert "jaxpaged_matmul" not in _lowered_text(rx)
@@ -124,7 +129,10 @@ def test_engine_packs_weights_and_matches_xla_dot(tiny_llama, tmp_path_factory):
 
 def test_native_matmul_off_without_the_native_backend(tiny_llama, tmp_path_factory):
     llm = make_llm(tiny_llama, tmp_path_factory, attention_backend="pallas", max_num_batched_tokens=64)
-    assert not llm.llm_engine.runner.native_matmul and llm.llm_engine.runner.lm_head is None
+    runner = llm.llm_engine.runner
+    assert not runner.native_matmul
+    assert not [x for x in jax.tree_util.tree_leaves(runner.state, is_leaf=lambda v: isinstance(v, PackedWeight))
+                if isinstance(x, PackedWeight)]
 
 
 def test_caps_reports_this_cpu():

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxpaged.convert import load_model
 from jaxpaged.models import build_state
-from jaxpaged.models.layers import AttentionMetadata, AttentionOptions
+from jaxpaged.attention import AttentionMetadata, AttentionOptions
 from tests import tiny_models
 
 KINDS = ["llama", "llama3", "llama_tied", "llama_hd128", "mistral", "qwen2", "qwen3", "gpt2"]

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpaged.attention import AttentionMetadata, AttentionOptions, attention
 from jaxpaged.config import ModelConfig
-from jaxpaged.models.layers import (AttentionMetadata, AttentionOptions, Embed, LayerNorm, Linear,
-                                    paged_attention, scan_layers)
+from jaxpaged.models.layers import Embed, LayerNorm, Linear, scan_layers
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -45,8 +45,8 @@ class GPT2Blocks(nnx.Module):
         qkv = self.qkv(self.ln_1(x)).reshape(t, n, 3, cfg.hidden_size // n)
         q, k, v = (qkv[:, :, i] for i in range(3))                 # each [T, N, H / N]
         shape = (t, cfg.num_heads, cfg.head_dim)
-        attn, kv_cache = paged_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                         kv_cache, layer, meta, opts)
+        attn, kv_cache = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                   kv_cache, layer, meta, opts)
         x = x + self.attn_out(attn.reshape(t, cfg.hidden_size))
         act = ACTIVATIONS[cfg.hidden_act]
         x = x + self.proj(act(self.fc(self.ln_2(x))))
@@ -59,7 +59,7 @@ class GPT2LMHeadModel(nnx.Module):
             raise ValueError(f"activation_function: {cfg.hidden_act!r} not supported; "
                              f"supported: {sorted(ACTIVATIONS)}")
         self.cfg = cfg
-        self.wte = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.wte = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tied_head=True)
         self.wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
         self.layers = GPT2Blocks(cfg, dtype=dtype, stack=cfg.num_layers)
         self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
@@ -75,6 +75,6 @@ class GPT2LMHeadModel(nnx.Module):
         x, kv_cache = scan_layers(self.layers, body, (x, kv_cache), valid_rows=meta.query_start[-1])
         return self.ln_f(x), kv_cache
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [N, H] -> logits [N, V] f32."""
-        return self.wte.attend(hidden)
+    def logits(self, hidden: jax.Array, rows=None) -> jax.Array:
+        """hidden [N, H] -> logits [N, V] f32. rows: real leading rows of hidden (the rest may be 0)."""
+        return self.wte.attend(hidden, rows)

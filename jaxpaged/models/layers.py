@@ -1,35 +1,25 @@
-"""Shared model math: parameter modules (optionally stacked over layers), norms, RoPE, paged attention.
+"""Shared model math: parameter modules (optionally stacked over layers), norms, RoPE, the layer scan.
 
 Every module here can be built "stacked": its params get a leading layer axis [L, ...]. A model
 splits its stacked layer module once (graphdef + State) and `jax.lax.scan`s over the State, merging
-one layer's slice per iteration, so compile time does not grow with depth.
+one layer's slice per iteration, so compile time does not grow with depth. Params are read through
+jaxpaged.weights (`value`, `matmul`, `take`, `matmul_t`): how a backend stores them is not seen here.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cpu_kernels.matmul import PackedWeight, packed_matmul
 from jaxpaged.config import ModelConfig
+from jaxpaged.weights import Weight, matmul, matmul_t, take, value
 
 
 def _shape(stack: int | None, *dims: int) -> tuple[int, ...]:
     return ((stack,) if stack else ()) + dims
-
-
-def read(p: nnx.Param) -> jax.Array:
-    """A param's value. bf16 weights may be stored as their uint16 bit patterns (see
-    runner.cpu_param_layout): bit-cast back here, inside the layer, so XLA CPU never upcasts a
-    whole stacked [L, ...] bf16 array per step."""
-    x = p[...]
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 def _param(shape, dtype, fill: float = 0.0) -> nnx.Param:
@@ -38,37 +28,38 @@ def _param(shape, dtype, fill: float = 0.0) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias). kernel: [in, out] (HF's weight.T)."""
+    """y = x @ kernel (+ bias). kernel: [in, out] (HF's weight.T). `vocab`: the output is over the
+    vocabulary (an LM head), which backends may store differently (backends/layout.py)."""
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, stack: int | None = None):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, stack: int | None = None,
+                 vocab: bool = False):
         self.kernel = _param(_shape(stack, d_in, d_out), dtype)
         self.bias = _param(_shape(stack, d_out), dtype) if bias else None
+        self.vocab = vocab
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.kernel.get_value()
-        if isinstance(w, PackedWeight):     # pre-packed for the native CPU matmul (runner.pack_weights)
-            y = packed_matmul(x, w)
-        else:
-            y = jnp.dot(x, read(self.kernel), preferred_element_type=jnp.float32)
+    def __call__(self, x: jax.Array, rows=None) -> jax.Array:
+        """x [M, in] -> [M, out] in x's dtype (f32 for an LM head). rows: real leading rows of x."""
+        y = matmul(x, self.kernel.get_value(), rows)
         if self.bias is not None:
-            y = y + read(self.bias).astype(jnp.float32)
-        return y.astype(x.dtype)
+            y = y + value(self.bias.get_value()).astype(jnp.float32)
+        return y if self.vocab else y.astype(x.dtype)
 
 
 class Embed(nnx.Module):
-    """Token (or position) embedding table. embedding: [N, H]."""
+    """Token (or position) embedding table. embedding: [N, H]. `tied_head`: the table is also the
+    LM head (`attend`)."""
 
-    def __init__(self, num: int, dim: int, *, dtype):
+    def __init__(self, num: int, dim: int, *, dtype, tied_head: bool = False):
         self.embedding = _param((num, dim), dtype)
-        self.dtype = jnp.dtype(dtype)   # the model's: the table may be held wider (runner.cpu_param_layout)
+        self.dtype = jnp.dtype(dtype)   # the model's: the table may be stored otherwise (a backend's choice)
+        self.tied_head = tied_head
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(read(self.embedding), ids, axis=0).astype(self.dtype)
+        return take(self.embedding.get_value(), ids).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Tied LM head: x [N, H] -> logits [N, V] in f32 (in the table's dtype: f32 when held so)."""
-        table = read(self.embedding)
-        return jnp.dot(x.astype(table.dtype), table.T, preferred_element_type=jnp.float32)
+    def attend(self, x: jax.Array, rows=None) -> jax.Array:
+        """Tied LM head: x [N, H] -> logits [N, V] f32. rows: real leading rows of x."""
+        return matmul_t(x, self.embedding.get_value(), rows)
 
 
 class RMSNorm(nnx.Module):
@@ -81,7 +72,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (read(self.scale).astype(jnp.float32) * xf).astype(x.dtype)
+        return (value(self.scale.get_value()).astype(jnp.float32) * xf).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -97,7 +88,8 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * read(self.scale).astype(jnp.float32) + read(self.bias).astype(jnp.float32)).astype(x.dtype)
+        scale, bias = value(self.scale.get_value()), value(self.bias.get_value())
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -133,93 +125,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class AttentionMetadata:
-    """Where each flat token sits in the paged cache. Built by the runner, shared by all layers."""
-    slot_mapping: jax.Array   # [T] int32  block_id * block_size + offset; padding -> null block 0
-    block_tables: jax.Array   # [B, W] int32  physical blocks of each sequence
-    seq_lens: jax.Array       # [B] int32  context length incl. this step's tokens; 0 for padding
-    query_start: jax.Array    # [B+1] int32  cumulative query offsets into the flat batch
-
-
-@dataclass(frozen=True)
-class AttentionOptions:
-    """Static (hashable) attention settings for one model/engine."""
-    sm_scale: float
-    sliding_window: int | None = None
-    backend: str = "pallas"   # "native" (cpu_kernels), "pallas" or "jnp" (the references); see attention_kernels
-    mesh: Any = None          # jax.sharding.Mesh ("tp" axis) under tensor parallelism (sharding.py), else None
-
-    @property
-    def tp_size(self) -> int:
-        return 1 if self.mesh is None else self.mesh.size
-
-
-def attention_kernels(backend: str):
-    """(kv write, attention) functions of a backend; all share pallas_kernels' contracts.
-
-    "native": the C++ attention of cpu_kernels (XLA:CPU only) and XLA's row scatter for the write
-    (the interpreted Pallas write is an element-wise scatter, ~10x slower on CPU);
-    "pallas": both Pallas kernels (interpret mode on CPU); "jnp": both references.
-    """
-    from pallas_kernels import kv_cache_write, kv_cache_write_reference
-    from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
-
-    if backend == "native":
-        from cpu_kernels import ragged_paged_attention_cpu
-        return kv_cache_write_reference, ragged_paged_attention_cpu
-    if backend == "pallas":
-        return kv_cache_write, ragged_paged_attention
-    if backend == "jnp":
-        return kv_cache_write_reference, ragged_paged_attention_reference
-    raise ValueError(f"attention backend: expected native, pallas or jnp, got {backend!r}")
-
-
-def to_cache_dtype(x: jax.Array, cache_dtype) -> jax.Array:
-    """New K or V rows in the cache's storage dtype (uint16 = bf16 bit patterns, native backend)."""
-    if cache_dtype == jnp.uint16:
-        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
-    return x.astype(cache_dtype)
-
-
-def paged_attention(q, k, v, kv_cache, layer, meta: AttentionMetadata, opts: AttentionOptions):
-    """Writes this step's K/V into the paged cache, then attends over it.
-
-    q [T, NH, D]; k, v [T, KVH, D]; kv_cache = (k_pages, v_pages) each [L, KVH, NB, BS, D];
-    layer: int32 scalar. Returns (out [T, NH, D], new kv_cache).
-    """
-    if opts.mesh is not None:   # tensor parallel: the kernels run on each device's own heads (shard_map)
-        from jaxpaged.sharding import shard_attention
-        local = dataclasses.replace(opts, mesh=None)
-        per_shard = shard_attention(lambda *a: paged_attention(*a, local), opts.mesh)
-        return per_shard(q, k, v, kv_cache, layer, meta)
-    k_pages, v_pages = kv_cache
-    out_dtype = q.dtype
-    write, attend = attention_kernels(opts.backend)
-    k, v = to_cache_dtype(k, k_pages.dtype), to_cache_dtype(v, k_pages.dtype)
-    # the cache may be kept wider than the model (bf16 weights, f32 cache on CPU): the kernels take
-    # q in the cache's dtype (a uint16 cache holds bf16)
-    q = q.astype(jnp.bfloat16 if k_pages.dtype == jnp.uint16 else k_pages.dtype)
-    k_pages, v_pages = write(k_pages, v_pages, k, v, meta.slot_mapping, layer=layer)
-    out = attend(q, k_pages, v_pages, meta.block_tables, meta.seq_lens, meta.query_start,
-                 sm_scale=opts.sm_scale, sliding_window=opts.sliding_window, layer=layer)
-    return out.astype(out_dtype), (k_pages, v_pages)
-
-
 def scan_layers(layers: nnx.Module, body, carry, valid_rows=None):
     """Runs body(layer_module, layer_index, carry) -> carry over a stacked layer module with lax.scan.
 
-    Plain leaves are sliced per layer by the scan. PackedWeight leaves are not: the kernel reads
-    its layer of the whole stacked array in place (a slice handed to a custom call is a copy), so
-    each iteration gets the full array with `layer` set to the iteration's index, and `rows` to
-    valid_rows (int32 scalar: the flat batch's real tokens; the packed matmul skips the rest)."""
+    Leaves are sliced per layer by the scan, except weights whose kernel reads its layer of the
+    whole stacked array in place (`Weight.sliced_by_scan` False; a slice handed to a custom call is
+    a copy): each iteration gets those whole, with the iteration's index as their layer and `rows`
+    = valid_rows (int32 scalar: the flat batch's real tokens; such a kernel may skip the rest)."""
     graphdef, state = nnx.split(layers)
-    is_packed = lambda x: isinstance(x, PackedWeight)
-    leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=is_packed)
-    packed = {i: leaf for i, leaf in enumerate(leaves) if is_packed(leaf)}
+    whole = lambda x: isinstance(x, Weight) and not x.sliced_by_scan
+    leaves, treedef = jax.tree_util.tree_flatten(state, is_leaf=whole)
+    packed = {i: leaf for i, leaf in enumerate(leaves) if whole(leaf)}
     sliced = [None if i in packed else leaf for i, leaf in enumerate(leaves)]
-    num_layers = (leaves[0].data if is_packed(leaves[0]) else leaves[0]).shape[0]
+    num_layers = state_num_layers(state)
 
     def step(c, xs):
         layer_leaves, idx = xs
@@ -230,3 +148,8 @@ def scan_layers(layers: nnx.Module, body, carry, valid_rows=None):
 
     carry, _ = jax.lax.scan(step, carry, (sliced, jnp.arange(num_layers, dtype=jnp.int32)))
     return carry
+
+
+def state_num_layers(state) -> int:
+    """The leading [L] of a stacked layer State (every leaf has it, whatever its storage)."""
+    return jax.tree_util.tree_leaves(state)[0].shape[0]

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpaged.attention import AttentionMetadata, AttentionOptions, attention
 from jaxpaged.config import ModelConfig
-from jaxpaged.models.layers import (AttentionMetadata, AttentionOptions, Embed, Linear, RMSNorm,
-                                    apply_rope, paged_attention, read, rope_cos_sin, rope_inv_freq,
+from jaxpaged.models.layers import (Embed, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq,
                                     scan_layers)
 
 
@@ -49,7 +49,7 @@ class LlamaDecoderLayers(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn, kv_cache = paged_attention(q, k, v, kv_cache, layer, meta, opts)
+        attn, kv_cache = attention(q, k, v, kv_cache, layer, meta, opts)
         x = x + self.o_proj(attn.reshape(t, cfg.num_heads * cfg.head_dim))
         h = self.post_attn_norm(x)
         gate = self.gate_proj(h)
@@ -60,11 +60,11 @@ class LlamaDecoderLayers(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32):
         self.cfg = cfg
-        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tied_head=cfg.tie_word_embeddings)
         self.layers = LlamaDecoderLayers(cfg, dtype=dtype, stack=cfg.num_layers)
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, vocab=True)
 
     def forward(self, token_ids, positions, kv_cache, meta: AttentionMetadata, opts: AttentionOptions):
         """token_ids, positions [T] int32 -> (hidden [T, H] after the final norm, kv_cache)."""
@@ -78,8 +78,8 @@ class LlamaForCausalLM(nnx.Module):
         x, kv_cache = scan_layers(self.layers, body, (x, kv_cache), valid_rows=meta.query_start[-1])
         return self.final_norm(x), kv_cache
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [N, H] -> logits [N, V] f32."""
+    def logits(self, hidden: jax.Array, rows=None) -> jax.Array:
+        """hidden [N, H] -> logits [N, V] f32. rows: real leading rows of hidden (the rest may be 0)."""
         if self.cfg.tie_word_embeddings:
-            return self.embed.attend(hidden)
-        return jnp.dot(hidden, read(self.lm_head.kernel), preferred_element_type=jnp.float32)
+            return self.embed.attend(hidden, rows)
+        return self.lm_head(hidden, rows)

@@ -1,0 +1,78 @@
+"""The native CPU backend (cpu_kernels/, C++ through XLA FFI, built at first use).
+
+Storage it chooses: a bf16 KV cache is held as its uint16 bit patterns (XLA:CPU scatters uint16
+rows in place; a bf16 scatter is widened to f32 around the whole cache), which the attention
+kernel reads as bf16; "auto" keeps the model's dtype. Weight matmuls run on weights packed once at
+load (`Packed`: AVX-512 f32 panels, AMX bf16 tiles) where this CPU has the instructions for the
+dtype and the engine runs on one device (`packs_weights`); XLA's dot elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.backends.base import Backend
+from jaxpaged.weights import Weight
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Packed(Weight):
+    """A weight [K, N] (or stacked [L, K, N]) in cpu_kernels/matmul's packed layout. Not sliced by
+    the layer scan: the kernel reads its layer of the stacked array in place."""
+    packed: object           # cpu_kernels.matmul.PackedWeight
+    sliced_by_scan = False
+
+    def matmul(self, x, rows=None):
+        from cpu_kernels.matmul import packed_matmul
+        w = self.packed if rows is None else self.packed.with_rows(rows)
+        return packed_matmul(x, w)
+
+    def at_layer(self, layer, rows=None) -> "Packed":
+        return Packed(self.packed.at_layer(layer, rows))
+
+
+class NativeBackend(Backend):
+    name = "native"
+
+    def ready(self) -> None:
+        from cpu_kernels.build import load
+        load()
+
+    def default_kv_dtype(self, model_dtype: str, platform: str) -> str:
+        return model_dtype
+
+    def kv_storage_dtype(self, name: str):
+        return jnp.uint16 if name == "bfloat16" else super().kv_storage_dtype(name)
+
+    def packs_weights(self, dtype: str, mesh) -> bool:
+        from cpu_kernels.matmul import worthwhile
+        return mesh is None and worthwhile(jnp.dtype(dtype))
+
+    def pack(self, w, *, stacked: bool) -> Packed:
+        from cpu_kernels.matmul import pack
+        return Packed(pack(w, stacked=stacked))
+
+    def write_kv(self, k, v, kv_cache, layer, meta):
+        # XLA's row scatter (the interpreted Pallas write is element-wise, ~10x slower on CPU)
+        from pallas_kernels import kv_cache_write_reference
+        k_pages, v_pages = kv_cache
+        return kv_cache_write_reference(k_pages, v_pages, _to_storage(k, k_pages.dtype),
+                                        _to_storage(v, v_pages.dtype), meta.slot_mapping, layer=layer)
+
+    def attend(self, q, kv_cache, layer, meta, opts):
+        from cpu_kernels import ragged_paged_attention_cpu
+        k_pages, v_pages = kv_cache
+        q = q.astype(jnp.bfloat16 if k_pages.dtype == jnp.uint16 else k_pages.dtype)
+        return ragged_paged_attention_cpu(q, k_pages, v_pages, meta.block_tables, meta.seq_lens,
+                                          meta.query_start, sm_scale=opts.sm_scale,
+                                          sliding_window=opts.sliding_window, layer=layer)
+
+
+def _to_storage(x, storage_dtype):
+    """New K or V rows in the cache's storage dtype (uint16 = bf16 bit patterns)."""
+    if storage_dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(storage_dtype)
