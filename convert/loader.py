@@ -5,8 +5,8 @@ Flow of `load_model(model, dtype)`:
   2. if a complete cache entry for (source content, dtype, FORMAT_VERSION) exists, params, config and
      tokenizer come from it and the source weights are not read;
   3. otherwise `convert_source` reads the config (config.json, or GGUF metadata) and the tensors, and
-     `convert_tensors` maps them through the family's table (llama_map / gpt2_map) into the nested
-     param dict; with `write_cache=True` the result is stored as a new cache entry.
+     `convert_tensors` maps them through the family's CHECKPOINT_TABLE (jaxpaged/models/<family>.py)
+     into the nested param dict; with `write_cache=True` the result is stored as a new cache entry.
 
 `convert_tensors` is where "every checkpoint tensor consumed, every param filled" is enforced: names are
 matched against the table before any tensor is read, so a wrong checkpoint fails fast, naming the
@@ -22,10 +22,7 @@ from typing import Any
 import numpy as np
 
 from jaxpaged.config import ModelConfig, check_dtype
-from jaxpaged.convert import gpt2_map, llama_map
 from jaxpaged.convert.resolve import ModelSource, read_json, resolve_model
-
-FAMILY_MAPS = {"llama": llama_map, "gpt2": gpt2_map}
 
 
 @dataclasses.dataclass
@@ -59,7 +56,7 @@ class _Row:
 def _rows(config: ModelConfig) -> list[_Row]:
     """The family table's rows that apply to this config."""
     rows = []
-    for hf, path, transform, shape_fn, when in FAMILY_MAPS[config.family].TABLE:
+    for hf, path, transform, shape_fn, when in config.family.CHECKPOINT_TABLE:
         if when is not None:
             flag = bool(getattr(config, when.lstrip("!")))
             if flag == when.startswith("!"):
@@ -96,7 +93,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def _plan(config: ModelConfig, names: list[str]) -> dict[str, tuple[_Row, int | None]]:
     """checkpoint name -> (row, layer) for every tensor that becomes a param; raises on leftovers/gaps."""
-    family = FAMILY_MAPS[config.family]
+    family = config.family
     rows = _rows(config)
     exact = {r.hf: r for r in rows if not r.stacked}
     patterns = [(re.compile("^" + re.escape(r.hf).replace(r"\{i\}", r"(\d+)") + "$"), r) for r in rows if r.stacked]

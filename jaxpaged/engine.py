@@ -63,7 +63,7 @@ class LLMEngine:
         self.mesh = make_mesh(config.tensor_parallel_size)
         self.model_config, params = prepare_params(self.model_config, loaded.params, config.tensor_parallel_size)
         graphdef, state = build_state(self.model_config, params, config.dtype)
-        state = place_params(state, self.mesh)
+        state = place_params(state, self.model_config, self.mesh)
         self.kv_cache_dtype = kv_cache_dtype(config)     # the KV pool is sized by it (no side effects)
         num_blocks = self._num_blocks()
         self.scheduler = Scheduler(num_blocks=num_blocks, block_size=config.block_size,

@@ -5,9 +5,9 @@
   make_mesh(N)                   Mesh over the first N of jax.devices() (all processes' devices under
                                  jax.distributed), one axis "tp"
   prepare_params(cfg, params, N) host-side (numpy) layout changes the sharding needs, before build_state:
-                                 KV heads replicated up to N when KVH < N (vLLM's rule), GPT-2's fused qkv
-                                 columns regrouped per shard; returns the (maybe changed) config too
-  place_params(state, mesh)      device_put with a NamedSharding per parameter (param_spec's table)
+                                 KV heads replicated up to N when KVH < N (vLLM's rule), then the
+                                 family's own prepare_tp (if any); returns the (maybe changed) config too
+  place_params(state, cfg, mesh) device_put with a NamedSharding per parameter (the family's TP_SPLIT_AXES)
   zeros_kv_cache(shape, ..)      the paged cache [L, KVH, NB, BS, D], sharded on KVH, allocated in place
   constrain_step_outputs(fn, ..) pins a step's outputs: KV cache stays head-sharded (donation keeps
                                  aliasing), everything else replicated (every process can read it)
@@ -34,33 +34,6 @@ logger = logging.getLogger(__name__)
 
 AXIS = "tp"
 KV_SPEC = P(None, AXIS, None, None, None)   # [L, KVH, NB, BS, D]: each device owns KVH / N heads' pages
-
-# param path (joined with "/", layer axis included) -> which axis is split over "tp" (None: replicated).
-# Axis indices count from the end so stacked [L, ...] and unstacked params read the same.
-_SPLIT_AXIS = {
-    # llama family
-    "embed/embedding": -2,            # [V, H]        by vocabulary
-    "lm_head/kernel": -1,             # [H, V]        by vocabulary
-    "layers/q_proj/kernel": -1,       # [L, H, NH*D]  column-parallel: whole query heads
-    "layers/q_proj/bias": -1,
-    "layers/k_proj/kernel": -1,       # [L, H, KVH*D] whole KV heads
-    "layers/k_proj/bias": -1,
-    "layers/v_proj/kernel": -1,
-    "layers/v_proj/bias": -1,
-    "layers/o_proj/kernel": -2,       # [L, NH*D, H]  row-parallel
-    "layers/gate_proj/kernel": -1,    # [L, H, I]     column-parallel
-    "layers/up_proj/kernel": -1,
-    "layers/down_proj/kernel": -2,    # [L, I, H]     row-parallel
-    # gpt2
-    "wte/embedding": -2,              # [V, H]        by vocabulary (also the tied LM head)
-    "layers/qkv/kernel": -1,          # [L, H, 3H]    columns regrouped by prepare_params: [q_i k_i v_i] per shard
-    "layers/qkv/bias": -1,
-    "layers/attn_out/kernel": -2,     # [L, H, H]     row-parallel (its bias is added once, replicated)
-    "layers/fc/kernel": -1,           # [L, H, I]
-    "layers/fc/bias": -1,
-    "layers/proj/kernel": -2,         # [L, I, H]     row-parallel
-}
-
 
 def make_mesh(tensor_parallel_size: int) -> Mesh | None:
     """A 1-D mesh ("tp") over the first N global devices; None for N == 1 (the unsharded path)."""
@@ -96,9 +69,8 @@ def prepare_params(cfg: ModelConfig, params: dict, n: int) -> tuple[ModelConfig,
     - KVH < N (N a multiple of KVH): each KV head's k/v columns are repeated r = N / KVH times and the
       config says KVH * r heads, so every device owns one copy; query head h still reads KV head
       h // (NH / KVH) because (h // (G / r)) // r == h // G. Costs r times the KV cache memory.
-    - GPT-2: c_attn's columns [q | k | v] become [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (q_i: shard i's heads),
-      so a contiguous column split hands each device whole heads of all three; GPT2Blocks reads the
-      projection as [T, N, 3, H / N] (AttentionOptions.tp_size). The Orbax cache keeps HF's order.
+    - then the family's `prepare_tp(cfg, params, n)` when it has one (e.g. a fused projection's
+      columns regrouped per shard). The Orbax cache keeps the checkpoint's order.
     """
     if n == 1:
         return cfg, params
@@ -113,18 +85,16 @@ def prepare_params(cfg: ModelConfig, params: dict, n: int) -> tuple[ModelConfig,
                 layers[name][leaf] = np.repeat(heads, r, axis=-2).reshape(*a.shape[:-1], -1)
         cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r)
         logger.info("tensor_parallel_size %d > %d KV heads: KV heads replicated x%d", n, cfg.num_kv_heads // r, r)
-    if cfg.family == "gpt2":
-        for leaf, arr in layers["qkv"].items():
-            a = np.asarray(arr)
-            h = cfg.hidden_size
-            grouped = a.reshape(*a.shape[:-1], 3, n, h // n)           # [..., (q|k|v), shard, cols]
-            layers["qkv"][leaf] = np.ascontiguousarray(np.swapaxes(grouped, -3, -2)).reshape(a.shape)
+    prepare_tp = getattr(cfg.family, "prepare_tp", None)
+    if prepare_tp is not None:
+        params = prepare_tp(cfg, params, n)
     return cfg, params
 
 
-def param_spec(path: str, shape: tuple[int, ...], n: int) -> P:
-    """PartitionSpec of one parameter ("a/b/c" path); replicated when its split dim does not divide N."""
-    axis = _SPLIT_AXIS.get(path)
+def param_spec(split_axes: dict, path: str, shape: tuple[int, ...], n: int) -> P:
+    """PartitionSpec of one parameter ("a/b/c" path) from a family's TP_SPLIT_AXES; replicated when
+    it has no split axis or its split dim does not divide N."""
+    axis = split_axes.get(path)
     if axis is None:
         return P()
     if shape[axis] % n:
@@ -136,21 +106,23 @@ def param_spec(path: str, shape: tuple[int, ...], n: int) -> P:
     return P(*spec)
 
 
-def param_specs(params: dict, n: int) -> dict:
+def param_specs(cfg: ModelConfig, params: dict, n: int) -> dict:
     """The PartitionSpec tree of a params dict (same structure)."""
+    split_axes = cfg.family.TP_SPLIT_AXES
+
     def spec(key_path, x):
         path = "/".join(str(getattr(k, "key", k)) for k in key_path)
-        return param_spec(path, tuple(x.shape), n)
+        return param_spec(split_axes, path, tuple(x.shape), n)
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def place_params(state, mesh: Mesh | None):
+def place_params(state, cfg: ModelConfig, mesh: Mesh | None):
     """Puts an nnx.State (host arrays) on device(s): one NamedSharding per parameter, or plain device_put."""
     if mesh is None:
         return jax.device_put(state)
     from flax import nnx
     pure = nnx.to_pure_dict(state)
-    specs = param_specs(pure, mesh.size)
+    specs = param_specs(cfg, pure, mesh.size)
     placed = jax.tree_util.tree_map(lambda x, s: _put_global(x, NamedSharding(mesh, s)), pure, specs)
     nnx.replace_by_pure_dict(state, placed)
     return state

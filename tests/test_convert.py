@@ -34,7 +34,7 @@ def expected_params(cfg: ModelConfig, sd: dict) -> dict[str, np.ndarray]:
     """What every param must equal, written from the HF side (independent of the converter's table)."""
     L = cfg.num_layers
     stack = lambda fmt, t=False: np.stack([sd[fmt.format(i)].T if t else sd[fmt.format(i)] for i in range(L)])
-    if cfg.family == "gpt2":
+    if cfg.model_type == "gpt2":
         p = "transformer."
         out = {"wte/embedding": sd[p + "wte.weight"], "wpe/embedding": sd[p + "wpe.weight"],
                "ln_f/scale": sd[p + "ln_f.weight"], "ln_f/bias": sd[p + "ln_f.bias"]}

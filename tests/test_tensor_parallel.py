@@ -159,14 +159,17 @@ def test_kv_head_replication_keeps_the_gqa_mapping():
 def test_every_sharded_path_exists_in_a_model():
     import jax
 
+    from jax.sharding import PartitionSpec as P
+
     from jaxpaged.models import abstract_params
-    from jaxpaged.sharding import _SPLIT_AXIS, param_specs
-    paths = set()
+    from jaxpaged.sharding import AXIS, param_specs
     for cfg in (_cfg(attention_bias=True), _cfg(model_type="gpt2", num_kv_heads=4, hidden_act="gelu_new")):
         params = abstract_params(cfg)
-        paths |= {"/".join(str(k.key) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-        param_specs(params, 4)   # every leaf gets a spec
-    assert set(_SPLIT_AXIS) <= paths
+        paths = {"/".join(str(k.key) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        specs = jax.tree_util.tree_leaves(param_specs(cfg, params, 4), is_leaf=lambda s: isinstance(s, P))
+        assert len(specs) == len(paths)                       # every leaf gets a spec
+        assert set(cfg.family.TP_SPLIT_AXES) <= paths         # the family's table names real params
+        assert sum(AXIS in tuple(s) for s in specs) >= 6      # and splits them
 
 
 def test_tensor_parallel_size_is_a_server_flag():

@@ -9,12 +9,8 @@ from jaxpaged.config import ModelConfig
 
 
 def model_class(cfg: ModelConfig):
-    """The nnx Module class of a config's family."""
-    if cfg.family == "llama":
-        from jaxpaged.models.llama import LlamaForCausalLM
-        return LlamaForCausalLM
-    from jaxpaged.models.gpt2 import GPT2LMHeadModel
-    return GPT2LMHeadModel
+    """The nnx Module class of a config's family (models/registry.py)."""
+    return cfg.family.MODEL_CLASS
 
 
 def jnp_dtype(dtype: str):
