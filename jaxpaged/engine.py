@@ -34,6 +34,7 @@ from jaxpaged.inputs import InputProcessor
 from jaxpaged.request_state import RequestState
 from jaxpaged.scheduler import Scheduler, SchedulerStats
 from jaxpaged.sharding import make_mesh, place_params, prepare_params
+from jaxpaged.step_hooks import StepHooks
 from jaxpaged.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,
                                    enable_prefix_caching=config.enable_prefix_caching)
+        self.step_hooks = StepHooks()                   # observers of each step (profiling), shared with the runner
         self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len,
-                                  self.kv_cache_dtype, mesh=self.mesh)
+                                  self.kv_cache_dtype, mesh=self.mesh, hooks=self.step_hooks)
         if not config.enforce_eager:
             self.runner.warmup(progress=progress)
         self._decode_token = TokenDecoder(self.tokenizer)
@@ -171,11 +173,23 @@ class LLMEngine:
         return len(self._requests)
 
     # ---- one step ---------------------------------------------------------------------------------
+    def add_step_hook(self, hook) -> None:
+        """Registers a step observer (jaxpaged/step_hooks.py: timing parts, seeing each step's inputs)."""
+        self.step_hooks.add(hook)
+
+    def remove_step_hook(self, hook) -> None:
+        self.step_hooks.remove(hook)
+
     def step(self) -> list[RequestOutput]:
+        with self.step_hooks.step():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         sched, requests = self.scheduler, self._requests
         if self._waiting_beams:
             self._start_waiting_beams()
-        out = sched.schedule()
+        with self.step_hooks.part("schedule"):
+            out = sched.schedule()
         touched: dict[str, object] = {}
         for seq in out.finished:      # the scheduler gave up on these (they can never fit)
             state = requests.get(seq.request_id)

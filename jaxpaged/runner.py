@@ -29,6 +29,7 @@ from jaxpaged.config import ModelConfig
 from jaxpaged.engine_config import EngineConfig
 from jaxpaged.sampler import SamplingTensors, needs_penalties, sample, token_logprobs
 from jaxpaged.sharding import constrain_kv, constrain_step_outputs, zeros_kv_cache
+from jaxpaged.step_hooks import StepHooks
 from jaxpaged.step_inputs import StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -97,8 +98,10 @@ def ready_backend(requested: str):
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, graphdef, state,
-                 num_blocks: int, max_model_len: int, kv_dtype: str, mesh=None):
-        """kv_dtype: the KV cache's dtype name (backends.kv_cache_dtype; the pool was sized by it)."""
+                 num_blocks: int, max_model_len: int, kv_dtype: str, mesh=None, hooks: StepHooks | None = None):
+        """kv_dtype: the KV cache's dtype name (backends.kv_cache_dtype; the pool was sized by it).
+        hooks: the engine's step observers (step_hooks.py), told about each part of execute()."""
+        self.hooks = hooks if hooks is not None else StepHooks()
         self.config, self.model_config = config, model_config
         self.block_size = config.block_size
         self.num_blocks = num_blocks
@@ -164,15 +167,25 @@ class ModelRunner:
         want_lp = any(r is not None and r.params.logprobs is not None for r in sampling_rows)
         num_logprobs = self.config.max_logprobs if want_lp else None
         use_penalties = needs_penalties(sampling_rows)
+        hooks = self.hooks
         if block_copies:
-            self._copy_blocks(block_copies)
+            with hooks.part("cow_copy"):
+                self._copy_blocks(block_copies)
+                if hooks:
+                    jax.block_until_ready(self.kv_cache)
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         t, b = self.buckets.lookup(num_tokens, len(scheduled))
-        inputs = build_step_inputs(scheduled, block_size=self.block_size, table_width=self.table_width,
-                                   num_tokens_padded=t, num_seqs_padded=b, with_next_tokens=prompt_logprobs)
-        out, prompt_out = self._run(inputs, self._sampling(sampling_rows, b, use_penalties),
-                                    num_logprobs=num_logprobs, use_penalties=use_penalties,
-                                    prompt_logprobs=self.config.max_logprobs if prompt_logprobs else None)
+        with hooks.part("inputs"):
+            inputs = build_step_inputs(scheduled, block_size=self.block_size, table_width=self.table_width,
+                                       num_tokens_padded=t, num_seqs_padded=b, with_next_tokens=prompt_logprobs)
+        with hooks.part("sampling_inputs"):
+            sampling = self._sampling(sampling_rows, b, use_penalties)
+        hooks.inputs(inputs, sampling)
+        with hooks.part("device"):
+            out, prompt_out = self._run(inputs, sampling, num_logprobs=num_logprobs, use_penalties=use_penalties,
+                                        prompt_logprobs=self.config.max_logprobs if prompt_logprobs else None)
+            if hooks:       # the wait belongs to this part (device_get below would wait anyway)
+                jax.block_until_ready((out, prompt_out))
         n = len(scheduled)
         host, prompt_host = jax.device_get((out, prompt_out))
         top_ids = host.top_ids[:n] if want_lp else None

@@ -36,23 +36,16 @@ def load_hf_model(model: str, dtype: str = "float32"):
 
 
 def _model_from_gguf(path: str):
-    import functools
-
-    import gguf
+    """transformers' own GGUF reader (independent of jaxpaged's converter) into a Llama model."""
     import torch
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    get_map = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(get_map)   # transformers calls it per tensor
-    try:
-        # the name mapping needs a model of the right depth: read the config first
-        layers = gguf_utils.load_gguf_checkpoint(path, return_tensors=False)["config"]["num_hidden_layers"]
-        with torch.device("meta"):
-            meta = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=True))
-        parsed = gguf_utils.load_gguf_checkpoint(path, return_tensors=True, model_to_load=meta)
-    finally:
-        gguf.get_tensor_name_map = get_map
+    # the name mapping needs a model of the right depth: read the config first
+    layers = gguf_utils.load_gguf_checkpoint(path, return_tensors=False)["config"]["num_hidden_layers"]
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=True))
+    parsed = gguf_utils.load_gguf_checkpoint(path, return_tensors=True, model_to_load=meta)
     cfg = {k: v for k, v in parsed["config"].items() if k != "model_type"}
     tensors = parsed["tensors"]
     tie = "lm_head.weight" not in tensors

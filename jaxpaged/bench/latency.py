@@ -97,37 +97,24 @@ def matmul_ceiling(repeats: int = 5, n: int = 2048, hidden: int = 576, inter: in
 # ---------------------------------------------------------------------------- engine runs
 
 class _Capture:
-    """Keeps the inputs of the last decode step and of the largest prefill step the runner built."""
+    """A step hook keeping the inputs of the widest decode step and of the largest prefill step."""
 
-    def __init__(self, runner):
-        import jaxpaged.runner as runner_mod
-        self.mod, self.runner = runner_mod, runner
-        self.build, self.sampling = runner_mod.build_step_inputs, runner._sampling
+    def __init__(self, engine):
+        self.engine = engine
         self.decode = self.prefill = None
-        self._last = None
+        engine.add_step_hook(self)
 
-        def build(*a, **kw):
-            inp = self.build(*a, **kw)
-            self._last = inp
-            return inp
-
-        def sampling(*a, **kw):
-            s = self.sampling(*a, **kw)
-            inp = self._last
-            if inp is not None and inp.num_tokens > 0:
-                if inp.num_tokens == inp.num_seqs:
-                    if self.decode is None or inp.num_seqs >= self.decode[0].num_seqs:
-                        self.decode = (inp, s)   # the widest decode step
-                elif self.prefill is None or inp.num_tokens >= self.prefill[0].num_tokens:
-                    self.prefill = (inp, s)
-            return s
-
-        runner_mod.build_step_inputs = build
-        runner._sampling = sampling
+    def on_inputs(self, inp, sampling) -> None:
+        if inp.num_tokens == 0:
+            return
+        if inp.num_tokens == inp.num_seqs:
+            if self.decode is None or inp.num_seqs >= self.decode[0].num_seqs:
+                self.decode = (inp, sampling)
+        elif self.prefill is None or inp.num_tokens >= self.prefill[0].num_tokens:
+            self.prefill = (inp, sampling)
 
     def close(self):
-        self.mod.build_step_inputs = self.build
-        self.runner.__dict__.pop("_sampling", None)
+        self.engine.remove_step_hook(self)
 
 
 def run_batch(llm, batch: int, args, capture: bool = False):
@@ -146,7 +133,7 @@ def run_batch(llm, batch: int, args, capture: bool = False):
         engine.add_request(f"lat-{batch}-{i}", rng.integers(100, vocab, args.input_len).tolist(),
                            SamplingParams(temperature=0.0, max_tokens=args.skip + args.output_len + extra,
                                           ignore_eos=True))
-    cap = _Capture(engine.runner) if capture else None
+    cap = _Capture(engine) if capture else None
     timer = StepTimer(engine)
     try:
         while engine.has_unfinished_requests():
@@ -175,8 +162,7 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     import jax.numpy as jnp
     from flax import nnx
 
-    import jaxpaged.models.llama as llama_mod
-    from jaxpaged.models.layers import AttentionMetadata, attention_kernels, to_cache_dtype
+    from jaxpaged.attention import AttentionMetadata
     from jaxpaged.sampler import sample
 
     graphdef, opts, call, lm_head = _step_parts(runner)
@@ -185,36 +171,23 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     arrays = {k: jnp.asarray(getattr(inputs, k)) for k in keys}
     sampling = jax.tree.map(jnp.asarray, sampling)
     state = runner.state
+    # the variants write into a copy of the runner's cache (donated from call to call), not the runner's
+    cache = [jax.tree.map(jnp.copy, runner.kv_cache)]
     results = []
 
-    def time_step(name, opts_v, attention=None):
-        """A fresh jit of the engine's step with `opts_v`; `attention` replaces paged_attention while tracing."""
+    def time_step(name, opts_v):
+        """A fresh jit of the engine's step with attention options `opts_v`."""
         fn = jax.jit(lambda st, kv, arr, smp: call(opts_v, st, kv, arr, smp), donate_argnums=(1,))
-        saved = llama_mod.paged_attention
-        if attention is not None:
-            llama_mod.paged_attention = attention
-        try:
-            runner.kv_cache, *out = fn(state, runner.kv_cache, arrays, sampling)   # compile
-            jax.block_until_ready(out)
-        finally:
-            llama_mod.paged_attention = saved
+        cache[0], *out = fn(state, cache[0], arrays, sampling)   # compile
+        jax.block_until_ready(out)
         ts, cs = [], []
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), time.process_time()
-            runner.kv_cache, *out = fn(state, runner.kv_cache, arrays, sampling)
+            cache[0], *out = fn(state, cache[0], arrays, sampling)
             jax.block_until_ready(out)
             ts.append(time.perf_counter() - t0)
             cs.append(time.process_time() - c0)
         results.append((name, 1e3 * float(np.median(ts)), 1e3 * float(np.median(cs))))
-
-    def no_attention(q, k, v, kv_cache, layer, meta, o):
-        return q, kv_cache
-
-    def write_only(q, k, v, kv_cache, layer, meta, o):
-        write, _ = attention_kernels(o.backend)
-        kd = kv_cache[0].dtype   # the engine may keep an f32 cache for bf16 weights (CPU)
-        return q, write(kv_cache[0], kv_cache[1], to_cache_dtype(k, kd), to_cache_dtype(v, kd),
-                        meta.slot_mapping, layer=layer)
 
     time_step(f"full step (as the engine runs it, attention {opts.backend})", opts)
     # the other backend on the same cache (not over a uint16 bf16-bits cache: native only)
@@ -222,8 +195,8 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
         if (other != opts.backend and (other != "native" or jax.default_backend() == "cpu")
                 and runner.kv_cache[0].dtype != jnp.uint16):
             time_step(f"full step, attention {other}", dataclasses_replace(opts, backend=other))
-    time_step("no attention (no KV write, no read)", opts, no_attention)
-    time_step("KV write only (no attention read)", opts, write_only)
+    time_step("no attention (no KV write, no read)", dataclasses_replace(opts, skip="all"))
+    time_step("KV write only (no attention read)", dataclasses_replace(opts, skip="read"))
 
     def forward_only(state, kv, arrays):
         model = nnx.merge(graphdef, state)
@@ -233,11 +206,11 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
         return kv, jnp.take(hidden, arrays["logits_indices"], axis=0)
 
     fwd = jax.jit(forward_only, donate_argnums=(1,))
-    runner.kv_cache, last = fwd(state, runner.kv_cache, arrays)
+    cache[0], last = fwd(state, cache[0], arrays)
     ts, cs = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        runner.kv_cache, last = fwd(state, runner.kv_cache, arrays)
+        cache[0], last = fwd(state, cache[0], arrays)
         jax.block_until_ready(last)
         ts.append(time.perf_counter() - t0)
         cs.append(time.process_time() - c0)
@@ -259,22 +232,17 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
 def _step_parts(runner):
     """(graphdef, opts, call(opts, state, kv, arrays, sampling)): a replica of the engine's step.
 
-    Built from public pieces (abstract_model's graphdef, AttentionOptions, model.forward / logits,
+    Built from public pieces (the runner's graphdef and attention options, model.forward / logits,
     sampler.sample; greedy, no logprobs, no penalties), not from the runner's private jitted
-    functions, so it keeps working while the runner is refactored. It runs on the runner's own
-    params (`runner.state`) and KV cache.
+    functions. It runs on the runner's own params (`runner.state`) and KV cache.
     """
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxpaged.models import abstract_model
-    from jaxpaged.models.layers import AttentionMetadata, AttentionOptions
+    from jaxpaged.attention import AttentionMetadata
     from jaxpaged.sampler import sample
 
-    cfg, config = runner.model_config, runner.config
-    graphdef, _ = abstract_model(cfg, config.dtype)
-    opts = AttentionOptions(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
-                            backend=runner.attention_backend)
+    graphdef, opts = runner.graphdef, runner.attention_options
 
     def call(opts_v, state, kv, arrays, sampling):
         model = nnx.merge(graphdef, state)
@@ -285,10 +253,7 @@ def _step_parts(runner):
         return kv, sample(logits, sampling, num_logprobs=None, use_penalties=False)
 
     def lm_head(state, x):
-        """The runner's LM head: its packed one under native matmuls, else the model's."""
-        if runner.lm_head is not None:
-            from cpu_kernels.matmul import packed_matmul
-            return packed_matmul(x, runner.lm_head)
+        """The model's LM head, in the runner's storage (packed under native matmuls)."""
         return nnx.merge(graphdef, state).logits(x)
     return graphdef, opts, call, lm_head
 

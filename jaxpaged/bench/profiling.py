@@ -1,16 +1,9 @@
-"""StepTimer: wall-time split of LLMEngine.step() into host and device parts, without touching the engine.
+"""StepTimer: wall-time split of LLMEngine.step() into host and device parts, through the engine's
+public step hooks (jaxpaged/step_hooks.py: nothing is rebound).
 
-It wraps, on one engine instance (and restores on `close()`):
-  scheduler.schedule             -> "schedule"  (host: continuous-batching decisions, block allocation)
-  runner._copy_blocks            -> "cow_copy"  (copy-on-write block copies; device, usually empty)
-  jaxpaged.runner.build_step_inputs -> "inputs" (host: flat ragged numpy arrays)
-  runner._sampling               -> "sampling_inputs" (host: SamplingTensors.build)
-  runner._run                    -> "device"    (the jitted step, block_until_ready: host->device
-                                                 transfer + dispatch + model + sampling)
-  engine.step                    -> "step"      (all of it; "other" = step - the parts above:
-                                                 device->host copy, scheduler update, detokenize, outputs)
-The engine already blocks on the step's result right after `_run` (device_get), so waiting inside
-the wrapper moves no work and changes no behaviour; it only puts the wait on the right clock.
+Parts (step_hooks names them): "schedule", "cow_copy", "inputs", "sampling_inputs", "device" (the
+jitted step, waited for); "step" is all of it and "other" = step - the parts (device->host copy,
+scheduler update, detokenize, outputs).
 """
 from __future__ import annotations
 
@@ -18,7 +11,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import jax
 import numpy as np
 
 PARTS = ("schedule", "inputs", "sampling_inputs", "cow_copy", "device", "other")
@@ -39,61 +31,42 @@ class StepRecord:
 
 
 class StepTimer:
-    def __init__(self, engine):
-        import jaxpaged.runner as runner_mod
+    """A step hook that records one StepRecord per step with work (registered on construction)."""
 
+    def __init__(self, engine):
         self.engine, self.records = engine, []
-        self._runner_mod = runner_mod
         self._current: StepRecord | None = None
-        runner, sched = engine.runner, engine.scheduler
-        self._saved = [(engine, "step", engine.step), (sched, "schedule", sched.schedule),
-                       (runner, "_copy_blocks", runner._copy_blocks), (runner, "_sampling", runner._sampling),
-                       (runner, "_run", runner._run)]
-        self._saved_build = runner_mod.build_step_inputs
-        engine.step = self._wrap_step(engine.step)
-        sched.schedule = self._timed("schedule", sched.schedule)
-        runner._copy_blocks = self._timed("cow_copy", runner._copy_blocks)
-        runner._sampling = self._timed("sampling_inputs", runner._sampling)
-        runner._run = self._timed("device", runner._run, block=True)
-        runner_mod.build_step_inputs = self._timed("inputs", self._saved_build, record_shape=True)
+        self._t0 = 0.0
+        engine.add_step_hook(self)
 
     def close(self) -> None:
-        for obj, name, _ in self._saved:
-            obj.__dict__.pop(name, None)       # drop the instance attribute: the class method shows again
-        self._runner_mod.build_step_inputs = self._saved_build
+        self.engine.remove_step_hook(self)
 
-    def _wrap_step(self, step):
-        def timed_step():
-            rec = self._current = StepRecord()
-            t0 = time.perf_counter()
-            try:
-                return step()
-            finally:
-                total = time.perf_counter() - t0
-                rec.times["step"] = total
-                rec.times["other"] = total - sum(rec.times[p] for p in PARTS if p != "other")
-                self._current = None
-                if rec.num_seqs:
-                    self.records.append(rec)
-        return timed_step
+    # ---- the hook ------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self._current, self._t0 = StepRecord(), time.perf_counter()
 
-    def _timed(self, part: str, fn, block: bool = False, record_shape: bool = False):
-        def wrapper(*a, **kw):
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = fn(*a, **kw)
-            if block:
-                jax.block_until_ready(out)
-            rec = self._current
-            if rec is not None:
-                rec.times[part] += time.perf_counter() - t0
-                if block:   # CPU seconds of all threads: robust to other processes sharing the cores
-                    rec.times[part + "_cpu"] += time.process_time() - c0
-                if record_shape:
-                    rec.num_tokens, rec.num_seqs = out.num_tokens, out.num_seqs
-                    rec.tokens_padded, rec.seqs_padded = len(out.token_ids), len(out.seq_lens)
-                    rec.context = int(out.seq_lens.sum())
-            return out
-        return wrapper
+    def end_step(self) -> None:
+        rec, total = self._current, time.perf_counter() - self._t0
+        rec.times["step"] = total
+        rec.times["other"] = total - sum(rec.times[p] for p in PARTS if p != "other")
+        self._current = None
+        if rec.num_seqs:
+            self.records.append(rec)
+
+    def end_part(self, name: str, seconds: float, cpu_seconds: float) -> None:
+        rec = self._current
+        if rec is not None:
+            rec.times[name] += seconds
+            if name == "device":   # CPU seconds of all threads: robust to other processes sharing the cores
+                rec.times["device_cpu"] += cpu_seconds
+
+    def on_inputs(self, inputs, sampling) -> None:
+        rec = self._current
+        if rec is not None:
+            rec.num_tokens, rec.num_seqs = inputs.num_tokens, inputs.num_seqs
+            rec.tokens_padded, rec.seqs_padded = len(inputs.token_ids), len(inputs.seq_lens)
+            rec.context = int(inputs.seq_lens.sum())
 
     # ---- reports --------------------------------------------------------------------------------
     def summary(self, records: list[StepRecord] | None = None) -> dict:
