@@ -8,6 +8,7 @@ from jaxpaged.config import check_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ATTENTION_BACKENDS = ("auto", "native", "pallas", "jnp")
+QUANTIZATION_SCHEMES = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,19 @@ class EngineConfig:
     # with the native backend: weight matmuls through cpu_kernels/matmul (weights packed at load) where
     # this CPU has the instructions for the dtype (AVX-512 f32, AMX bf16); False: XLA's dot
     native_matmul: bool = True
-    # "auto": float32 on CPU (XLA CPU widens a 16-bit cache on every slice), else the model's dtype
+    # "auto": what the attention backend prefers for the model's dtype (jaxpaged/backends)
     kv_cache_dtype: str = "auto"
+    # weight quantization of every Linear (jaxpaged/quantization.py): None, or "int8" (weight-only,
+    # per output channel); the LM head and embedding stay in the model's dtype
+    quantization: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        if self.quantization in ("none", "None", ""):
+            object.__setattr__(self, "quantization", None)
+        if self.quantization is not None and self.quantization not in QUANTIZATION_SCHEMES:
+            raise ValueError(f"quantization: expected one of {list(QUANTIZATION_SCHEMES)} or None, "
+                             f"got {self.quantization!r}")
         if self.kv_cache_dtype != "auto":
             object.__setattr__(self, "kv_cache_dtype", check_dtype(self.kv_cache_dtype))
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -111,10 +111,12 @@ class ModelRunner:
         self.generator = np.random.default_rng(config.seed)
         self.backend = ready_backend(config.attention_backend)
         # weight matmuls on the backend's own packed weights (native CPU: AVX-512 f32, AMX bf16)
-        self.native_matmul = config.native_matmul and self.backend.packs_weights(config.dtype, mesh)
+        # (not for quantized weights: those multiply through their own type)
+        self.native_matmul = (config.native_matmul and config.quantization is None
+                              and self.backend.packs_weights(config.dtype, mesh))
         # params in the backend's storage forms (backends/layout.py), decided once here
-        graphdef, self.state = lay_out_params(graphdef, state, self.backend,
-                                              platform=jax.default_backend(), pack=self.native_matmul)
+        graphdef, self.state = lay_out_params(graphdef, state, self.backend, platform=jax.default_backend(),
+                                              pack=self.native_matmul, quantization=config.quantization)
         self.dtype = self.backend.kv_storage_dtype(kv_dtype)   # the cache arrays' dtype
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
                  model_config.head_dim)

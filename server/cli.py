@@ -22,6 +22,7 @@ _HELP = {
     "model": "model name or path: an HF directory, a .gguf file, or the built-in smollm2-135m-instruct (the default)",
     "tokenizer": "tokenizer name or path (default: the model's)",
     "dtype": "parameter and activation dtype: float32 or bfloat16",
+    "quantization": "weight quantization of every Linear: int8 (weight-only, per output channel) (default: None)",
     "max_model_len": "longest prompt + completion in tokens (default: min(model's max positions, 4096))",
     "block_size": "tokens per KV-cache block",
     "num_kv_blocks": "KV-cache blocks (default: from kv_cache_memory_bytes or max_num_seqs * max_model_len)",

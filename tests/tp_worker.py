@@ -7,7 +7,8 @@ pytest process has long since done that, so each case runs here:
 
 SPEC: devices (CPU devices of this process), model, tps (list of tensor_parallel_size to run in turn),
 prompts (token-id lists), max_tokens, attention_backend (a name, or one per tp), download_dir, params (param paths whose per-device
-shard shapes to report), and optionally distributed = {port, num_processes, process_id}.
+shard shapes to report; a path may go on into a weight type's fields, e.g. layers/q_proj/kernel/q), and
+optionally quantization and distributed = {port, num_processes, process_id}.
 OUT: {"tokens": {tp: [[ids] per prompt]}, "shards": {tp: {path: [[shape] per local device]}},
       "kv_shards": {tp: [[shape] per local device]}, "num_kv_heads": {tp: n}, "global_devices": n}.
 """
@@ -39,7 +40,7 @@ def main(spec_path: str, out_path: str) -> None:
         llm = LLM(spec["model"], tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4,
                   max_num_batched_tokens=64, enforce_eager=True,
                   attention_backend=backend[i] if isinstance(backend, list) else backend,
-                  download_dir=spec["download_dir"])
+                  download_dir=spec["download_dir"], quantization=spec.get("quantization"))
         outs = llm.generate(spec["prompts"], params, use_tqdm=False)
         engine = llm.llm_engine
         pure = nnx.to_pure_dict(engine.runner.state)
@@ -47,7 +48,7 @@ def main(spec_path: str, out_path: str) -> None:
         for path in spec.get("params", []):
             arr = pure
             for key in path.split("/"):
-                arr = arr[key]
+                arr = arr[key] if isinstance(arr, dict) else getattr(arr, key)   # into a Weight's fields
             shards[path] = [list(s.data.shape) for s in arr.addressable_shards]
         key = str(tp)
         out["tokens"][key] = [o.outputs[0].token_ids for o in outs]

@@ -8,13 +8,15 @@
   startup     cold start (empty caches) vs warm start (converted params and compilations cached)
   gpu-check   on a GPU: the GPU tests, attention bandwidth (% of HBM peak), end-to-end throughput -> one report
   structured  a B=64 decode step with every row under a JSON schema vs none (mask overhead)
+  perplexity  perplexity of a fixed English text from prompt log-probs (dense vs int8, ... side by side)
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 
-COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup", "gpu-check", "structured")
+COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup", "gpu-check", "structured",
+            "perplexity")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,84 @@
+"""Weight-only int8 (EngineConfig.quantization="int8"): the stored form, its multiply, the engine
+end to end, and bad input."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpaged import SamplingParams
+from jaxpaged.engine_config import EngineConfig
+from jaxpaged.quantization import Int8Weight, quantize_int8
+from tests.engine_utils import make_llm
+
+
+def test_int8_round_trip_is_within_half_a_step_per_channel():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 64, 24)).astype(np.float32) * rng.uniform(0.01, 3, (1, 1, 24))
+    w[1, :, 5] = 0.0                                   # an all-zero output channel
+    qw = quantize_int8(jnp.asarray(w))
+    assert qw.q.dtype == jnp.int8 and qw.q.shape == w.shape and qw.scale.shape == (2, 24)
+    scale = np.asarray(qw.scale)
+    err = np.abs(np.asarray(qw.value()) - w)
+    assert (err <= scale[:, None, :] / 2 + 1e-7).all()
+    # each channel's largest |w| is exact (it maps to +-127)
+    np.testing.assert_allclose(np.abs(np.asarray(qw.value())).max(axis=1), np.abs(w).max(axis=1), rtol=1e-6)
+    assert not np.asarray(qw.q)[1, :, 5].any()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_matmul_equals_x_times_dequantized(dtype):
+    rng = np.random.default_rng(1)
+    qw = quantize_int8(jnp.asarray(rng.standard_normal((48, 40)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((5, 48)), dtype)
+    y = np.asarray(qw.matmul(x))
+    ref = np.asarray(x, np.float32) @ np.asarray(qw.value())
+    np.testing.assert_allclose(y, ref, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5, atol=1e-3)
+
+
+def test_unknown_scheme_is_a_value_error_naming_the_field():
+    with pytest.raises(ValueError, match="quantization: expected one of"):
+        EngineConfig(quantization="int4")
+    assert EngineConfig(quantization="none").quantization is None
+
+
+def _int8_leaves(state):
+    is_q = lambda x: isinstance(x, Int8Weight)
+    return [x for x in jax.tree_util.tree_leaves(state, is_leaf=is_q) if is_q(x)]
+
+
+def test_engine_int8_weights_end_to_end(tiny_llama, tmp_path_factory):
+    prompts = [[5, 17, 99, 3, 250, 41, 7], [300, 2, 2, 2, 61]]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
+    dense = make_llm(tiny_llama, tmp_path_factory, max_num_batched_tokens=64, max_model_len=128)
+    int8 = make_llm(tiny_llama, tmp_path_factory, max_num_batched_tokens=64, max_model_len=128,
+                    quantization="int8")
+    runner = int8.llm_engine.runner
+    q = _int8_leaves(runner.state)
+    assert len(q) == 7 and not runner.native_matmul          # q, k, v, o, gate, up, down (stacked)
+    dense_leaves = {id(x): x for x in jax.tree_util.tree_leaves(dense.llm_engine.runner.state)}
+    linear_f32 = sum(x.nbytes for x in dense_leaves.values() if x.ndim == 3)
+    assert sum(w.nbytes() for w in q) <= 0.3 * linear_f32       # the issue's memory bar
+    out_d = dense.generate(prompts, params, use_tqdm=False)
+    out_q = int8.generate(prompts, params, use_tqdm=False)
+    for prompt, a, b in zip(prompts, out_d, out_q):
+        assert len(b.outputs[0].token_ids) == 8 and b.outputs[0].finish_reason == "length"
+        # the prompt tokens' log-probs under int8 weights stay close to the dense model's
+        lp = lambda o: np.array([o.prompt_logprobs[i][t].logprob for i, t in enumerate(prompt) if i > 0])
+        assert np.abs(lp(a) - lp(b)).max() < 0.05
+    assert int8.llm_engine.scheduler.stats().kv_cache_usage == 0.0
+
+
+def test_int8_tensor_parallel_equals_one_device(tmp_path, tiny_model_factory):
+    from tests.test_tensor_parallel import run_worker
+    path = tiny_model_factory("llama", num_key_value_heads=4)
+    params = ["layers/q_proj/kernel/q", "layers/q_proj/kernel/scale", "layers/o_proj/kernel/q",
+              "layers/o_proj/kernel/scale"]
+    out = run_worker(tmp_path, "int8", devices=2, model=path, tps=[1, 2], params=params, quantization="int8")
+    assert out["tokens"]["2"] == out["tokens"]["1"]
+    s = out["shards"]["2"]
+    # the int8 values and their scales split with the weight: column-parallel q_proj by output
+    # channel (scales too), row-parallel o_proj by input rows (its per-output scales whole)
+    assert s["layers/q_proj/kernel/q"] == [[2, 64, 32]] * 2 and s["layers/q_proj/kernel/scale"] == [[2, 32]] * 2
+    assert s["layers/o_proj/kernel/q"] == [[2, 32, 64]] * 2 and s["layers/o_proj/kernel/scale"] == [[2, 64]] * 2
