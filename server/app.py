@@ -179,10 +179,16 @@ async def _json_object(raw: Request) -> dict:
     return data
 
 
+def _one_line(text: str) -> str:
+    """Messages may quote the client's text or a parser's multi-line report: newlines are escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _log_rejection(scope, err: OpenAIError) -> None:
     """One log line per refused request (no traceback: the request was at fault, not the server)."""
-    message = err.message if len(err.message) <= 300 else err.message[:300] + "..."
-    param = f" (param {err.param})" if err.param else ""
+    message = _one_line(err.message)
+    message = message if len(message) <= 300 else message[:300] + "..."
+    param = f" (param {_one_line(err.param)})" if err.param else ""
     level = logging.INFO if err.status < 500 else logging.WARNING
     logger.log(level, "%s %s -> %d: %s%s", scope.get("method", "-"), scope.get("path", "-"), err.status,
                message, param)

@@ -93,9 +93,11 @@ def test_invalid_requests_log_one_line_without_traceback(client, caplog):
         assert client.post("/v1/completions", json={"prompt": "x", "temperature": -1}).status_code == 400
         assert client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"}
                            ).status_code == 400
+        assert client.post("/v1/completions", json={"prompt": "x", "model": "two\nlines"}).status_code == 404
     records = [rec for rec in caplog.records if rec.name == "jaxpaged.server"]
-    assert len(records) == 3 and all(rec.exc_info is None for rec in records)
+    assert len(records) == 4 and all(rec.exc_info is None for rec in records)
     assert "(param temperature)" in records[1].getMessage()
+    assert all("\n" not in rec.getMessage() for rec in records) and "two\\nlines" in records[3].getMessage()
 
 
 def test_prompts_per_request_cap():
