@@ -17,6 +17,7 @@ from jaxpaged.sequence import Sequence
 from jaxpaged.sampling_params import StructuredOutputsParams as SO
 from jaxpaged.scheduler import Scheduler
 from tests.engine_utils import make_llm
+from tests.tiny_models import TEXT
 
 
 def random_schema(rng: np.random.Generator, depth: int = 0) -> dict:
@@ -44,7 +45,7 @@ def random_schema(rng: np.random.Generator, depth: int = 0) -> dict:
 @pytest.fixture(scope="module")
 def llm(tiny_llama, tmp_path_factory):
     # a small KV pool: the mixed batch below preempts
-    return make_llm(tiny_llama, tmp_path_factory, max_model_len=256, num_kv_blocks=40, max_num_seqs=16,
+    return make_llm(tiny_llama, tmp_path_factory, max_model_len=256, num_kv_blocks=28, max_num_seqs=16,
                     enable_prefix_caching=True)
 
 
@@ -58,13 +59,13 @@ def test_random_schemas_and_seeds_finished_outputs_validate(llm):
                 "additionalProperties": False} for _ in range(20)]
     prompts, params = [], []
     for i, schema in enumerate(schemas):
-        prompts.append("The capital of France is" if i % 2 else "Numbers: 0 1 2")   # shared prefixes
+        prompts.append(TEXT[:160] if i % 2 else TEXT[200:360])    # long shared prefixes: prefix-cache hits
         params.append(SamplingParams(temperature=float(rng.choice([0.0, 0.8, 1.0])), seed=i, max_tokens=120,
                                      top_p=float(rng.choice([1.0, 0.9])), logprobs=1 if i % 3 == 0 else None,
                                      structured_outputs=SO(json=schema)))
     # unconstrained requests in the same batches
-    prompts += ["Hello world!"] * 3
-    params += [SamplingParams(temperature=0.7, seed=s, max_tokens=40) for s in range(3)]
+    prompts += [TEXT[:160]] * 3
+    params += [SamplingParams(temperature=0.7, seed=s, max_tokens=120, ignore_eos=True) for s in range(3)]
     outs = llm.generate(prompts, params, use_tqdm=False)
     stopped = 0
     for out, schema in zip(outs, schemas):
@@ -75,7 +76,9 @@ def test_random_schemas_and_seeds_finished_outputs_validate(llm):
         if params[0].logprobs is not None and c.logprobs is not None:
             assert len(c.logprobs) == len(c.token_ids)
     assert stopped >= 16, [o.outputs[0].finish_reason for o in outs]
-    assert llm.llm_engine.get_stats().kv_cache_usage == 0.0
+    stats = llm.llm_engine.get_stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0     # both paths ran under grammars
+    assert stats.kv_cache_usage == 0.0
 
 
 def test_regex_choice_grammar_and_json_object_with_n_and_seeds(llm):
