@@ -247,9 +247,15 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: Optional[int]
         x = _add_bias(x, t.bias_ids, t.bias_vals)
     # a scatter of B*S entries: in place when logits are an intermediate of the step (a jit argument
     # that is not donated costs one [B, V] copy here)
-    x = _ban(x, t.banned_ids)
+    banned = _ban(x, t.banned_ids)
     if t.allowed.shape[1]:
-        x = apply_token_bitmask(x, t.allowed)
+        # the grammar wins over min_tokens: a row whose grammar allows only banned ids (eos at the
+        # grammar's end) keeps the grammar's tokens, so it never samples a masked token
+        masked = apply_token_bitmask(banned, t.allowed)
+        dead = jnp.all(masked == -jnp.inf, axis=-1, keepdims=True)              # [B, 1]
+        x = jnp.where(dead, apply_token_bitmask(x, t.allowed), masked)
+    else:
+        x = banned
     greedy = t.temperature <= 0.0                                  # [B] greedy or padding
     zeros = jnp.zeros((B,), jnp.int32)
     # each branch runs only when some row needs it (lax.cond executes one side)

@@ -84,3 +84,22 @@ def test_logit_bias_adds_to_the_named_ids_only():
 def test_no_bias_and_no_grammar_add_no_operands():
     t = SamplingTensors.build([SamplingRow(SP())], B, V, generator=np.random.default_rng(0), banned_width=8)
     assert t.bias_ids.shape == (B, 0) and t.bias_vals.shape == (B, 0) and t.allowed.shape == (B, 0)
+
+
+def test_the_grammar_wins_over_a_min_tokens_ban():
+    """A row whose grammar allows only eos while min_tokens bans eos still samples eos (a masked token
+    never); a row with other allowed tokens keeps the ban."""
+    eos = 2
+    params = [SP(temperature=0.0, min_tokens=5), SP(temperature=1.0, seed=1, min_tokens=5)] + [SP()] * (B - 2)
+    rows = [SamplingRow(p) for p in params]
+    t = SamplingTensors.build(rows, B, V, generator=np.random.default_rng(0), eos_token_ids=(eos,), banned_width=8)
+    t.allowed = _pack([{eos}, {eos}] + [{eos, 7}] * (B - 2), (V + 31) // 32)
+    logits = np.zeros((B, V), np.float32)
+    logits[:, eos] = 10.0                    # eos is the model's favourite everywhere
+    params_min = [SP(temperature=0.0, min_tokens=5)] * B
+    t2 = SamplingTensors.build([SamplingRow(p) for p in params_min], B, V, generator=np.random.default_rng(0),
+                               eos_token_ids=(eos,), banned_width=8)
+    t2.allowed = t.allowed
+    out = np.asarray(_jitted(logits, t, num_logprobs=None).tokens)
+    assert out[:2].tolist() == [eos, eos]
+    assert np.asarray(_jitted(logits, t2, num_logprobs=None).tokens)[2:].tolist() == [7] * (B - 2)
