@@ -124,5 +124,16 @@ class GGUFWeights:
         w = w.reshape([int(d) for d in reversed(t.shape)])
         return self.file.family.gguf_tensor(self._config, t.name, w)
 
+    def qtype(self, name: str) -> str:
+        """The GGUF tensor type's name of an HF-named tensor ("F32", "Q4_1", ...)."""
+        return self._tensor_of[name].tensor_type.name
+
+    def blocks(self, name: str) -> np.ndarray:
+        """A quantized matrix's raw blocks as the file holds them, [out, row_bytes] uint8, through the
+        family's row transform (rows are whole blocks, so a row permutation applies as is)."""
+        t = self._tensor_of[name]
+        raw = np.asarray(t.data, dtype=np.uint8)
+        return self.file.family.gguf_tensor(self._config, t.name, raw)
+
     def close(self) -> None:
         self._tensor_of.clear()

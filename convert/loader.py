@@ -131,16 +131,36 @@ def _plan(config: ModelConfig, names: list[str]) -> dict[str, tuple[_Row, int | 
     return plan
 
 
-def convert_tensors(config: ModelConfig, weights, dtype: str = "float32", progress: bool = False) -> dict:
-    """Maps a weight reader (`.names`, `.get(name)`) through the family table into the nested param dict."""
+def _kept_blocks(plan, rows, weights, config) -> dict[str, str]:
+    """{param path: GGUF block type} of the stacked Linear kernels whose every layer is a block type
+    kept quantized (gguf_blocks.BLOCK_BYTES); the rest are dequantized as usual."""
+    from jaxpaged.gguf_blocks import BLOCK_BYTES
+
+    types: dict[str, set] = {}
+    for name, (row, layer) in plan.items():
+        if row.stacked and row.transform == "T":          # HF Linear [out, in]: a kernel
+            types.setdefault(row.path, set()).add(weights.qtype(name))
+    return {path: t.pop() for path, t in types.items() if len(t) == 1 and next(iter(t)) in BLOCK_BYTES}
+
+
+def convert_tensors(config: ModelConfig, weights, dtype: str = "float32", progress: bool = False,
+                    keep_blocks: bool = False) -> dict:
+    """Maps a weight reader (`.names`, `.get(name)`) through the family table into the nested param dict.
+    keep_blocks (GGUF readers): Linear kernels in a kept block format become gguf_blocks.GGUFBlocks
+    of the file's bytes, never expanded to float."""
     from tqdm.auto import tqdm
 
     target = numpy_dtype(dtype)
     plan = _plan(config, list(weights.names))
     shapes = param_shapes(config)
-    out = {path: np.empty(shape, dtype=target) for path, shape in shapes.items()}
+    kept = _kept_blocks(plan, _rows(config), weights, config) if keep_blocks else {}
+    out = {path: np.empty(shape, dtype=target) for path, shape in shapes.items() if path not in kept}
+    blocks: dict[str, list] = {path: [None] * config.num_layers for path in kept}
     for name in tqdm(list(plan), desc="converting tensors", unit="tensor", disable=not progress):
         row, layer = plan[name]
+        if row.path in kept:
+            blocks[row.path][layer] = weights.blocks(name)
+            continue
         arr = np.asarray(weights.get(name))
         if row.transform == "T":
             arr = arr.T
@@ -151,6 +171,12 @@ def convert_tensors(config: ModelConfig, weights, dtype: str = "float32", progre
             out[row.path][...] = arr.astype(target)
         else:
             out[row.path][layer] = arr.astype(target)
+    if kept:
+        from jaxpaged.gguf_blocks import GGUFBlocks
+        for path, qtype in kept.items():
+            out[path] = GGUFBlocks(np.stack(blocks[path]), qtype)       # [L, out, row_bytes] uint8
+            if tuple(out[path].shape) != shapes[path]:
+                raise ValueError(f"param {path!r}: GGUF blocks give shape {out[path].shape}, expected {shapes[path]}")
     return nest(out)
 
 
@@ -193,8 +219,10 @@ def load_tokenizer(path: str):
                          f"{type(e).__name__}: {e}") from None
 
 
-def convert_source(source: ModelSource, dtype: str, progress: bool = True, with_tokenizer: bool = True):
-    """(ModelConfig, params, tokenizer or None) read from the source itself."""
+def convert_source(source: ModelSource, dtype: str, progress: bool = True, with_tokenizer: bool = True,
+                   keep_blocks: bool = False):
+    """(ModelConfig, params, tokenizer or None) read from the source itself. keep_blocks: a GGUF
+    file's quantized Linear kernels stay in their block format (quantization="gguf")."""
     if source.kind == "gguf":
         from jaxpaged.convert.gguf_io import GGUFFile
         from jaxpaged.convert.gguf_tokenizer import build_tokenizer
@@ -210,14 +238,14 @@ def convert_source(source: ModelSource, dtype: str, progress: bool = True, with_
         weights = open_hf_weights(source)
         tokenizer = load_tokenizer(source.path) if with_tokenizer else None
     try:
-        params = convert_tensors(config, weights, dtype, progress)
+        params = convert_tensors(config, weights, dtype, progress, keep_blocks=keep_blocks)
     finally:
         weights.close()
     return config, params, tokenizer
 
 
 def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None, tokenizer: str | None = None,
-               progress: bool = True, write_cache: bool = False) -> LoadedModel:
+               progress: bool = True, write_cache: bool = False, quantization: str | None = None) -> LoadedModel:
     """Loads a model's config, params (numpy, in `dtype`) and tokenizer.
 
     model:       HF directory, .gguf file, or a built-in name ("smollm2-135m-instruct")
@@ -225,11 +253,22 @@ def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None,
     cache_dir:   cache root (default $JAXPAGED_CACHE or ~/.cache/jaxpaged); a complete entry is used
     tokenizer:   a directory to take the tokenizer from instead of the model's own
     write_cache: store a freshly converted model as a cache entry (the CLI does; tests keep it off)
+    quantization: "gguf" keeps a .gguf file's quantized Linear kernels in their block format (read
+                 straight from the memory-mapped file, no cache entry: nothing is converted); other
+                 schemes ("int8") are applied after loading (backends/layout.py)
     """
     from jaxpaged.convert import cache
 
     dtype = check_dtype(dtype)
     source = resolve_model(model)
+    if quantization == "gguf":
+        if source.kind != "gguf":
+            raise ValueError(f"quantization: 'gguf' keeps a .gguf file's blocks; {model!r} is not a GGUF model")
+        config, params, tok = convert_source(source, dtype, progress, with_tokenizer=tokenizer is None,
+                                             keep_blocks=True)
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+        return LoadedModel(config=config, params=params, tokenizer=tok, source=source, from_cache=False)
     root = cache.cache_root(cache_dir)
     hit = cache.read_entry(root, source, dtype)
     if hit is not None:

@@ -57,7 +57,8 @@ class LLMEngine:
         config = config.replace(**kwargs) if config is not None else EngineConfig(**kwargs)
         self.config = config
         loaded = load_model(config.model, dtype=config.dtype, cache_dir=config.download_dir,
-                            tokenizer=config.tokenizer, progress=progress, write_cache=True)
+                            tokenizer=config.tokenizer, progress=progress, write_cache=True,
+                            quantization=config.quantization)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.max_model_len = self._max_model_len()
         # tensor_parallel_size > 1: a "tp" mesh, params laid out and placed per shard (sharding.py)

@@ -8,7 +8,7 @@ from jaxpaged.config import check_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ATTENTION_BACKENDS = ("auto", "native", "pallas", "jnp")
-QUANTIZATION_SCHEMES = ("int8",)
+QUANTIZATION_SCHEMES = ("int8", "gguf")
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,9 @@ class EngineConfig:
     native_matmul: bool = True
     # "auto": what the attention backend prefers for the model's dtype (jaxpaged/backends)
     kv_cache_dtype: str = "auto"
-    # weight quantization of every Linear (jaxpaged/quantization.py): None, or "int8" (weight-only,
-    # per output channel); the LM head and embedding stay in the model's dtype
+    # weight quantization of every decoder Linear: None; "int8" (weight-only, per output channel,
+    # jaxpaged/quantization.py); "gguf" (a .gguf file's Q8_0/Q4_0/Q4_1 blocks kept as they are,
+    # jaxpaged/gguf_blocks.py). The LM head and embedding stay in the model's dtype.
     quantization: str | None = None
 
     def __post_init__(self):
@@ -52,6 +53,9 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_SCHEMES:
             raise ValueError(f"quantization: expected one of {list(QUANTIZATION_SCHEMES)} or None, "
                              f"got {self.quantization!r}")
+        if self.quantization == "gguf" and int(self.tensor_parallel_size) > 1:
+            raise ValueError("quantization: 'gguf' blocks run on one device; use tensor_parallel_size=1 "
+                             "or quantization='int8'")
         if self.kv_cache_dtype != "auto":
             object.__setattr__(self, "kv_cache_dtype", check_dtype(self.kv_cache_dtype))
         if self.attention_backend not in ATTENTION_BACKENDS:

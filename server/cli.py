@@ -22,7 +22,8 @@ _HELP = {
     "model": "model name or path: an HF directory, a .gguf file, or the built-in smollm2-135m-instruct (the default)",
     "tokenizer": "tokenizer name or path (default: the model's)",
     "dtype": "parameter and activation dtype: float32 or bfloat16",
-    "quantization": "weight quantization of every Linear: int8 (weight-only, per output channel) (default: None)",
+    "quantization": "weight quantization of every decoder Linear: int8 (weight-only, per output channel), or gguf "
+                    "(a .gguf file's Q8_0/Q4_0/Q4_1 blocks kept quantized) (default: None)",
     "max_model_len": "longest prompt + completion in tokens (default: min(model's max positions, 4096))",
     "block_size": "tokens per KV-cache block",
     "num_kv_blocks": "KV-cache blocks (default: from kv_cache_memory_bytes or max_num_seqs * max_model_len)",

@@ -82,3 +82,48 @@ def test_int8_tensor_parallel_equals_one_device(tmp_path, tiny_model_factory):
     # channel (scales too), row-parallel o_proj by input rows (its per-output scales whole)
     assert s["layers/q_proj/kernel/q"] == [[2, 64, 32]] * 2 and s["layers/q_proj/kernel/scale"] == [[2, 32]] * 2
     assert s["layers/o_proj/kernel/q"] == [[2, 32, 64]] * 2 and s["layers/o_proj/kernel/scale"] == [[2, 64]] * 2
+
+
+# ---- quantization="gguf": a GGUF file's blocks kept as they are
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_block_decode_equals_the_gguf_library(qtype):
+    import gguf
+
+    from jaxpaged.gguf_blocks import GGUFBlocks, dequantize
+    x = np.random.default_rng(2).standard_normal((6, 96)).astype(np.float32)        # [out, in]
+    raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    np.testing.assert_array_equal(np.asarray(dequantize(jnp.asarray(raw), qtype)), ref)
+    w = GGUFBlocks(jnp.asarray(raw), qtype)
+    assert w.shape == (96, 6)                                                       # logical [in, out]
+    a = jnp.asarray(np.random.default_rng(3).standard_normal((3, 96)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(w.matmul(a)), np.asarray(a) @ ref.T, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_blocks_kept_through_the_engine(smollm2_gguf, tmp_path):
+    from jaxpaged import LLM
+    from jaxpaged.gguf_blocks import GGUFBlocks
+
+    args = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, enforce_eager=True,
+                download_dir=str(tmp_path))
+    kept = LLM(smollm2_gguf, quantization="gguf", **args)
+    is_b = lambda x: isinstance(x, GGUFBlocks)
+    blocks = [x for x in jax.tree_util.tree_leaves(kept.llm_engine.runner.state, is_leaf=is_b) if is_b(x)]
+    assert len(blocks) == 7 and {b.qtype for b in blocks} == {"Q4_1"}
+    # memory: the file's Q4_1 bytes, 20 per 32 weights, <= 0.2x of float32 (the bar)
+    linear_f32 = sum(4 * int(np.prod(b.shape)) for b in blocks)
+    assert sum(b.nbytes() for b in blocks) <= 0.2 * linear_f32
+    dense = LLM(smollm2_gguf, **args)           # the same file dequantized to float32
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    toks = lambda llm: [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    assert toks(kept) == toks(dense)
+
+
+def test_gguf_scheme_needs_a_gguf_file_and_one_device(tiny_llama, tmp_path):
+    from jaxpaged import LLM
+    with pytest.raises(ValueError, match="quantization: 'gguf' keeps a .gguf file's blocks"):
+        LLM(tiny_llama, quantization="gguf", enforce_eager=True, download_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="quantization: 'gguf' blocks run on one device"):
+        EngineConfig(quantization="gguf", tensor_parallel_size=2)

@@ -31,14 +31,18 @@ def abstract_params(cfg: ModelConfig, dtype: str = "float32") -> dict:
 
 
 def build_state(cfg: ModelConfig, params: dict, dtype: str = "float32"):
-    """(graphdef, State) with the converted params (nested dict of arrays) filled in.
+    """(graphdef, State) with the converted params (nested dict of arrays) filled in. A param may also
+    be a weight type already (jaxpaged.weights.Weight, e.g. GGUF blocks kept quantized): its logical
+    shape is checked.
 
     Raises ValueError naming any missing/extra param or a shape mismatch.
     """
+    from jaxpaged.weights import Weight
+
     graphdef, state = abstract_model(cfg, dtype)
     expected = nnx.to_pure_dict(state)
     flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-    flat_given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    flat_given = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, Weight))[0])
     name = jax.tree_util.keystr
     missing = sorted(name(k) for k in flat_expected.keys() - flat_given.keys())
     extra = sorted(name(k) for k in flat_given.keys() - flat_expected.keys())
