@@ -104,8 +104,12 @@ def test_decode_items(num_heads, num_kv_heads, head_dim, dtype):
             k[:, bt[i, s // 16], s % 16:] = np.nan                # past the end: never read
             v[:, bt[i, s // 16], s % 16:] = np.nan
     x = dict(x, k=jnp.asarray(k, dtype), v=jnp.asarray(v, dtype))
-    check(x)
-    check(x, soft_cap=5.0, sliding_window=33)
+    # the keys are scaled up to ~60x here, so are the scores: f32 rounding of a score grows with it, and
+    # the kernel sums a dot product in another order than XLA (8 or 16 lanes): 1e-5 held on AVX-512 but
+    # an AVX2 CPU's order differed from the reference by 2.2e-5 at head_dim 256 (measured)
+    atol = 5e-5 if dtype == jnp.float32 else None
+    check(x, atol=atol)
+    check(x, atol=atol, soft_cap=5.0, sliding_window=33)
 
 
 def test_layer_form_under_scan_reads_only_its_layer():
