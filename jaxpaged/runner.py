@@ -159,7 +159,7 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
     def execute(self, scheduled, block_copies, sampling_rows, prompt_logprobs: bool = False) -> StepResult:
-        """Runs one step over `scheduled` (list of ScheduledRequest); returns rows for all of them.
+        """Runs one step over `scheduled` (list of ScheduledSequence); returns rows for all of them.
 
         sampling_rows: one SamplingRow per scheduled sequence (None where no token is sampled).
         Variants (static): logprobs are computed with K = max_logprobs when any row asks for them

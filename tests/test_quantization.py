@@ -127,3 +127,23 @@ def test_gguf_scheme_needs_a_gguf_file_and_one_device(tiny_llama, tmp_path):
         LLM(tiny_llama, quantization="gguf", enforce_eager=True, download_dir=str(tmp_path))
     with pytest.raises(ValueError, match="quantization: 'gguf' blocks run on one device"):
         EngineConfig(quantization="gguf", tensor_parallel_size=2)
+
+
+def test_perplexity_bench_equals_transformers(tiny_llama, tmp_path_factory):
+    """bench perplexity's figure = exp(mean NLL) of transformers' log-probs over the same windows."""
+    from jaxpaged.bench.perplexity import perplexity
+    from tests.hf_reference import hf_logprobs, hf_model
+
+    ids = [int(i) for i in np.random.default_rng(4).integers(3, 320, 45)]
+    llm = make_llm(tiny_llama, tmp_path_factory, max_num_batched_tokens=64, max_model_len=128)
+    ppl, n = perplexity(llm, ids, window=20)                  # windows of 20, 20 and 5 tokens
+    model = hf_model("llama")
+    nll = []
+    for start in range(0, len(ids), 20):
+        w = ids[start:start + 20]
+        lp = hf_logprobs(model, w)
+        nll += [-lp[i - 1, w[i]] for i in range(1, len(w))]
+    assert n == len(nll) == 42
+    assert ppl == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-4)
+    with pytest.raises(ValueError, match="window: must be >= 2"):
+        perplexity(llm, ids, window=1)

@@ -42,6 +42,8 @@ def add_args(p) -> None:
                    help="jaxpaged: pre-packed native weight matmuls where the CPU has the instructions")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="attention kernels (auto: native C++ on CPU, else Pallas)")
+    p.add_argument("--quantization", default=None, choices=("int8", "gguf"),
+                   help="jaxpaged: weight quantization (EngineConfig.quantization)")
     p.add_argument("--flops", action="store_true", help="measure the matmul FLOP ceiling (f32, bf16)")
     p.add_argument("--breakdown", action="store_true", help="device-step variants on the captured steps")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per variant / matmul")
@@ -285,7 +287,8 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs or max(max(sizes), 2),
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              attention_backend=args.attention_backend, native_matmul=args.native_matmul, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+              attention_backend=args.attention_backend, native_matmul=args.native_matmul,
+              quantization=args.quantization, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
     print(f"engine start (load, no warmup: shapes compile on first use) {time.perf_counter() - t0:.1f} s; "
           f"buckets T={llm.llm_engine.runner.buckets.token_buckets} B={llm.llm_engine.runner.buckets.seq_buckets}")
     cfg = llm.llm_engine.model_config

@@ -6,7 +6,8 @@ The text (default: jaxpaged/bench/data/english.txt, written for this benchmark) 
 and cut into consecutive windows of at most `--window` tokens; every window is one request with
 `prompt_logprobs=0` and max_tokens=1, so each token after a window's first is scored given the
 tokens before it in that window. Perplexity = exp(mean negative log-likelihood) over all scored
-tokens. Several `--config` runs (e.g. dense vs int8) are printed side by side.
+tokens. Several `--config` runs (e.g. dense vs int8) are printed side by side, each with the bytes
+of its decoder Linear weights as the engine holds them.
 """
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ def perplexity(llm, token_ids: list[int], window: int) -> tuple[float, int]:
     return math.exp(nll / n), n
 
 
+def linear_weight_bytes(llm) -> int:
+    """Bytes of the decoder layers' Linear weights as the runner holds them (scales included)."""
+    import jax
+    from flax import nnx
+
+    from jaxpaged.models.layers import Linear
+    from jaxpaged.weights import Weight
+
+    runner = llm.llm_engine.runner
+    model = nnx.merge(runner.graphdef, runner.state)
+    total = 0
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Linear) and not module.vocab:
+            w = module.kernel.get_value()
+            leaves = jax.tree_util.tree_leaves(w) if isinstance(w, Weight) else [w]
+            total += sum(x.nbytes for x in leaves)
+    return total
+
+
 def run(args) -> None:
     from jaxpaged import LLM
 
@@ -63,15 +83,17 @@ def run(args) -> None:
     for spec in args.config or [""]:
         extra = _parse_config(spec)
         t0 = time.perf_counter()
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=max(args.window + 8, 128),
-                  max_num_batched_tokens=max(args.window, 64), enforce_eager=True,
-                  download_dir=args.download_dir, **extra)
+        engine_args = dict(dtype=args.dtype, max_model_len=max(args.window + 8, 128),
+                           max_num_batched_tokens=max(args.window, 64), enforce_eager=True,
+                           download_dir=args.download_dir)
+        llm = LLM(args.model, **{**engine_args, **extra})
         ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
         ppl, n = perplexity(llm, ids, args.window)
-        rows.append((spec or "(as is)", ppl, n, time.perf_counter() - t0))
+        rows.append((spec or "(as is)", ppl, n, time.perf_counter() - t0, linear_weight_bytes(llm)))
         del llm
     base = rows[0][1]
     print(f"perplexity of {os.path.basename(args.text)} ({rows[0][2]} scored tokens, windows of {args.window}), "
           f"{args.model} {args.dtype}")
-    for spec, ppl, n, secs in rows:
-        print(f"  {spec:<40} ppl {ppl:9.4f}  ({100 * (ppl / base - 1):+6.2f}% vs first)  {secs:6.1f} s")
+    for spec, ppl, n, secs, nbytes in rows:
+        print(f"  {spec:<36} ppl {ppl:9.4f}  ({100 * (ppl / base - 1):+6.2f}% vs first)  "
+              f"Linear weights {nbytes / 2**20:7.1f} MiB ({nbytes / rows[0][4]:.2f}x)  {secs:6.1f} s")

@@ -33,6 +33,8 @@ def add_args(p) -> None:
                    help="jaxpaged: pre-packed native weight matmuls where the CPU has the instructions")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                    help="jaxpaged: attention kernels (auto: native C++ on CPU, else Pallas)")
+    p.add_argument("--quantization", default=None, choices=("int8", "gguf"),
+                   help="jaxpaged: weight quantization (EngineConfig.quantization)")
     p.add_argument("--enforce-eager", action="store_true", help="jaxpaged: no warmup (compiles inside the run)")
     p.add_argument("--download-dir", default=None, help="jaxpaged converted-params cache")
     p.add_argument("--profile", action="store_true", help="jaxpaged: host/device split of every step")
@@ -48,7 +50,8 @@ def run_jaxpaged(args, requests) -> dict:
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-              attention_backend=args.attention_backend, native_matmul=args.native_matmul, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+              attention_backend=args.attention_backend, native_matmul=args.native_matmul,
+              quantization=args.quantization, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
     load_s = time.perf_counter() - t0
     engine = llm.llm_engine
     runner = engine.runner
