@@ -160,6 +160,10 @@ class CompletionState:
             self.logprobs.append(make_logprobs_entry(token, result.logprob[row], result.rank[row], top_ids, top_lp,
                                                      decode=self.decode_token))
         stop = self.out.append(token)
+        grammar = self.seq.structured_output
+        if stop is None and grammar is not None and grammar.is_terminated():
+            # the grammar is complete and allows only eos, which ignore_eos does not stop on: end here
+            stop = self.out._finish(StopResult("stop"))
         if stop is None:
             return None
         self._mark_if_request_done()

@@ -118,6 +118,13 @@ def test_grammar_accepts_every_sampled_token_and_stop_strings_end_early(llm):
         assert c.finish_reason == "stop" and '"' not in c.text and c.text.startswith("{")
 
 
+def test_a_completed_grammar_ends_the_sequence_even_with_ignore_eos(llm):
+    out = llm.generate(["Hello"], SamplingParams(temperature=1.0, seed=0, max_tokens=50, ignore_eos=True,
+                                                 structured_outputs=SO(choice=["yes", "no"])), use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert c.finish_reason == "stop" and c.text in ("yes", "no") and len(c.token_ids) < 50
+
+
 def test_bad_specs_are_value_errors_naming_the_field(llm):
     cases = [(dict(regex="(ab"), "structured_outputs.regex"), (dict(json={"type": "foo"}), "structured_outputs.json"),
              (dict(json="{not json"), "structured_outputs.json"), (dict(grammar="start: nope"), "structured_outputs.grammar"),
