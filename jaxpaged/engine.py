@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 
 from jaxpaged.engine_config import EngineConfig
+from jaxpaged.generation_config import sampling_defaults
+from jaxpaged.kv_sizing import KVPoolPlan, describe, plan_kv_pool
 from jaxpaged.outputs import RequestOutput
 from jaxpaged.backends import kv_bytes_per_block, kv_cache_dtype
 from jaxpaged.runner import ModelRunner
@@ -38,8 +40,6 @@ from jaxpaged.step_hooks import StepHooks
 from jaxpaged.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_KV_CACHE_BYTES = 2 << 30   # cap of the default KV pool (2 GiB) when neither size is given
 
 
 @dataclass
@@ -60,14 +60,15 @@ class LLMEngine:
                             tokenizer=config.tokenizer, progress=progress, write_cache=True,
                             quantization=config.quantization)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
-        self.max_model_len = self._max_model_len()
+        self.default_sampling = self._default_sampling()
         # tensor_parallel_size > 1: a "tp" mesh, params laid out and placed per shard (sharding.py)
         self.mesh = make_mesh(config.tensor_parallel_size)
         self.model_config, params = prepare_params(self.model_config, loaded.params, config.tensor_parallel_size)
         graphdef, state = build_state(self.model_config, params, config.dtype)
         state = place_params(state, self.model_config, self.mesh)
         self.kv_cache_dtype = kv_cache_dtype(config)     # the KV pool is sized by it (no side effects)
-        num_blocks = self._num_blocks()
+        self.kv_plan = self._plan_kv_pool(state)
+        self.max_model_len, num_blocks = self.kv_plan.max_model_len, self.kv_plan.num_blocks
         self.scheduler = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
@@ -93,30 +94,31 @@ class LLMEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 
-    # ---- sizing -----------------------------------------------------------------------------------
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        want = self.config.max_model_len
-        if want is None:
-            return min(limit, 4096)
-        if want > limit:
-            raise ValueError(f"max_model_len: {want} exceeds the model's max_position_embeddings {limit}")
-        return want
+    def _default_sampling(self) -> dict:
+        """The model's recommended sampling fields (generation_config.json), checked once at start."""
+        defaults = sampling_defaults(self.config.model, self.config.generation_config)
+        if defaults:
+            try:
+                SamplingParams(**defaults)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"generation_config: the model's generation_config.json holds an invalid value: "
+                                 f"{e}") from None
+            logger.info("default sampling parameters from the model's generation_config.json: %s "
+                        "(--generation-config vllm ignores them)", defaults)
+        return defaults
 
-    def _num_blocks(self) -> int:
-        """Physical blocks incl. the null block 0."""
+    # ---- sizing -----------------------------------------------------------------------------------
+    def _plan_kv_pool(self, state) -> KVPoolPlan:
+        """KV pool blocks and max_model_len (kv_sizing.py), logged with what the params take."""
         cfg = self.config
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.kv_cache_dtype)
-        if cfg.kv_cache_memory_bytes is not None:
-            n = cfg.kv_cache_memory_bytes // per_block
-            if n < 2:
-                raise ValueError(f"kv_cache_memory_bytes: {cfg.kv_cache_memory_bytes} holds fewer than 2 blocks "
-                                 f"of {per_block} bytes")
-            return int(n)
-        full = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) + 1
-        return int(max(2, min(full, DEFAULT_KV_CACHE_BYTES // per_block)))
+        from jax.tree_util import tree_leaves
+        params_bytes = sum(int(x.nbytes) for x in tree_leaves(state))
+        plan = plan_kv_pool(cfg, self.model_config.max_position_embeddings,
+                            kv_bytes_per_block(self.model_config, cfg.block_size, self.kv_cache_dtype), params_bytes)
+        logger.info(describe(plan, self.kv_cache_dtype, params_bytes))
+        if plan.note:
+            logger.warning(plan.note)
+        return plan
 
     # ---- requests ---------------------------------------------------------------------------------
     def get_tokenizer(self):
@@ -130,6 +132,7 @@ class LLMEngine:
 
         Raises ValueError naming the field for bad input (inputs.py has the rules); nothing is queued then.
         """
+        params = params if params is not None else SamplingParams(**self.default_sampling)
         processed, params = self.input_processor.process(prompt, params)
         request_id = str(request_id)
         if request_id in self._requests:

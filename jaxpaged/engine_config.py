@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from jaxpaged.config import check_dtype
+from jaxpaged.generation_config import check_generation_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ATTENTION_BACKENDS = ("auto", "native", "pallas", "jnp")
@@ -15,16 +16,20 @@ QUANTIZATION_SCHEMES = ("int8", "gguf")
 class EngineConfig:
     """Engine configuration. Field names match vLLM's engine args where vLLM has one.
 
-    KV pool size: `num_kv_blocks` when given, else `kv_cache_memory_bytes` / bytes per block,
-    else enough blocks for `max_num_seqs` sequences of `max_model_len` tokens, capped at 2 GiB.
+    KV pool size (kv_sizing.py): `num_kv_blocks` when given, else `kv_cache_memory_bytes` / bytes per block,
+    else `gpu_memory_utilization` x device memory less the params, else enough blocks for `max_num_seqs`
+    sequences of `max_model_len` tokens, capped at 2 GiB. `max_model_len` defaults to the model's length
+    when the pool holds a sequence that long, else to what it holds (logged).
     """
     model: str = DEFAULT_MODEL
     tokenizer: str | None = None          # default: the model's own tokenizer
     dtype: str = "float32"
-    max_model_len: int | None = None      # default: min(model's max positions, 4096)
+    max_model_len: int | None = None      # default: the model's max positions, if the KV pool holds that many
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
+    # fraction of the device's memory (CPU: the machine's RAM) for params + KV pool; see kv_sizing.py
+    gpu_memory_utilization: float | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
@@ -45,6 +50,9 @@ class EngineConfig:
     # jaxpaged/quantization.py); "gguf" (a .gguf file's Q8_0/Q4_0/Q4_1 blocks kept as they are,
     # jaxpaged/gguf_blocks.py). The LM head and embedding stay in the model's dtype.
     quantization: str | None = None
+    # default sampling parameters: "auto" = the model's generation_config.json (vLLM's default), "vllm" = none,
+    # or a folder holding a generation_config.json (see generation_config.py)
+    generation_config: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
@@ -58,6 +66,7 @@ class EngineConfig:
                              "or quantization='int8'")
         if self.kv_cache_dtype != "auto":
             object.__setattr__(self, "kv_cache_dtype", check_dtype(self.kv_cache_dtype))
+        check_generation_config(self.generation_config)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend: expected one of {list(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
@@ -70,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks: must be >= 2 (block 0 is reserved), got {self.num_kv_blocks}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes: must be > 0, got {self.kv_cache_memory_bytes}")
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxpaged.chat_messages import normalize_message
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -137,21 +138,8 @@ class InputProcessor:
 
 
 def plain_message(i: int, m) -> dict:
-    """A chat message with string content (OpenAI text content parts joined); ValueError otherwise."""
-    if not isinstance(m, dict) or "role" not in m or "content" not in m:
-        raise ValueError(f"messages[{i}]: each message needs 'role' and 'content'")
-    content = m["content"]
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
-                                 f"are supported, got {part!r}")
-            texts.append(part["text"])
-        return {**m, "content": "".join(texts)}
-    if content is not None and not isinstance(content, str):
-        raise ValueError(f"messages[{i}].content: expected a string or a list of text parts")
-    return m
+    """One chat message checked by OpenAI's rules (jaxpaged/chat_messages.py), its content as one string."""
+    return normalize_message(i, m)
 
 
 def render_chat(tokenizer, conversation: list[dict], *, chat_template: str | None = None,

@@ -12,10 +12,11 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from jaxpaged.beam_search import to_beam_search_output
+from jaxpaged.chat_messages import normalize_messages
 from jaxpaged.compilation_cache import enable_compilation_cache
 from jaxpaged.engine import LLMEngine
 from jaxpaged.engine_config import DEFAULT_MODEL, EngineConfig
-from jaxpaged.inputs import as_prompt_list, plain_message, render_chat
+from jaxpaged.inputs import as_prompt_list, render_chat
 from jaxpaged.outputs import BeamSearchOutput, RequestOutput
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
 
@@ -35,6 +36,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams used when none are given: SamplingParams() updated with the model's
+        generation_config.json recommendations (EngineConfig.generation_config="auto", the default)."""
+        return SamplingParams(**self.llm_engine.default_sampling)
+
     # ---- generate -----------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -43,6 +49,8 @@ class LLM:
         validated before any runs.
         """
         prompts = as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         return self._run(self._add_all(prompts, _as_params_list(sampling_params, len(prompts))), use_tqdm,
                          "Processed prompts")
 
@@ -97,7 +105,7 @@ class LLM:
                         continue_final_message=False, chat_template_kwargs=None, tools=None) -> list[int]:
         """Token ids of a conversation rendered through the tokenizer's chat template."""
         tok = self.get_tokenizer()
-        conversation = [plain_message(i, m) for i, m in enumerate(conversation)]
+        conversation = normalize_messages(conversation)     # OpenAI's role / content rules (ValueError)
         text = render_chat(tok, conversation, chat_template=chat_template, tools=tools,
                            add_generation_prompt=add_generation_prompt and not continue_final_message,
                            continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)

@@ -194,6 +194,16 @@ def _log_rejection(scope, err: OpenAIError) -> None:
                message, param)
 
 
+def _body_shape_error(request: Request) -> OpenAIError:
+    """A body that is not a JSON object: say whether the content type or the JSON is wrong."""
+    ctype = request.headers.get("content-type", "")
+    if "json" not in ctype.lower():
+        got = f"'{ctype}'" if ctype else "none"
+        return invalid_request(f"the request body must be a JSON object sent with 'Content-Type: application/json' "
+                               f"(Content-Type: {got})")
+    return invalid_request("the request body must be a JSON object")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -205,6 +215,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = list(exc.errors())
         if errors and errors[0].get("type") == "json_invalid":
             err = invalid_request("the request body is not valid JSON")
+        elif errors and tuple(errors[0].get("loc", ())) == ("body",):   # the body as a whole, not a field
+            err = _body_shape_error(request)
         else:
             err = pydantic_errors_to_openai(errors)
         _log_rejection(request.scope, err)

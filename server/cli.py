@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
 
@@ -24,10 +25,18 @@ _HELP = {
     "dtype": "parameter and activation dtype: float32 or bfloat16",
     "quantization": "weight quantization of every decoder Linear: int8 (weight-only, per output channel), or gguf "
                     "(a .gguf file's Q8_0/Q4_0/Q4_1 blocks kept quantized) (default: None)",
-    "max_model_len": "longest prompt + completion in tokens (default: min(model's max positions, 4096))",
+    "max_model_len": "longest prompt + completion in tokens (default: the model's max positions when the KV "
+                     "cache holds that many, else what it holds; logged at start)",
     "block_size": "tokens per KV-cache block",
-    "num_kv_blocks": "KV-cache blocks (default: from kv_cache_memory_bytes or max_num_seqs * max_model_len)",
-    "kv_cache_memory_bytes": "memory for the KV cache in bytes",
+    "num_kv_blocks": "KV-cache blocks (overrides the memory flags below)",
+    "kv_cache_memory_bytes": "memory for the KV cache: bytes, or with a unit (4GiB, 512MiB, 2GB, 1e9) "
+                             "(default: --gpu-memory-utilization when given, else room for --max-num-seqs "
+                             "sequences of --max-model-len tokens, at most 2 GiB)",
+    "gpu_memory_utilization": "fraction of the device's memory (on CPU: the machine's RAM) for params + KV "
+                              "cache; the KV cache gets what the params leave (default: unset, see "
+                              "--kv-cache-memory-bytes)",
+    "generation_config": "default sampling parameters: auto (the model's generation_config.json), vllm "
+                         "(none), or a folder holding a generation_config.json (default: auto)",
     "max_num_seqs": "most sequences in one batch",
     "max_num_batched_tokens": "token budget of one step",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
@@ -66,12 +75,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help_text = _HELP.get(f.name, f.name.replace("_", " "))
         if "default" not in help_text:
             help_text += f" (default: {default})"
+        if f.name == "kv_cache_memory_bytes":
+            typ = parse_bytes
         if typ is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=typ, default=default, help=help_text)
     return parser
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB' / '512MiB' / '2GB' / '2G' / '1e9' / '1073741824' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 4GiB, 512MiB, 2GB or a byte count, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -168,7 +192,6 @@ def uses_remote_engines(args: argparse.Namespace) -> bool:
 
 # vLLM flags that drop-in launch scripts often pass: accepted so those scripts start, then ignored.
 IGNORED_VLLM_FLAGS = {
-    "--gpu-memory-utilization": float,   # size the KV cache with --num-kv-blocks / --kv-cache-memory-bytes
     "--swap-space": float,
     "--trust-remote-code": bool,
     "--disable-log-requests": bool,

@@ -86,15 +86,11 @@ class CompletionRequest(SamplingFields):
     suffix: StrictStr | None = None
 
 
-class TextPart(RequestModel):
-    type: Literal["text"]
-    text: StrictStr
-
-
 class ChatMessage(RequestModel):
+    """Shape only; the role / content / tool_call_id rules are jaxpaged.chat_messages' (shared with LLM.chat)."""
     model_config = ConfigDict(extra="allow")
     role: StrictStr
-    content: StrictStr | list[TextPart] | None = None
+    content: StrictStr | list[dict[str, Any]] | None = None
     name: StrictStr | None = None
 
     def text(self) -> str:
@@ -102,7 +98,7 @@ class ChatMessage(RequestModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(str(part.get("text", "")) for part in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -18,9 +18,10 @@ from functools import lru_cache
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from jaxpaged.chat_messages import ChatMessageError, normalize_messages
 from jaxpaged.inputs import render_chat
 from jaxpaged.sampling_params import SamplingParams
-from .errors import OpenAIError, from_value_error, invalid_request, not_found_model
+from .errors import OpenAIError, from_value_error, internal_error, invalid_request, not_found_model
 from .limits import ServerLimits
 
 logger = logging.getLogger("jaxpaged.server")
@@ -49,6 +50,8 @@ class ServingContext:
         self.max_num_seqs = int(inner.config.max_num_seqs)
         self.max_logprobs = int(inner.config.max_logprobs)
         self.model_path = str(inner.config.model)
+        # the model's generation_config.json recommendations: they fill the sampling fields a request leaves unset
+        self.default_sampling = dict(inner.default_sampling)
         self.decode_token = lru_cache(maxsize=65536)(self._decode_token)
         # --tool-call-parser / --enable-auto-tool-choice (server/serving_tools.py)
         self.tool_call_parser: str | None = None
@@ -72,9 +75,9 @@ class ServingContext:
         limit = self.max_model_len
         if num_prompt_tokens >= limit:
             return max_tokens
-        if max_tokens is None:     # the operator's default cap, within what is left of the context
-            room = limit - num_prompt_tokens
-            return min(room, self.limits.default_max_tokens) if self.limits.default_max_tokens else room
+        if max_tokens is None:     # the model's recommendation and the operator's default cap, within what is left
+            caps = [limit - num_prompt_tokens, self.default_sampling.get("max_tokens"), self.limits.default_max_tokens]
+            return min(c for c in caps if c)
         if max_tokens >= 1 and num_prompt_tokens + max_tokens > limit:
             raise invalid_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -85,7 +88,8 @@ class ServingContext:
 
     def sampling_params(self, fields: dict, rename: dict[str, str] | None = None) -> SamplingParams:
         """SamplingParams from request values (None means the default); a TypeError/ValueError -> 400 naming the field."""
-        kwargs = {k: v for k, v in fields.items() if v is not None and k in SAMPLING_FIELDS}
+        kwargs = {k: v for k, v in self.default_sampling.items() if k != "max_tokens"}   # resolve_max_tokens' job
+        kwargs.update((k, v) for k, v in fields.items() if v is not None and k in SAMPLING_FIELDS)
         known = {name: name for name in SAMPLING_FIELDS}
         known.update(rename or {})
         try:
@@ -113,6 +117,12 @@ class ServingContext:
                             continue_final_message: bool, extra: dict | None, tools: list | None = None) -> str:
         if not messages:
             raise invalid_request("messages must not be empty", param="messages")
+        fields = ("role", "content", "name", "tool_calls", "tool_call_id")
+        try:   # OpenAI's rules (jaxpaged/chat_messages.py): a 400 naming the field
+            normalize_messages([{k: v for k, v in m.model_dump().items() if k in fields and v is not None}
+                                for m in messages])
+        except ChatMessageError as exc:
+            raise invalid_request(str(exc), param=exc.param) from None
         convo = [_template_message(m) for m in messages]
         reserved = {"conversation", "tokenize", "add_generation_prompt", "continue_final_message",
                     "return_dict", "return_tensors", "padding", "truncation", "max_length", "tools",
@@ -125,6 +135,9 @@ class ServingContext:
             text = render_chat(self.tokenizer, convo, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message, chat_template_kwargs=kwargs,
                                tools=tools or None)
+        except ImportError as exc:   # a runtime dependency is missing: the server's fault, not the request's
+            raise internal_error(f"the server cannot render chat templates: {exc} (install it where the server "
+                                 f"runs, then restart the server)") from None
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise invalid_request(f"messages could not be rendered with the chat template: {exc}",
                                   param="messages") from None

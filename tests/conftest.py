@@ -1,14 +1,38 @@
 """Shared fixtures: tiny random-weight Hugging Face models built from configs (no hub), and the real SmolLM2."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from tests import tiny_models
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _isolate_cache() -> str:
+    """Points $JAXPAGED_CACHE (converted params, JAX compilation cache) at a fresh temp dir for this
+    session, so no test writes into the user's cache; server processes the tests start inherit it.
+
+    One exception, on purpose: <cache>/cpu_kernels links to the user's kernel build cache. Its entries are
+    content-addressed (sha256 of the C++ sources, flags, compiler, jaxlib version and CPU model) and
+    written atomically, so sharing it cannot give a test a stale or half-built library, and the suite
+    does not rebuild the kernels on every run."""
+    user_root = os.environ.get("JAXPAGED_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxpaged")
+    root = tempfile.mkdtemp(prefix="jaxpaged-test-cache-")
+    kernels = os.path.join(user_root, "cpu_kernels")
+    os.makedirs(kernels, exist_ok=True)
+    os.symlink(kernels, os.path.join(root, "cpu_kernels"))
+    os.environ["JAXPAGED_CACHE"] = root
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+TEST_CACHE = _isolate_cache()
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ class FakeEngine:
                                    num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs)
         self.model_config = FakeModelConfig(vocab_size=vocab_size)
         self.max_model_len = max_model_len
+        self.default_sampling: dict = {}        # the Engine contract: no generation_config.json defaults
         self.step_delay = step_delay
         self.total_blocks = num_kv_blocks - 1       # block 0 is the null block
         # the real engine's entry checks (same rules, same ValueErrors)

@@ -53,9 +53,65 @@ def make_fake_engine(config):
     """--engine-factory target: a FakeEngine sized by the EngineConfig (for server-process tests without a model)."""
     from tests.fake_engine import FakeEngine
 
-    return FakeEngine(max_model_len=config.max_model_len or 256, block_size=config.block_size,
-                      num_kv_blocks=config.num_kv_blocks or 129, max_num_seqs=config.max_num_seqs,
-                      step_delay=float(os.environ.get("FAKE_ENGINE_STEP_DELAY", "0.002")), model=config.model)
+    return _maybe_gated(FakeEngine(max_model_len=config.max_model_len or 256, block_size=config.block_size,
+                                   num_kv_blocks=config.num_kv_blocks or 129, max_num_seqs=config.max_num_seqs,
+                                   step_delay=float(os.environ.get("FAKE_ENGINE_STEP_DELAY", "0.002")),
+                                   model=config.model))
+
+
+def make_gated_engine(config):
+    """--engine-factory target: the real LLMEngine, its steps rationed by $JAXPAGED_TEST_STEP_GATE (StepGate)."""
+    from jaxpaged.engine import LLMEngine
+
+    return _maybe_gated(LLMEngine(config))
+
+
+def _maybe_gated(engine):
+    path = os.environ.get(StepGate.ENV)
+    return GatedEngine(engine, path) if path else engine
+
+
+class StepGate:
+    """Lets a test decide how many engine steps a server process may run, so that a test of what happens
+    mid-request (a client disconnect) does not race the model: no file = steps run freely; a file holding
+    n = n more steps, then the engine stands still (requests stay queued or half-done) until told more."""
+    ENV = "JAXPAGED_TEST_STEP_GATE"
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def allow(self, steps: int) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(steps))
+        os.replace(tmp, self.path)       # atomic: the engine thread never reads a half-written file
+
+    def open(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class GatedEngine:
+    """Wraps an engine (the Engine contract); step() runs only while the StepGate file allows it."""
+
+    def __init__(self, engine, gate_path: str):
+        self._engine = engine
+        self._gate = StepGate(gate_path)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def step(self):
+        try:
+            with open(self._gate.path) as f:
+                left = int(f.read().strip() or 0)
+        except FileNotFoundError:
+            return self._engine.step()
+        if left <= 0:
+            time.sleep(0.005)            # standing still: the engine thread keeps applying adds and aborts
+            return []
+        self._gate.allow(left - 1)
+        return self._engine.step()
 
 
 class ServerProcess:

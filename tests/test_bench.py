@@ -65,3 +65,27 @@ def test_structured_overhead_smoke(tiny_llama, tmp_path, capsys):
           "--download-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "B=4 decode step" in out and "every row constrained" in out
+
+
+def test_serve_against_named_server_with_api_key(tiny_llama, tmp_path, capsys):
+    """A server started with --served-model-name and --api-key: bench serve reads the tokenizer from
+    --tokenizer (not from the served name), sends the key, and names the served model in its requests."""
+    from tests.server_utils import ServerProcess
+
+    server = ServerProcess(["--model", "fake-model", "--engine-factory", "tests.server_utils:make_fake_engine",
+                            "--served-model-name", "smol", "--api-key", "sekret", "--max-model-len", "256"])
+    try:
+        common = ["serve", "--base-url", server.url, "--tokenizer", tiny_llama, "--num-prompts", "3",
+                  "--input-len-range", "4:8", "--output-len-range", "2:3", "--ignore-eos"]
+        with pytest.raises(SystemExit, match="--api-key"):
+            main(common)
+        out = tmp_path / "serve.jsonl"
+        main([*common, "--api-key", "sekret", "--output-json", str(out)])
+        row = json.loads(out.read_text())
+        assert row["completed"] == 3 and row["failed"] == 0, row
+        assert "server model smol" in capsys.readouterr().out
+        # a served name is not a tokenizer: a clear message, no traceback
+        with pytest.raises(SystemExit, match="--served-model-name"):
+            main(["serve", "--base-url", server.url, "--model", "smol", "--api-key", "sekret", "--num-prompts", "1"])
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 
@@ -25,7 +26,7 @@ from fastapi.testclient import TestClient
 from jaxpaged.server.app import build_app
 from jaxpaged.server.cli import parse_args
 from tests.fake_engine import FakeEngine, expected_tokens
-from tests.server_utils import ServerProcess, parse_metrics, wait_for
+from tests.server_utils import ServerProcess, StepGate, parse_metrics, wait_for
 
 # ============================================================== part 1: in-process, FakeEngine
 
@@ -357,7 +358,7 @@ API_KEY = "test-key"
 ENGINE_KW = dict(max_model_len=512, num_kv_blocks=72, block_size=16, max_num_seqs=4, max_num_batched_tokens=32)
 SERVER_ARGS = ["--max-model-len", "512", "--num-kv-blocks", "72", "--block-size", "16", "--max-num-seqs", "4",
                "--max-num-batched-tokens", "32", "--attention-backend", "native", "--served-model-name", "tiny",
-               "--api-key", API_KEY, "--gpu-memory-utilization", "0.9"]   # a vLLM flag: accepted, ignored
+               "--api-key", API_KEY, "--swap-space", "4"]   # a vLLM flag: accepted, ignored
 
 
 def _real_engine_available() -> bool:
@@ -369,16 +370,18 @@ def _real_engine_available() -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_factory):
+def server(tiny_model_factory, tmp_path_factory):
     real = _real_engine_available()
-    if real:   # converted params and compiled executables go to the default cache ($JAXPAGED_CACHE)
+    # the engine's steps can be rationed by a test (StepGate); without the gate file they run freely
+    gate = StepGate(str(tmp_path_factory.mktemp("step-gate") / "steps"))
+    if real:   # converted params and compiled executables go to the session's $JAXPAGED_CACHE (conftest)
         model = tiny_model_factory("llama")
-        args = ["--model", model, *SERVER_ARGS]
+        args = ["--model", model, "--engine-factory", "tests.server_utils:make_gated_engine", *SERVER_ARGS]
     else:
         model = "fake-model"
         args = ["--model", model, "--engine-factory", "tests.server_utils:make_fake_engine", *SERVER_ARGS]
-    proc = ServerProcess(args, env={"FAKE_ENGINE_STEP_DELAY": "0.01"})
-    proc.real, proc.model_dir = real, model
+    proc = ServerProcess(args, env={"FAKE_ENGINE_STEP_DELAY": "0.01", StepGate.ENV: gate.path})
+    proc.real, proc.model_dir, proc.gate = real, model, gate
     yield proc
     proc.stop()
 
@@ -513,31 +516,54 @@ def _idle(server):
             and m["jaxpaged:num_requests_waiting"] == 0)
 
 
+def _in_engine(server) -> float:
+    m = server.metrics()
+    return m["jaxpaged:num_requests_running"] + m["jaxpaged:num_requests_waiting"]
+
+
 def test_disconnect_frees_blocks(server):
+    """A client that leaves mid-request gets its request aborted and its KV blocks freed. The engine's
+    steps are rationed (StepGate), so the request is provably unfinished when the client leaves: no race
+    between the model and the client, whatever the machine's speed."""
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     before = server.metrics()
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", server.url + "/v1/completions", json=body, headers=headers) as r:
-            assert r.status_code == 200
-            got = 0
-            for line in r.iter_lines():
-                got += line.startswith("data: ")
-                if got == 2:
-                    assert server.metrics()["jaxpaged:kv_cache_usage_perc"] > 0
-                    break   # leaving iter_lines early closes the connection, mid-stream
-    # the server notices, aborts the request and frees its blocks
-    wait_for(lambda: _idle(server), timeout=60, what="KV blocks freed after disconnect")
-    after = server.metrics()
-    assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 400
-    assert after["jaxpaged:e2e_request_latency_seconds_count"] == before["jaxpaged:e2e_request_latency_seconds_count"]
-    # a non-streamed request whose client gives up (times out and closes) is aborted too
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 450},
-                   headers=headers, timeout=0.3)
-    wait_for(lambda: _idle(server), timeout=60, what="KV blocks freed after a non-streamed client left")
-    final = server.metrics()
-    assert final["jaxpaged:e2e_request_latency_seconds_count"] == before["jaxpaged:e2e_request_latency_seconds_count"]
+    server.gate.allow(0)
+    try:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", server.url + "/v1/completions", json=body, headers=headers) as r:
+                assert r.status_code == 200
+                wait_for(lambda: _in_engine(server) == 1, timeout=60, what="the request to reach the engine")
+                server.gate.allow(3)          # the prefill step (first token) and two decode steps, then stand still
+                gen0 = before["jaxpaged:generation_tokens_total"]
+                wait_for(lambda: server.metrics()["jaxpaged:generation_tokens_total"] - gen0 == 3, timeout=60,
+                         what="3 tokens generated")
+                assert server.metrics()["jaxpaged:kv_cache_usage_perc"] > 0
+                assert _in_engine(server) == 1
+            # leaving the `with` closes the connection, mid-stream (397 tokens to go)
+        # the server notices, aborts the request and frees its blocks
+        wait_for(lambda: _idle(server), timeout=60, what="KV blocks freed after disconnect")
+        after = server.metrics()
+        assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] <= 3
+        assert (after["jaxpaged:e2e_request_latency_seconds_count"]
+                == before["jaxpaged:e2e_request_latency_seconds_count"])
+        # a non-streamed request whose client closes the connection is aborted too
+        request = json.dumps({**body, "stream": False}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                         b"Content-Length: " + str(len(request)).encode() + b"\r\n\r\n" + request)
+            wait_for(lambda: _in_engine(server) == 1, timeout=60, what="the non-streamed request in the engine")
+        wait_for(lambda: _idle(server), timeout=60, what="the request aborted after its client left")
+        final = server.metrics()
+        assert final["jaxpaged:generation_tokens_total"] == after["jaxpaged:generation_tokens_total"]
+        assert final["jaxpaged:e2e_request_latency_seconds_count"] == before["jaxpaged:e2e_request_latency_seconds_count"]
+    finally:
+        server.gate.open()
+    # and the engine serves on
+    r = httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2}, headers=headers,
+                   timeout=120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_64_concurrent_streams(server):
@@ -600,7 +626,7 @@ def test_cors_and_vllm_flags(server):
         "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization,content-type"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "http://example.com")
-    assert "--gpu-memory-utilization is accepted for vLLM compatibility and ignored" in server.output()
+    assert "--swap-space is accepted for vLLM compatibility and ignored" in server.output()
 
 
 def test_zz_sigterm_graceful_shutdown(server):

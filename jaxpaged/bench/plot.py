@@ -9,7 +9,10 @@ import sys
 
 
 def plot_serve(rows: list[dict], path: str, title: str = "jaxpaged serve: throughput vs latency") -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install 'jaxpaged[bench]' (or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -11,6 +11,11 @@ chunks) and end-to-end latency; reported as mean, p50 and p99, with request and 
 Each rate gets its own random prompts (seed + rate index), so no rate hits the prefix cache of
 an earlier one. Arrivals: exponential gaps at `rate` requests/s from the seed (rate inf: all at once), optionally
 capped at `--max-concurrency` requests in flight. `--launch` starts the server itself (and stops it).
+
+`--model` (or `--tokenizer`) is the model the server runs: only its tokenizer and vocabulary size are read.
+Against a server started with `--served-model-name NAME --api-key KEY`:
+
+    python -m jaxpaged.bench serve --model smollm2-135m-instruct --served-model-name NAME --api-key KEY
 """
 from __future__ import annotations
 
@@ -29,7 +34,14 @@ from jaxpaged.bench import workload
 def add_args(p) -> None:
     workload.add_workload_args(p)
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="model name sent (and launched with --launch)")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="the model the server runs (name or path): its tokenizer and vocabulary shape the prompts, "
+                        "and --launch serves it")
+    p.add_argument("--tokenizer", default=None, help="take the tokenizer and vocabulary from here instead of --model")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name sent in requests (default: the first name the server lists at /v1/models)")
+    p.add_argument("--api-key", default=None,
+                   help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY or $JAXPAGED_API_KEY)")
     p.add_argument("--request-rates", default="inf", help="comma-separated requests/s; inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--timeout", type=float, default=3600)
@@ -71,7 +83,7 @@ async def _one(client, url: str, model: str, req, ignore_eos: bool) -> dict:
 
 
 async def run_rate(base_url: str, model: str, requests, rate: float, *, max_concurrency=None, seed=0,
-                   ignore_eos=False, timeout=3600.0) -> dict:
+                   ignore_eos=False, timeout=3600.0, api_key: str | None = None) -> dict:
     import httpx
 
     rng = np.random.default_rng(seed)
@@ -79,7 +91,7 @@ async def run_rate(base_url: str, model: str, requests, rate: float, *, max_conc
     url = base_url.rstrip("/") + "/v1/completions"
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
 
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=_auth(api_key)) as client:
         async def guarded(req):
             if sem is None:
                 return await _one(client, url, model, req, ignore_eos)
@@ -129,6 +141,8 @@ def _launch(args):
     port = args.base_url.rstrip("/").rsplit(":", 1)[-1]
     cmd = [sys.executable, "-m", "jaxpaged.server", "--model", args.model, "--port", port,
            "--uvicorn-log-level", "warning"] + args.server_args.split()
+    if args.served_model_name:
+        cmd += ["--served-model-name", args.served_model_name]
     proc = subprocess.Popen(cmd)
     deadline = time.time() + 1800
     while time.time() < deadline:
@@ -144,26 +158,57 @@ def _launch(args):
     raise RuntimeError("server did not become healthy in 30 min")
 
 
-def run(args) -> list[dict]:
+def _auth(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def tokenizer_and_vocab(name: str):
+    """(tokenizer, vocab_size) of a model name or path, without converting its weights."""
+    from jaxpaged.convert.loader import hf_dir_config, load_tokenizer
+    from jaxpaged.convert.resolve import resolve_model
+
+    try:
+        source = resolve_model(name)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"bench serve: cannot read a tokenizer from {name!r} ({e}); --model (or --tokenizer) "
+                         f"names the model the server runs, a path or a built-in name; the name the server "
+                         f"answers to goes in --served-model-name") from None
+    if source.kind == "gguf":
+        from jaxpaged.convert.gguf_io import GGUFFile
+        from jaxpaged.convert.gguf_tokenizer import build_tokenizer
+        gguf = GGUFFile(source.path)
+        return build_tokenizer(gguf), int(gguf.hf_config()["vocab_size"])
+    return load_tokenizer(source.path), int(hf_dir_config(source.path)["vocab_size"])
+
+
+def served_name(base_url: str, api_key: str | None) -> str:
+    """The first model name the server lists (a 401 says to pass --api-key)."""
     import httpx
+    r = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=30, headers=_auth(api_key))
+    if r.status_code == 401:
+        raise SystemExit(f"bench serve: {base_url} wants an API key: pass --api-key (or set $OPENAI_API_KEY)")
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
 
-    from jaxpaged.convert import load_model
 
+def run(args) -> list[dict]:
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("JAXPAGED_API_KEY") or None
     server = _launch(args) if args.launch else None
     try:
-        loaded = load_model(args.model, progress=False)
+        tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer or args.model)
         seed = args.seed
-        requests = workload.build_requests(args, loaded.tokenizer, loaded.config.vocab_size)
-        name = httpx.get(args.base_url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
+        requests = workload.build_requests(args, tokenizer, vocab_size)
+        name = args.served_model_name or served_name(args.base_url, api_key)
         print(f"server model {name}; {workload.summary(requests)}; load average {os.getloadavg()[0]:.2f}")
         rows = []
         for i, rate in enumerate(float(x) for x in args.request_rates.split(",")):
             if i and not args.dataset:
                 # fresh random prompts per rate: repeating them would hit the server's prefix cache
                 args.seed = seed + i
-                requests = workload.build_requests(args, loaded.tokenizer, loaded.config.vocab_size)
+                requests = workload.build_requests(args, tokenizer, vocab_size)
             s = asyncio.run(run_rate(args.base_url, name, requests, rate, max_concurrency=args.max_concurrency,
-                                     seed=seed, ignore_eos=args.ignore_eos, timeout=args.timeout))
+                                     seed=seed, ignore_eos=args.ignore_eos, timeout=args.timeout,
+                                     api_key=api_key))
             s["load_avg"] = os.getloadavg()[0]
             rows.append(s)
             print(format_summary(s), flush=True)
