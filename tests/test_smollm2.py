@@ -121,3 +121,18 @@ def test_small_schemas_finish_with_stop_within_200_tokens(llm):
     for (_, schema), out in zip(SMALL_SCHEMAS, outs):
         if out.outputs[0].finish_reason == "stop":
             jsonschema.validate(json.loads(out.outputs[0].text), schema)
+
+
+def test_readme_quickstart_prints_what_it_says(llm, capsys):
+    """The README's Quickstart, run on this module's engine (same model, greedy): each print shows the
+    answer its `# -> ...` comment promises."""
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, flags=re.S).group(1)
+    promised = re.findall(r"print\(.*?\)\s+# -> (.*)$", block, flags=re.M)
+    assert len(promised) == 2
+    code = re.sub(r"^llm = LLM\(.*$", "", block, flags=re.M)      # this module's llm instead of a new one
+    exec(compile(code, "README.md", "exec"), {"llm": llm})
+    printed = [line.strip() for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == promised
