@@ -61,7 +61,7 @@ class EngineWorker:
             enable_compilation_cache(config)     # this process's entry point: it sets the process-wide JAX config
             self.engine = LLMEngine(config, progress=False)
         return dict(model_config=self.engine.model_config, max_model_len=self.engine.max_model_len,
-                    stats=self.engine.get_stats(), pid=os.getpid())
+                    stats=self.engine.get_stats(), pid=os.getpid(), default_sampling=self.engine.default_sampling)
 
     def free_address(self) -> str:
         """host:port on this worker's host for the jax.distributed coordinator (rank 0 serves it)."""
@@ -168,6 +168,7 @@ class RemoteEngine:
         self._stats = None
         self.model_config = None
         self.max_model_len = None
+        self.default_sampling: dict = {}
         self._tokenizer = None
 
     def start(self, cpus_per_rank: list | None = None, factory: str | None = None) -> None:
@@ -180,6 +181,7 @@ class RemoteEngine:
         info = self._broadcast("start", lambda rank: (self.config, rank, world, coordinator, cpus[rank], factory))
         self.model_config, self.max_model_len, self._stats = info["model_config"], info["max_model_len"], info["stats"]
         self.pid = info["pid"]
+        self.default_sampling = info["default_sampling"]      # the model's generation_config.json defaults
 
     # ------------------------------------------------------------ the Engine contract
 

@@ -20,9 +20,9 @@ from tests.fake_engine import FakeEngine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME_DIRS = ("jaxpaged", "convert", "server", "cpu_kernels", "pallas_kernels")
-# imported only inside functions that say what to install when they are missing (bench backends, plotting,
-# pytorch_model.bin checkpoints); each lives in an extra or is the thing being compared against
-OPTIONAL = {"torch": "pytorch_model.bin / bench hf", "vllm": "bench vllm", "matplotlib": "extra bench"}
+# imported only inside functions that say what to install when they are missing: pytorch_model.bin
+# checkpoints and the bench's reference backends (besides the extras' packages: ray, matplotlib, ...)
+OPTIONAL = {"torch": "pytorch_model.bin / bench hf", "vllm": "bench vllm"}
 
 
 def _pyproject() -> dict:
@@ -52,8 +52,11 @@ def _third_party_imports() -> set[str]:
 
 
 def test_every_runtime_import_is_a_declared_dependency():
-    declared = {_dist_name(r) for r in _pyproject()["project"]["dependencies"]}
+    project = _pyproject()["project"]
+    declared = {_dist_name(r) for r in project["dependencies"]}
     assert "jinja2" in declared, "transformers' apply_chat_template needs jinja2: chat requests fail without it"
+    extras = {_dist_name(r) for name, reqs in project["optional-dependencies"].items() if name != "test"
+              for r in reqs}
     dists = importlib.metadata.packages_distributions()
     # what a declared dependency requires itself is installed with it (fastapi -> starlette, jax -> jaxlib)
     provided = set(declared)
@@ -64,7 +67,7 @@ def test_every_runtime_import_is_a_declared_dependency():
     missing = {}
     for module in _third_party_imports() - set(OPTIONAL):
         owners = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
-        if not owners & provided:
+        if not owners & (provided | extras):
             missing[module] = sorted(owners)
     assert not missing, f"imported at run time but not declared in pyproject.toml dependencies: {missing}"
 
