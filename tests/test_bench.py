@@ -89,3 +89,16 @@ def test_serve_against_named_server_with_api_key(tiny_llama, tmp_path, capsys):
             main(["serve", "--base-url", server.url, "--model", "smol", "--api-key", "sekret", "--num-prompts", "1"])
     finally:
         server.stop()
+
+
+def test_memory_breakdown(tiny_llama, tmp_path, capsys):
+    from jaxpaged.bench.memory import run
+    import argparse
+    args = argparse.Namespace(model=tiny_llama, dtype="float32", no_warmup=True, engine_args=json.dumps(dict(
+        num_kv_blocks=16, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32, download_dir=str(tmp_path))))
+    r = run(args)
+    plan = r["kv_plan"]
+    assert r["arrays"]["kv_pool"] == plan["num_blocks"] * plan["bytes_per_block"] == 16 * plan["bytes_per_block"]
+    assert r["arrays"]["all live JAX arrays"] >= r["arrays"]["kv_pool"] + r["arrays"]["params (as the runner holds them)"]
+    assert set(r["stages"]) == {"runtime", "engine", "serve"} and r["total_rss"] > 0
+    assert "| kv_pool |" in capsys.readouterr().out

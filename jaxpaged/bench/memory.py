@@ -8,8 +8,8 @@ Stages, each measured as the growth of this process's resident set (VmRSS) over 
             KV pool, the tokenizer, and what the load left in the allocator; split below by array sizes
   compile   warmup(): the step executables of every bucket (what an idle server holds after start)
   serve     one short greedy request
-The engine's arrays are also listed by size (KV pool, params, packed LM head), so the part of the
-engine stage that is not arrays shows. Run it on an otherwise idle machine; RSS is a process total.
+The engine's arrays are also listed by size (KV pool, params in the backend's storage forms, every
+live JAX array), so a copy held somewhere, and the part of the engine stage that is not arrays, show. Run it on an otherwise idle machine; RSS is a process total.
 """
 from __future__ import annotations
 
@@ -57,8 +57,10 @@ def measure(model: str, dtype: str, engine_args: dict, warmup: bool = True) -> d
     llm = LLM(model, dtype=dtype, enforce_eager=True, **engine_args)
     mark("engine")
     runner = llm.llm_engine.runner
-    arrays = {"kv_pool": _nbytes(runner.kv_cache), "params (as the runner holds them)": _nbytes(runner.state),
-              "packed LM head": _nbytes(runner.lm_head)}
+    # params as the runner holds them: the backend's storage forms (packed weights, quantized ones, ...)
+    arrays = {"kv_pool": _nbytes(runner.kv_cache), "params (as the runner holds them)": _nbytes(runner.state)}
+    # every JAX array alive (params and KV pool included): more than the above = a copy held somewhere
+    arrays["all live JAX arrays"] = sum(int(x.nbytes) for x in jax.live_arrays())
     if warmup:
         runner.warmup(progress=False)
         mark("compile")
@@ -73,8 +75,8 @@ def format_report(r: dict) -> str:
     lines += [f"| {k} | {v / MiB:.0f} |" for k, v in r["stages"].items()]
     lines += [f"| **total** | **{r['total_rss'] / MiB:.0f}** |", "", "| engine array | MiB |", "|---|---|"]
     lines += [f"| {k} | {v / MiB:.0f} |" for k, v in r["arrays"].items()]
-    rest = r["stages"]["engine"] - sum(r["arrays"].values())
-    lines += [f"| engine stage, not these arrays | {rest / MiB:.0f} |"]
+    rest = r["stages"]["engine"] - r["arrays"]["all live JAX arrays"]
+    lines += [f"| engine stage, not in JAX arrays | {rest / MiB:.0f} |"]
     plan = r["kv_plan"]
     lines += ["", f"KV pool: {plan['num_blocks']} blocks of {plan['block_size']} tokens (sized by {plan['sized_by']}), "
                   f"max_model_len {plan['max_model_len']}; native matmul: {r['native_matmul']}"]
