@@ -251,9 +251,10 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: Optional[int]
     if t.allowed.shape[1]:
         # the grammar wins over min_tokens: a row whose grammar allows only banned ids (eos at the
         # grammar's end) keeps the grammar's tokens, so it never samples a masked token
-        masked = apply_token_bitmask(banned, t.allowed)
+        keep = unpack_token_bitmask(t.allowed, x.shape[1])                     # [B, V] bool
+        masked = jnp.where(keep, banned, -jnp.inf)
         dead = jnp.all(masked == -jnp.inf, axis=-1, keepdims=True)              # [B, 1]
-        x = jnp.where(dead, apply_token_bitmask(x, t.allowed), masked)
+        x = jnp.where(keep & dead, x, masked)
     else:
         x = banned
     greedy = t.temperature <= 0.0                                  # [B] greedy or padding
@@ -323,13 +324,16 @@ def _add_bias(x: jax.Array, ids: jax.Array, vals: jax.Array) -> jax.Array:
     return x.at[rows, ids].add(vals, mode="drop")
 
 
-def apply_token_bitmask(x: jax.Array, allowed: jax.Array) -> jax.Array:
-    """x [B, V] with tokens whose bit is clear in allowed [B, W] (packed int32, bit t % 32 of word
-    t // 32) set to -inf."""
-    B, V = x.shape
+def unpack_token_bitmask(allowed: jax.Array, V: int) -> jax.Array:
+    """allowed [B, W] packed int32 (token t is bit t % 32 of word t // 32) -> [B, V] bool."""
+    B = allowed.shape[0]
     bits = jnp.right_shift(allowed[:, :, None], jnp.arange(32, dtype=jnp.int32)[None, None, :]) & 1
-    keep = bits.reshape(B, -1)[:, :V] != 0                                # [B, W*32] -> [B, V]
-    return jnp.where(keep, x, -jnp.inf)
+    return bits.reshape(B, -1)[:, :V] != 0                                # [B, W*32] -> [B, V]
+
+
+def apply_token_bitmask(x: jax.Array, allowed: jax.Array) -> jax.Array:
+    """x [B, V] with the tokens allowed [B, W] does not allow set to -inf."""
+    return jnp.where(unpack_token_bitmask(allowed, x.shape[1]), x, -jnp.inf)
 
 
 def _argmax(x: jax.Array) -> jax.Array:
