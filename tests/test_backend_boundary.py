@@ -181,3 +181,20 @@ def test_step_hooks_see_every_part(tiny_llama, tmp_path_factory):
     n = len(rec.events)
     llm.generate(["again"], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     assert len(rec.events) == n                       # removed: no longer called
+
+
+def test_auto_falls_back_to_pallas_when_the_native_kernels_cannot_build(monkeypatch, caplog):
+    import cpu_kernels.build
+    from cpu_kernels import NativeBuildError
+    from jaxpaged.runner import ready_backend
+
+    def fail():
+        raise NativeBuildError("no compiler here")
+    monkeypatch.setattr(cpu_kernels.build, "load", fail)
+    monkeypatch.setattr(cpu_kernels.build, "compiler_available", lambda: True)
+    with caplog.at_level("WARNING"):
+        assert ready_backend("auto").name == "pallas"
+    assert "falling back to Pallas" in caplog.text and "no compiler here" in caplog.text
+    with pytest.raises(NativeBuildError, match="no compiler here"):
+        ready_backend("native")                     # asked for by name: the error is the user's to see
+    assert ready_backend("jnp").name == "jnp"
