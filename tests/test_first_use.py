@@ -214,7 +214,7 @@ def test_generation_config_defaults(tmp_path, tiny_llama):
         EngineConfig(generation_config="nope")
 
 
-def test_llm_default_sampling_params_from_generation_config(tmp_path, tiny_llama):
+def test_llm_default_sampling_params_from_generation_config(tmp_path, tiny_llama, caplog):
     from jaxpaged import LLM, SamplingParams
 
     model = _with_generation_config(tiny_llama, tmp_path / "m", dict(GEN, temperature=0.0))
@@ -228,7 +228,11 @@ def test_llm_default_sampling_params_from_generation_config(tmp_path, tiny_llama
     assert out.token_ids == llm.generate("hello world", params, use_tqdm=False)[0].outputs[0].token_ids
     # no max_model_len: the model's 1024 positions do not fit in 4 blocks, so the pool's 64 tokens are the limit
     kw.pop("max_model_len")
-    plain = LLM(model=model, generation_config="vllm", **dict(kw, num_kv_blocks=5))
+    with caplog.at_level("INFO", logger="jaxpaged.engine"):
+        plain = LLM(model=model, generation_config="vllm", **dict(kw, num_kv_blocks=5))
+    # the start log says what the pool holds and why max_model_len is not the model's
+    assert "KV cache: 4 blocks x 16 tokens = 64 tokens" in caplog.text
+    assert "max_model_len is 64, not the model's 1024" in caplog.text
     defaults = plain.get_default_sampling_params()
     assert (defaults.temperature, defaults.max_tokens) == (SamplingParams().temperature, SamplingParams().max_tokens)
     assert plain.llm_engine.max_model_len == 64 and "not the model's 1024" in plain.llm_engine.kv_plan.note
