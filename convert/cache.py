@@ -65,22 +65,61 @@ def source_digest(source: ModelSource) -> str:
     return h.hexdigest()
 
 
-def cache_key(source: ModelSource, dtype: str) -> str:
+def cache_key(source: ModelSource, dtype: str, scheme: str | None = None) -> str:
+    """`<name>-<dtype>[-<quantization scheme>]-v<FORMAT_VERSION>-<digest>`."""
     name = os.path.basename(source.path.rstrip(os.sep))
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(name)[0] if source.kind == "gguf" else name)
-    return f"{name[:48]}-{dtype}-v{FORMAT_VERSION}-{source_digest(source)[:24]}"
+    variant = f"{dtype}-{scheme}" if scheme else dtype
+    return f"{name[:48]}-{variant}-v{FORMAT_VERSION}-{source_digest(source)[:24]}"
 
 
-def entry_path(root: str, source: ModelSource, dtype: str) -> str:
-    return os.path.join(root, cache_key(source, dtype))
+def entry_path(root: str, source: ModelSource, dtype: str, scheme: str | None = None) -> str:
+    return os.path.join(root, cache_key(source, dtype, scheme))
 
 
-def _manifest(config: ModelConfig, dtype: str) -> dict:
-    return {"format_version": FORMAT_VERSION, "dtype": dtype,
-            "params": {p: list(s) for p, s in sorted(param_shapes(config).items())}}
+def _stored_layout(config: ModelConfig, dtype: str, scheme: str | None) -> dict[str, tuple]:
+    """{stored array path: (shape, numpy dtype)} of an entry. Under "int8" a quantized kernel path p
+    is stored as p/q (int8, the kernel's shape) and p/scale (f32, [(L,) N])."""
+    target = numpy_dtype(dtype)
+    layout = {p: (shape, target) for p, shape in param_shapes(config).items()}
+    if scheme == "int8":
+        from jaxpaged.quantization import int8_kernel_paths
+        for p in int8_kernel_paths(config):
+            shape, _ = layout.pop(p)
+            layout[p + "/q"] = (shape, np.dtype(np.int8))
+            layout[p + "/scale"] = (shape[:-2] + shape[-1:], np.dtype(np.float32))
+    return layout
 
 
-def _restore(entry: str, dtype: str, progress: bool = False):
+def _manifest(config: ModelConfig, dtype: str, scheme: str | None = None) -> dict:
+    out = {"format_version": FORMAT_VERSION, "dtype": dtype,
+           "params": {p: list(s) for p, (s, _) in sorted(_stored_layout(config, dtype, scheme).items())}}
+    if scheme:
+        out["quantization"] = scheme
+    return out
+
+
+def _to_stored(params: dict) -> dict:
+    """Weight-type leaves (Int8Weight) as their arrays, for Orbax."""
+    from jaxpaged.quantization import Int8Weight
+    flat = {}
+    for p, x in flatten(params).items():
+        if isinstance(x, Int8Weight):
+            flat[p + "/q"], flat[p + "/scale"] = np.asarray(x.q), np.asarray(x.scale)
+        else:
+            flat[p] = x
+    return nest(flat)
+
+
+def _from_stored(flat: dict, scheme: str | None) -> dict:
+    if scheme == "int8":
+        from jaxpaged.quantization import Int8Weight
+        for p in [p[:-2] for p in flat if p.endswith("/q")]:
+            flat[p] = Int8Weight(flat.pop(p + "/q"), flat.pop(p + "/scale"))
+    return nest(flat)
+
+
+def _restore(entry: str, dtype: str, scheme: str | None = None):
     """(config, params, tokenizer) of an entry; CorruptEntry when anything is off."""
     import orbax.checkpoint as ocp
     from transformers import AutoTokenizer
@@ -95,20 +134,19 @@ def _restore(entry: str, dtype: str, progress: bool = False):
             config = ModelConfig.from_json(f.read())
     except (OSError, ValueError, TypeError) as e:
         raise CorruptEntry(f"unreadable marker or config ({e})") from None
-    if manifest != _manifest(config, dtype):
+    if manifest != _manifest(config, dtype, scheme):
         raise CorruptEntry("manifest does not match the config's params")
-    shapes = param_shapes(config)
-    target = numpy_dtype(dtype)
-    restore_args = nest({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in shapes})
+    layout = _stored_layout(config, dtype, scheme)
+    restore_args = nest({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in layout})
     try:
         restored = ocp.PyTreeCheckpointer().restore(
             os.path.join(entry, "params"), args=ocp.args.PyTreeRestore(restore_args=restore_args))
     except Exception as e:  # orbax / tensorstore raise many kinds on damaged data
         raise CorruptEntry(f"Orbax restore failed ({type(e).__name__}: {e})") from None
     flat = flatten(restored)
-    if set(flat) != set(shapes):
-        raise CorruptEntry(f"params differ: {sorted(set(flat) ^ set(shapes))}")
-    for p, shape in shapes.items():
+    if set(flat) != set(layout):
+        raise CorruptEntry(f"params differ: {sorted(set(flat) ^ set(layout))}")
+    for p, (shape, target) in layout.items():
         arr = flat[p]
         if tuple(arr.shape) != shape or arr.dtype != target:
             raise CorruptEntry(f"param {p}: {arr.shape} {arr.dtype}, expected {shape} {target}")
@@ -116,41 +154,44 @@ def _restore(entry: str, dtype: str, progress: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(entry, "tokenizer"), local_files_only=True)
     except Exception as e:
         raise CorruptEntry(f"tokenizer unreadable ({type(e).__name__}: {e})") from None
-    return config, nest(flat), tokenizer
+    return config, _from_stored(flat, scheme), tokenizer
 
 
-def read_entry(root: str, source: ModelSource, dtype: str):
+def read_entry(root: str, source: ModelSource, dtype: str, scheme: str | None = None):
     """(config, params, tokenizer) from a complete entry, else None (a bad entry is removed)."""
-    entry = entry_path(root, source, dtype)
+    entry = entry_path(root, source, dtype, scheme)
     if not os.path.isdir(entry):
         return None
     try:
-        return _restore(entry, dtype)
+        return _restore(entry, dtype, scheme)
     except CorruptEntry as e:
         log.warning("jaxpaged cache: removing unusable entry %s: %s", entry, e)
         shutil.rmtree(entry, ignore_errors=True)
         return None
 
 
-def write_entry(root: str, source: ModelSource, dtype: str, config: ModelConfig, params: dict, tokenizer) -> str:
-    """Writes an entry atomically; returns its path. An existing complete entry is kept."""
+def write_entry(root: str, source: ModelSource, dtype: str, config: ModelConfig, params: dict, tokenizer,
+                scheme: str | None = None) -> str:
+    """Writes an entry atomically; returns its path. An existing complete entry is kept.
+    scheme: the quantization the params carry ("int8": Int8Weight kernels), part of the key."""
     import orbax.checkpoint as ocp
 
     os.makedirs(root, exist_ok=True)
     _remove_stale_tmp(root)
-    key = cache_key(source, dtype)
+    key = cache_key(source, dtype, scheme)
     final = os.path.join(root, key)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root)
     try:
-        ocp.PyTreeCheckpointer().save(os.path.join(tmp, "params"), params)
+        ocp.PyTreeCheckpointer().save(os.path.join(tmp, "params"), _to_stored(params))
         with open(os.path.join(tmp, "model_config.json"), "w") as f:
             f.write(config.to_json())
         with open(os.path.join(tmp, "source.json"), "w") as f:
             json.dump({"kind": source.kind, "path": source.path, "files": list(source.files),
-                       "format": source.format, "dtype": dtype, "created": time.time()}, f, indent=1)
+                       "format": source.format, "dtype": dtype, "quantization": scheme,
+                       "created": time.time()}, f, indent=1)
         tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            json.dump(_manifest(config, dtype), f)
+            json.dump(_manifest(config, dtype, scheme), f)
             f.flush()
             os.fsync(f.fileno())
         if os.path.isdir(final):

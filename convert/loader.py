@@ -253,9 +253,9 @@ def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None,
     cache_dir:   cache root (default $JAXPAGED_CACHE or ~/.cache/jaxpaged); a complete entry is used
     tokenizer:   a directory to take the tokenizer from instead of the model's own
     write_cache: store a freshly converted model as a cache entry (the CLI does; tests keep it off)
-    quantization: "gguf" keeps a .gguf file's quantized Linear kernels in their block format (read
-                 straight from the memory-mapped file, no cache entry: nothing is converted); other
-                 schemes ("int8") are applied after loading (backends/layout.py)
+    quantization: "int8" quantizes every decoder Linear kernel once, at conversion (cached under a
+                 key of its own); "gguf" keeps a .gguf file's quantized Linear kernels in their block
+                 format (read straight from the memory-mapped file, no cache entry: nothing is converted)
     """
     from jaxpaged.convert import cache
 
@@ -270,7 +270,7 @@ def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None,
             tok = load_tokenizer(tokenizer)
         return LoadedModel(config=config, params=params, tokenizer=tok, source=source, from_cache=False)
     root = cache.cache_root(cache_dir)
-    hit = cache.read_entry(root, source, dtype)
+    hit = cache.read_entry(root, source, dtype, quantization)
     if hit is not None:
         config, params, tok = hit
         from_cache = True
@@ -278,9 +278,12 @@ def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None,
         # the source's own tokenizer is needed unless overridden, and always for a cache entry
         config, params, tok = convert_source(source, dtype, progress,
                                              with_tokenizer=tokenizer is None or write_cache)
+        if quantization is not None:          # "int8": quantized once here, cached under its own key
+            from jaxpaged.quantization import quantize_params
+            params = quantize_params(config, params, quantization)
         from_cache = False
         if write_cache:
-            cache.write_entry(root, source, dtype, config, params, tok)
+            cache.write_entry(root, source, dtype, config, params, tok, quantization)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     return LoadedModel(config=config, params=params, tokenizer=tok, source=source, from_cache=from_cache)

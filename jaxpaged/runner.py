@@ -116,7 +116,7 @@ class ModelRunner:
                               and self.backend.packs_weights(config.dtype, mesh))
         # params in the backend's storage forms (backends/layout.py), decided once here
         graphdef, self.state = lay_out_params(graphdef, state, self.backend, platform=jax.default_backend(),
-                                              pack=self.native_matmul, quantization=config.quantization)
+                                              pack=self.native_matmul)
         self.dtype = self.backend.kv_storage_dtype(kv_dtype)   # the cache arrays' dtype
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
                  model_config.head_dim)

@@ -78,11 +78,13 @@ def prepare_params(cfg: ModelConfig, params: dict, n: int) -> tuple[ModelConfig,
     params = jax.tree_util.tree_map(lambda x: x, params)   # new dicts; leaves shared until replaced
     layers = params["layers"]
     if r > 1:
+        def repeat_heads(a):          # [..., KVH * D] -> [..., KVH * r * D]
+            a = np.asarray(a)
+            heads = a.reshape(*a.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
+            return np.repeat(heads, r, axis=-2).reshape(*a.shape[:-1], -1)
         for name in ("k_proj", "v_proj"):
-            for leaf, arr in layers[name].items():
-                a = np.asarray(arr)
-                heads = a.reshape(*a.shape[:-1], cfg.num_kv_heads, cfg.head_dim)
-                layers[name][leaf] = np.repeat(heads, r, axis=-2).reshape(*a.shape[:-1], -1)
+            for leaf, arr in layers[name].items():   # a weight type's fields all end in the columns
+                layers[name][leaf] = jax.tree_util.tree_map(repeat_heads, arr)
         cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * r)
         logger.info("tensor_parallel_size %d > %d KV heads: KV heads replicated x%d", n, cfg.num_kv_heads // r, r)
     prepare_tp = getattr(cfg.family, "prepare_tp", None)
@@ -107,13 +109,21 @@ def param_spec(split_axes: dict, path: str, shape: tuple[int, ...], n: int) -> P
 
 
 def param_specs(cfg: ModelConfig, params: dict, n: int) -> dict:
-    """The PartitionSpec tree of a params dict (same structure)."""
-    split_axes = cfg.family.TP_SPLIT_AXES
+    """The PartitionSpec tree of a params dict (same structure). A param held as a weight type
+    (jaxpaged.weights.Weight, e.g. int8 + scales) gets one spec per field, from the type's
+    `field_split_axes` (its fields split along with the weight)."""
+    from jaxpaged.weights import Weight
+
+    split_axes = dict(cfg.family.TP_SPLIT_AXES)
 
     def spec(key_path, x):
         path = "/".join(str(getattr(k, "key", k)) for k in key_path)
+        if isinstance(x, Weight):
+            fields = x.field_split_axes(split_axes.get(path))
+            return jax.tree_util.tree_map_with_path(
+                lambda kp, leaf: param_spec({"": fields.get(kp[0].name)}, "", tuple(leaf.shape), n), x)
         return param_spec(split_axes, path, tuple(x.shape), n)
-    return jax.tree_util.tree_map_with_path(spec, params)
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=lambda x: isinstance(x, Weight))
 
 
 def place_params(state, cfg: ModelConfig, mesh: Mesh | None):
@@ -122,8 +132,9 @@ def place_params(state, cfg: ModelConfig, mesh: Mesh | None):
         return jax.device_put(state)
     from flax import nnx
     pure = nnx.to_pure_dict(state)
-    specs = param_specs(cfg, pure, mesh.size)
-    placed = jax.tree_util.tree_map(lambda x, s: _put_global(x, NamedSharding(mesh, s)), pure, specs)
+    specs = param_specs(cfg, pure, mesh.size)     # same structure as pure (weight types' fields included)
+    placed = jax.tree_util.tree_map(lambda x, s: _put_global(x, NamedSharding(mesh, s)), pure, specs,
+                                    is_leaf=lambda s: isinstance(s, P))
     nnx.replace_by_pure_dict(state, placed)
     return state
 

@@ -46,6 +46,11 @@ class Weight:
     def at_layer(self, layer, rows=None) -> "Weight":
         raise NotImplementedError(f"{type(self).__name__} is sliced by the layer scan")
 
+    def field_split_axes(self, axis: int | None) -> dict:
+        """Tensor parallelism: {field name: axis split over "tp" or None} for a weight whose dense
+        form splits on `axis` (None: replicated). Default: every field replicated."""
+        return {}
+
 
 def value(w) -> jax.Array:
     return w.value() if isinstance(w, Weight) else w

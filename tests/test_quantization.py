@@ -147,3 +147,23 @@ def test_perplexity_bench_equals_transformers(tiny_llama, tmp_path_factory):
     assert ppl == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-4)
     with pytest.raises(ValueError, match="window: must be >= 2"):
         perplexity(llm, ids, window=1)
+
+
+def test_int8_is_quantized_once_at_conversion_and_cached(tiny_llama, tmp_path):
+    import os
+
+    from jaxpaged.convert import load_model
+    first = load_model(tiny_llama, cache_dir=str(tmp_path), write_cache=True, quantization="int8", progress=False)
+    again = load_model(tiny_llama, cache_dir=str(tmp_path), quantization="int8", progress=False)
+    assert not first.from_cache and again.from_cache
+    assert [e for e in os.listdir(tmp_path) if "-float32-int8-" in e]          # the scheme is in the key
+    dense = load_model(tiny_llama, cache_dir=str(tmp_path), write_cache=True, progress=False)
+    assert not dense.from_cache                                              # its own entry, not the int8 one
+    for name in ("q_proj", "down_proj"):
+        a, b = first.params["layers"][name]["kernel"], again.params["layers"][name]["kernel"]
+        assert isinstance(a, Int8Weight) and isinstance(b, Int8Weight)
+        np.testing.assert_array_equal(np.asarray(a.q), np.asarray(b.q))
+        np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+        ref = quantize_int8(dense.params["layers"][name]["kernel"])
+        np.testing.assert_array_equal(np.asarray(a.q), np.asarray(ref.q))
+    assert isinstance(again.params["embed"]["embedding"], np.ndarray)          # the embedding stays dense

@@ -1,7 +1,6 @@
 """How a model's params are stored for a backend, decided once at load (`lay_out_params`).
 
 Rules, by the layer type that owns the param (models/layers.py):
-  - quantization="int8": every stacked Linear kernel becomes an Int8Weight (jaxpaged/quantization.py);
   - a backend with its own matmul (`backend.packs_weights`) gets every stacked Linear kernel and the
     LM head packed (`backend.pack`); a tied embedding keeps its table for the lookup and gains the
     packed head beside it (weights.TiedEmbedding);
@@ -22,10 +21,10 @@ from jaxpaged.models.layers import Embed, Linear
 from jaxpaged.weights import BF16Bits, TiedEmbedding
 
 
-def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool, quantization: str | None = None):
+def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool):
     """(graphdef, State) -> (graphdef, State) with every param in the backend's storage form.
-    pack: Linear kernels and the LM head go to the backend's packed form (backend.pack).
-    quantization: "int8" -> every stacked Linear kernel becomes a quantization.Int8Weight."""
+    pack: Linear kernels and the LM head go to the backend's packed form (backend.pack). Params
+    that arrive as a weight type already (quantized by the converter) are kept as they are."""
     model = nnx.merge(graphdef, state)
     cpu = platform == "cpu"
     for _, module in nnx.iter_graph(model):
@@ -33,16 +32,13 @@ def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool, quant
             continue
         for name, param in list(vars(module).items()):
             if isinstance(param, nnx.Param) and isinstance(param.get_value(), jax.Array):
-                param.set_value(_stored(module, name, param.get_value(), backend, pack, cpu, quantization))
+                param.set_value(_stored(module, name, param.get_value(), backend, pack, cpu))
     return nnx.split(model)
 
 
-def _stored(module, name: str, x: jax.Array, backend, pack: bool, cpu: bool, quantization: str | None):
+def _stored(module, name: str, x: jax.Array, backend, pack: bool, cpu: bool):
     """The stored form of one param `name` of `module`."""
     if isinstance(module, Linear) and name == "kernel":
-        if quantization == "int8" and x.ndim == 3:         # the decoder layers' Linears [L, K, N]
-            from jaxpaged.quantization import quantize_int8
-            return quantize_int8(x)
         if pack and (x.ndim == 3 or module.vocab):          # stacked [L, K, N], or the LM head [H, V]
             return backend.pack(x, stacked=x.ndim == 3)
         if cpu and module.vocab and x.dtype == jnp.bfloat16:
