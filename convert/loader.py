@@ -131,7 +131,7 @@ def _plan(config: ModelConfig, names: list[str]) -> dict[str, tuple[_Row, int | 
     return plan
 
 
-def _kept_blocks(plan, rows, weights, config) -> dict[str, str]:
+def _kept_blocks(plan, weights) -> dict[str, str]:
     """{param path: GGUF block type} of the stacked Linear kernels whose every layer is a block type
     kept quantized (gguf_blocks.BLOCK_BYTES); the rest are dequantized as usual."""
     from jaxpaged.gguf_blocks import BLOCK_BYTES
@@ -153,7 +153,7 @@ def convert_tensors(config: ModelConfig, weights, dtype: str = "float32", progre
     target = numpy_dtype(dtype)
     plan = _plan(config, list(weights.names))
     shapes = param_shapes(config)
-    kept = _kept_blocks(plan, _rows(config), weights, config) if keep_blocks else {}
+    kept = _kept_blocks(plan, weights) if keep_blocks else {}
     out = {path: np.empty(shape, dtype=target) for path, shape in shapes.items() if path not in kept}
     blocks: dict[str, list] = {path: [None] * config.num_layers for path in kept}
     for name in tqdm(list(plan), desc="converting tensors", unit="tensor", disable=not progress):
