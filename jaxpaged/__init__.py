@@ -3,6 +3,7 @@ an OpenAI-compatible server), with vLLM's names."""
 __version__ = "0.1.0"
 
 from jaxpaged.engine_config import EngineConfig
+from jaxpaged.lora.request import LoRARequest
 from jaxpaged.outputs import (BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestOutput)
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
@@ -19,4 +20,4 @@ def __getattr__(name):
 
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "RequestOutput",
-           "CompletionOutput", "Logprob", "BeamSearchOutput", "BeamSearchSequence"]
+           "CompletionOutput", "Logprob", "BeamSearchOutput", "BeamSearchSequence", "LoRARequest"]

@@ -13,7 +13,8 @@ slots; a token at position p of a sequence lives in slot
   table is freed last block first, so a sequence's tail blocks are reused before its
   prefix (which other requests are likelier to share).
 - Prefix caching: each FULL block of a sequence has a hash chained from its parent's,
-  `hash((parent_hash, tuple(block_token_ids)))`. Registered blocks stay findable while they
+  `hash((parent_hash, tuple(block_token_ids)))`; the first block's parent is the caller's `root`
+  (None, or e.g. a LoRA adapter's key: chains of different roots never meet). Registered blocks stay findable while they
   sit in the free queue; a lookup hit on a free block revives it (refcount 1, out of the
   queue). When a cached free block is taken from the head for reuse, its hash entry is
   dropped. The stored token ids are compared on a hit, so a 64-bit collision between two
@@ -133,18 +134,19 @@ class BlockManager:
         return list(self._tables)
 
     # ---- prefix cache ------------------------------------------------------------------
-    def find_cached_prefix(self, token_ids: list[int], num_tokens: int | None = None) -> CachedPrefix:
+    def find_cached_prefix(self, token_ids: list[int], num_tokens: int | None = None, root=None) -> CachedPrefix:
         """Longest run of cached full blocks holding a prefix of token_ids[:num_tokens].
 
         Never covers all num_tokens tokens: only tokens[:num_tokens - 1] are looked up, so
-        the last token is always computed and its logits exist. No side effects.
+        the last token is always computed and its logits exist. No side effects. `root`: the
+        first block's parent (what the sequence's K/V depend on besides its tokens, e.g. its adapter).
         """
         if not self.enable_prefix_caching:
             return EMPTY_PREFIX
         n = len(token_ids) if num_tokens is None else num_tokens
         bs = self.block_size
         out = CachedPrefix()
-        parent = None
+        parent = root
         for i in range((n - 1) // bs):
             toks = tuple(token_ids[i * bs:(i + 1) * bs])
             h = hash_block(parent, toks)
@@ -156,7 +158,7 @@ class BlockManager:
             parent = h
         return out
 
-    def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed_tokens: int) -> int:
+    def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed_tokens: int, root=None) -> int:
         """Registers the hashes of the sequence's blocks that are full of computed tokens.
 
         token_ids[:num_computed_tokens] must have their K/V in the table's blocks. Returns
@@ -171,7 +173,7 @@ class BlockManager:
         start = len(t.hashes)
         if full <= start:
             return 0
-        parent = t.hashes[-1] if t.hashes else None
+        parent = t.hashes[-1] if t.hashes else root
         for i in range(start, full):
             toks = tuple(token_ids[i * bs:(i + 1) * bs])
             h = hash_block(parent, toks)

@@ -60,6 +60,7 @@ class LLMEngine:
                             tokenizer=config.tokenizer, progress=progress, write_cache=True,
                             quantization=config.quantization)
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.loras = self._lora_registry(loaded.config)     # None unless enable_lora
         self.default_sampling = self._default_sampling()
         # tensor_parallel_size > 1: a "tp" mesh, params laid out and placed per shard (sharding.py)
         self.mesh = make_mesh(config.tensor_parallel_size)
@@ -73,7 +74,8 @@ class LLMEngine:
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_model_len=self.max_model_len,
-                                   enable_prefix_caching=config.enable_prefix_caching)
+                                   enable_prefix_caching=config.enable_prefix_caching,
+                                   max_loras=config.max_loras if config.enable_lora else None)
         self.step_hooks = StepHooks()                   # observers of each step (profiling), shared with the runner
         self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len,
                                   self.kv_cache_dtype, mesh=self.mesh, hooks=self.step_hooks)
@@ -107,6 +109,43 @@ class LLMEngine:
                         "(--generation-config vllm ignores them)", defaults)
         return defaults
 
+    def _lora_registry(self, checkpoint_config):
+        if not self.config.enable_lora:
+            return None
+        from jaxpaged.lora.registry import LoRARegistry
+        import numpy as np
+        return LoRARegistry(checkpoint_config, max_lora_rank=self.config.max_lora_rank, dtype=np.float32,
+                            tensor_parallel_size=self.config.tensor_parallel_size)
+
+    # ---- LoRA adapters (vLLM's names) -------------------------------------------------------------
+    def add_lora(self, lora_request) -> bool:
+        """Loads an adapter into host memory (checked now: ValueError naming the field); requests
+        name it by LoRARequest. True once loaded (also when it already was)."""
+        self._lora_of(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forgets adapter `lora_id`; requests already running with it finish with it. False if unknown."""
+        if self.loras is None:
+            return False
+        loaded = self.loras.get(lora_id)
+        if loaded is None:
+            return False
+        self.loras.remove(lora_id)
+        if not any(s.lora is loaded for s in self.scheduler.seqs.values()):
+            self.runner.lora.release(loaded.key)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set() if self.loras is None else {x.lora_int_id for x in self.loras.list()}
+
+    def _lora_of(self, lora_request):
+        if lora_request is None:
+            return None
+        if self.loras is None:
+            raise ValueError("lora_request: LoRA is not enabled; start the engine with enable_lora=True")
+        return self.loras.add(lora_request)
+
     # ---- sizing -----------------------------------------------------------------------------------
     def _plan_kv_pool(self, state) -> KVPoolPlan:
         """KV pool blocks and max_model_len (kv_sizing.py), logged with what the params take."""
@@ -125,12 +164,14 @@ class LLMEngine:
         return self.tokenizer
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | BeamSearchParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request=None) -> None:
         """Queues a request. prompt: str, token ids (list / tuple / 1-D numpy), {"prompt": str} or
         {"prompt_token_ids": [...]}. params: SamplingParams (n completions), or BeamSearchParams (a beam
         search: its RequestOutput lists the best beams, see beam_search.py).
 
-        Raises ValueError naming the field for bad input (inputs.py has the rules); nothing is queued then.
+        lora_request: a LoRARequest (enable_lora=True): the request runs with that adapter, loaded on
+        first use. Raises ValueError naming the field for bad input (inputs.py has the rules); nothing
+        is queued then.
         """
         params = params if params is not None else SamplingParams(**self.default_sampling)
         processed, params = self.input_processor.process(prompt, params)
@@ -138,6 +179,9 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         arrival = arrival_time if arrival_time is not None else time.time()
+        if lora_request is not None and isinstance(params, BeamSearchParams):
+            raise ValueError("lora_request: beam search with a LoRA adapter is not supported")
+        lora = self._lora_of(lora_request)
         text, ids = processed.prompt, processed.prompt_token_ids
         common = dict(eos_token_ids=self.model_config.eos_token_ids, max_model_len=self.max_model_len,
                       decode_token=self._decode_token, tokenizer=self.tokenizer)
@@ -152,6 +196,8 @@ class LLMEngine:
             return
         state = RequestState(request_id, text, ids, params, arrival, **common)
         seqs = state.first_sequences()
+        for seq in seqs:
+            seq.lora = lora
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:
             for seq in seqs:        # each its own matcher; the compile is shared (cached by spec)
                 seq.structured_output = self.structured_output.new_state(params.structured_outputs)

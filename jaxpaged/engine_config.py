@@ -53,6 +53,11 @@ class EngineConfig:
     # default sampling parameters: "auto" = the model's generation_config.json (vLLM's default), "vllm" = none,
     # or a folder holding a generation_config.json (see generation_config.py)
     generation_config: str = "auto"
+    # multi-LoRA serving (jaxpaged/lora): adapters per request (LoRARequest), `max_loras` of them in
+    # device slots at once (more wait), ranks padded to `max_lora_rank`
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
@@ -72,7 +77,8 @@ class EngineConfig:
                              f"got {self.attention_backend!r}")
         if self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size: expected one of [8, 16, 32], got {self.block_size}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "max_logprobs"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "max_logprobs",
+                     "max_loras", "max_lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 1:

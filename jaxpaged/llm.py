@@ -43,25 +43,27 @@ class LLM:
 
     # ---- generate -----------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         """prompts: a str, a list of str, a list of token ids, a list of token-id lists, numpy arrays, or dict
         prompts (jaxpaged/inputs.py). Returns one RequestOutput per prompt, in input order. All prompts are
-        validated before any runs.
+        validated before any runs. lora_request: a LoRARequest for every prompt, or a list of them (one per
+        prompt, None for the base model); needs LLM(..., enable_lora=True).
         """
         prompts = as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        return self._run(self._add_all(prompts, _as_params_list(sampling_params, len(prompts))), use_tqdm,
-                         "Processed prompts")
+        return self._run(self._add_all(prompts, _as_params_list(sampling_params, len(prompts)),
+                                       _as_lora_list(lora_request, len(prompts))), use_tqdm, "Processed prompts")
 
-    def _add_all(self, prompts: list, params: list) -> list[str]:
+    def _add_all(self, prompts: list, params: list, loras: list | None = None) -> list[str]:
         """Adds every prompt to the engine (which validates it); on the first bad one, none stays queued."""
         ids = [str(next(self._counter)) for _ in prompts]
         engine = self.llm_engine
         added = []
+        loras = loras if loras is not None else [None] * len(prompts)
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                engine.add_request(rid, prompt, p)
+            for rid, prompt, p, lora in zip(ids, prompts, params, loras):
+                engine.add_request(rid, prompt, p, lora_request=lora)
                 added.append(rid)
         except Exception:
             engine.abort_request(added)
@@ -89,7 +91,8 @@ class LLM:
     # ---- chat ---------------------------------------------------------------------------------------
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None, tools: list | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, tools: list | None = None,
+             lora_request=None) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of conversations.
 
         content may be a string or OpenAI content parts ([{"type": "text", "text": ...}]);
@@ -99,7 +102,7 @@ class LLM:
         prompts = [{"prompt_token_ids": self.chat_prompt_ids(c, chat_template, add_generation_prompt,
                                                              continue_final_message, chat_template_kwargs,
                                                              tools)} for c in convs]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def chat_prompt_ids(self, conversation, chat_template=None, add_generation_prompt=True,
                         continue_final_message=False, chat_template_kwargs=None, tools=None) -> list[int]:
@@ -133,3 +136,11 @@ def _as_params_list(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"sampling_params: got {len(params)} for {n} prompts")
     return params
+
+
+def _as_lora_list(lora_request, n: int) -> list:
+    if lora_request is None or not isinstance(lora_request, (list, tuple)):
+        return [lora_request] * n
+    if len(lora_request) != n:
+        raise ValueError(f"lora_request: got {len(lora_request)} for {n} prompts")
+    return list(lora_request)

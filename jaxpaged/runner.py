@@ -27,6 +27,8 @@ from jaxpaged.backends.layout import lay_out_params
 from jaxpaged.buckets import BucketError, BucketTable
 from jaxpaged.config import ModelConfig
 from jaxpaged.engine_config import EngineConfig
+from jaxpaged.lora.device import LoRADeviceSlots
+from jaxpaged.lora.weight import attach_lora
 from jaxpaged.sampler import SamplingTensors, needs_penalties, sample, token_logprobs
 from jaxpaged.sharding import constrain_kv, constrain_step_outputs, zeros_kv_cache
 from jaxpaged.step_hooks import StepHooks
@@ -52,11 +54,15 @@ class StepResult:
     prompt_top_logprobs: np.ndarray | None = None  # [num_tokens, K] f32
 
 
-def _forward_impl(graphdef, opts, prompt_logprobs, state, kv_cache, inputs):
+def _forward_impl(graphdef, opts, prompt_logprobs, state, kv_cache, inputs, lora=None):
     """The model part of a step (jitted per (T, B) bucket): forward over the flat batch, logits of each
     sequence's last row. Static: prompt_logprobs (None / K: also score next_token_ids at every flat
-    row, for requests that asked for prompt logprobs). Returns (kv_cache, logits [B, V] f32, prompt_out)."""
+    row, for requests that asked for prompt logprobs). lora: the adapter slot stacks (LoRA enabled;
+    the LoRA targets' kernels then add each row's adapter delta, lora/weight.py).
+    Returns (kv_cache, logits [B, V] f32, prompt_out)."""
     model = nnx.merge(graphdef, state)
+    if lora is not None:
+        model = attach_lora(model, lora, inputs["lora_slots"])
     meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
                              inputs["query_start"])
     hidden, kv_cache = model.forward(inputs["token_ids"], inputs["positions"], kv_cache, meta, opts)
@@ -122,6 +128,12 @@ class ModelRunner:
                  model_config.head_dim)
         self.kv_cache = zeros_kv_cache(shape, self.dtype, mesh)   # sharded on KVH under a mesh
         self.graphdef = graphdef
+        # LoRA: fixed-shape adapter slot stacks, filled on demand (lora/device.py); None: no LoRA work at all
+        self.lora = None
+        if config.enable_lora:
+            lora_dtype = jnp.float32 if config.dtype == "float32" or jax.default_backend() == "cpu" else jnp.bfloat16
+            self.lora = LoRADeviceSlots(model_config, max_loras=config.max_loras,
+                                        max_lora_rank=config.max_lora_rank, dtype=lora_dtype, mesh=mesh)
         self.attention_options = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
                                                   sliding_window=model_config.sliding_window,
                                                   backend=self.backend.name, mesh=mesh)
@@ -151,7 +163,8 @@ class ModelRunner:
         pairs = self.buckets.pairs()
         for t, b in tqdm(pairs, desc="Compiling step buckets", disable=not progress):
             inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
-                                       num_tokens_padded=t, num_seqs_padded=b)
+                                       num_tokens_padded=t, num_seqs_padded=b,
+                                       seq_lora_slots=[] if self.lora is not None else None)
             self._run(inputs, self._sampling([], b), num_logprobs=None, use_penalties=False, prompt_logprobs=None)
         # Dispatch is asynchronous: wait for the warmup steps to finish here, or the first real step
         # waits for all of them (measured: a 3.4 s first step after an f32 SmolLM2 warmup).
@@ -178,8 +191,10 @@ class ModelRunner:
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         t, b = self.buckets.lookup(num_tokens, len(scheduled))
         with hooks.part("inputs"):
+            lora_slots = self.lora.slots_for(scheduled) if self.lora is not None else None
             inputs = build_step_inputs(scheduled, block_size=self.block_size, table_width=self.table_width,
-                                       num_tokens_padded=t, num_seqs_padded=b, with_next_tokens=prompt_logprobs)
+                                       num_tokens_padded=t, num_seqs_padded=b, with_next_tokens=prompt_logprobs,
+                                       seq_lora_slots=lora_slots)
         with hooks.part("sampling_inputs"):
             sampling = self._sampling(sampling_rows, b, use_penalties)
         hooks.inputs(inputs, sampling)
@@ -211,8 +226,10 @@ class ModelRunner:
     def _run(self, inputs: StepInputs, sampling, *, num_logprobs, use_penalties: bool, prompt_logprobs):
         names = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start",
                  "logits_indices") + (("next_token_ids",) if prompt_logprobs is not None else ())
+        names += ("lora_slots",) if self.lora is not None else ()
         arrays = {k: getattr(inputs, k) for k in names}
-        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays)
+        lora = self.lora.stacks if self.lora is not None else None
+        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays, lora)
         return self._sample(num_logprobs, use_penalties, logits, sampling), prompt_out
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

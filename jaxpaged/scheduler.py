@@ -83,7 +83,8 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int, max_model_len: int, enable_prefix_caching: bool = True,
+                 max_loras: int | None = None):
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                         ("max_model_len", max_model_len)):
             if v < 1:
@@ -94,6 +95,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
+        self.max_loras = max_loras      # LoRA: most distinct adapters among running sequences (device slots)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []          # sorted by _age: oldest first, youngest last
         self.seqs: dict[str, Sequence] = {}      # every unfinished sequence (pending group members too)
@@ -272,13 +274,29 @@ class Scheduler:
             self.waiting.extendleft(reversed(held))      # back at the front, in their order
 
     def _hold_unready(self) -> list[Sequence]:
-        """Takes the sequences whose grammar is still compiling out of the queue (order kept)."""
+        """Takes the sequences whose grammar is still compiling, or whose LoRA adapter would exceed
+        max_loras distinct adapters among running sequences, out of the queue (order kept)."""
         ready = [s.is_ready() for s in self.waiting]     # read once: a compile may finish meanwhile
+        if self.max_loras is not None:
+            ready = self._lora_fits(ready)
         if all(ready):
             return []
         held = [s for s, ok in zip(self.waiting, ready) if not ok]
         self.waiting = deque(s for s, ok in zip(self.waiting, ready) if ok)
         return held
+
+    def _lora_fits(self, ready: list[bool]) -> list[bool]:
+        """Adapters of waiting sequences claim the slots left by the running ones first come first
+        served; a sequence whose adapter finds none waits (and does not block those behind it)."""
+        active = {s.lora.key for s in self.running if s.lora is not None}
+        out = []
+        for s, ok in zip(self.waiting, ready):
+            if ok and s.lora is not None and s.lora.key not in active:
+                ok = len(active) < self.max_loras
+                if ok:
+                    active.add(s.lora.key)
+            out.append(ok)
+        return out
 
     def _admit_ready(self, budget: int, scheduled: list, copies: list, finished: list) -> int:
         bm = self.block_manager
@@ -293,7 +311,7 @@ class Scheduler:
                 break
             prefix = EMPTY_PREFIX
             if self.enable_prefix_caching and not req.skip_prefix_cache:
-                prefix = bm.find_cached_prefix(req.all_token_ids, req.num_tokens)
+                prefix = bm.find_cached_prefix(req.all_token_ids, req.num_tokens, prefix_root(req))
             num_cached = prefix.num_blocks * bs
             n = min(self._prefill_target.get(rid, req.num_tokens) - num_cached, budget)
             if bm.allocate(rid, num_cached + n, prefix) is None:
@@ -352,7 +370,7 @@ class Scheduler:
             # a table's hashes always reach its first computed block, so only a block that
             # became full in this step can need one
             if caching and n // bs != start // bs:
-                bm.cache_full_blocks(req.seq_id, req.all_token_ids, n)
+                bm.cache_full_blocks(req.seq_id, req.all_token_ids, n, prefix_root(req))
             if targets and req.seq_id in targets and n >= targets[req.seq_id]:
                 self._fork_group(req)
 
@@ -438,3 +456,8 @@ class Scheduler:
             m.status = SequenceStatus.RUNNING
             self._insert_running(m)
         return members
+
+
+def prefix_root(seq: Sequence):
+    """The root of a sequence's prefix-cache hash chain: its K/V depend on its adapter, if any."""
+    return None if seq.lora is None else ("lora", seq.lora.key)

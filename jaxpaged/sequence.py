@@ -55,7 +55,7 @@ class Sequence:
     """
     __slots__ = ("seq_id", "request_id", "prompt_token_ids", "output_token_ids", "_all_token_ids", "sampling_params",
                  "arrival_time", "num_computed_tokens", "status", "num_cached_tokens", "num_preemptions",
-                 "skip_prefix_cache", "structured_output")
+                 "skip_prefix_cache", "structured_output", "lora")
 
     def __init__(self, seq_id: str, prompt_token_ids: Iterable[int], sampling_params: Any = None,
                  arrival_time: float | None = None, *, request_id: str | None = None,
@@ -77,6 +77,9 @@ class Sequence:
         # structured output: this sequence's GrammarState; the scheduler leaves the sequence waiting
         # until its grammar has compiled (is_ready)
         self.structured_output: Any = None
+        # LoRA: the sequence's adapter (lora.registry.LoadedLoRA) or None; its `key` picks the device
+        # slot and roots the prefix-cache hash chain (two adapters never share K/V)
+        self.lora: Any = None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id!r}, prompt={len(self.prompt_token_ids)} tokens, "
@@ -85,9 +88,11 @@ class Sequence:
 
     def continuation(self, seq_id: str, sampling_params: Any = None) -> "Sequence":
         """A new WAITING sequence with this one's prompt and output tokens (beam search forks)."""
-        return Sequence(seq_id, self.prompt_token_ids, sampling_params if sampling_params is not None
-                        else self.sampling_params, self.arrival_time, request_id=self.request_id,
-                        output_token_ids=self.output_token_ids, skip_prefix_cache=self.skip_prefix_cache)
+        seq = Sequence(seq_id, self.prompt_token_ids, sampling_params if sampling_params is not None
+                       else self.sampling_params, self.arrival_time, request_id=self.request_id,
+                       output_token_ids=self.output_token_ids, skip_prefix_cache=self.skip_prefix_cache)
+        seq.lora = self.lora
+        return seq
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -25,14 +25,17 @@ class StepInputs:
     next_token_ids: np.ndarray | None  # [T] int32 token at position + 1 of each row (prompt logprobs), else None
     num_tokens: int             # real (unpadded) token count
     num_seqs: int               # real (unpadded) sequence count
+    lora_slots: np.ndarray | None = None  # [T] int32 adapter slot of each row (0: none) when LoRA is enabled
 
 
 def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_tokens_padded: int,
-                      num_seqs_padded: int, with_next_tokens: bool = False) -> StepInputs:
+                      num_seqs_padded: int, with_next_tokens: bool = False,
+                      seq_lora_slots: list[int] | None = None) -> StepInputs:
     """scheduled: list of ScheduledSequence (seq, start, num_new_tokens, block_table).
 
     with_next_tokens: also fill next_token_ids (row r at position p holds token p + 1 of its sequence,
     0 where that token is not known yet), which prompt logprobs score.
+    seq_lora_slots: the adapter slot of each scheduled sequence (LoRA enabled); its rows carry it.
     """
     t_pad, b_pad = num_tokens_padded, num_seqs_padded
     token_ids = np.zeros(t_pad, np.int32)
@@ -43,6 +46,7 @@ def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_token
     query_start = np.zeros(b_pad + 1, np.int32)
     logits_indices = np.zeros(b_pad, np.int32)
     next_ids = np.zeros(t_pad, np.int32) if with_next_tokens else None
+    lora_slots = np.zeros(t_pad, np.int32) if seq_lora_slots is not None else None
     row = 0
     for b, s in enumerate(scheduled):
         n, start = s.num_new_tokens, s.start
@@ -56,12 +60,14 @@ def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_token
         if with_next_tokens:
             nxt = _token_slice(s.seq, start + 1, n)   # shorter by one at the sequence's end
             next_ids[row: row + len(nxt)] = nxt
+        if lora_slots is not None:
+            lora_slots[row: row + n] = seq_lora_slots[b]
         row += n
         query_start[b + 1] = row
         logits_indices[b] = row - 1
     query_start[len(scheduled) + 1:] = row   # padding sequences: empty query ranges at the end
     return StepInputs(token_ids, positions, slots, block_tables, seq_lens, query_start, logits_indices,
-                      next_ids, num_tokens=row, num_seqs=len(scheduled))
+                      next_ids, num_tokens=row, num_seqs=len(scheduled), lora_slots=lora_slots)
 
 
 def _token_slice(seq, start: int, n: int) -> list[int]:

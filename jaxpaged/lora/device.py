@@ -1,0 +1,107 @@
+"""The adapter slots on the device: fixed-shape stacks per LoRA target, filled on demand (LRU).
+
+    a[path]  [L, K, S, R]    b[path]  [L, S, R, N]      S = max_loras, R = max_lora_rank
+
+The stacks are allocated once (zeros) and never change shape, so the step compiles once whatever
+adapters come and go; loading an adapter into a slot is one jitted dynamic update with the slot as a
+traced index (`_set_slot`, compiled once, the stacks donated). Under tensor parallelism the stacks
+split with their base kernel: a column-parallel kernel (split on N) has B split on N and A replicated,
+a row-parallel one (split on K) has A split on K and B replicated (x @ A is then a partial sum, which
+XLA all-reduces like the base matmul's).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpaged.config import ModelConfig
+from jaxpaged.lora.modules import lora_modules
+from jaxpaged.lora.slots import SlotLRU
+
+
+def _set_slot(stacks: dict, index, adapter: dict) -> dict:
+    """stacks {path: (a [L,K,S,R], b [L,S,R,N])} with stack index `index` set to adapter {path: (a [L,K,R], b [L,R,N])}."""
+    out = {}
+    for path, (a, b) in stacks.items():
+        new_a, new_b = adapter[path]
+        out[path] = (jax.lax.dynamic_update_slice_in_dim(a, new_a[:, :, None, :].astype(a.dtype), index, axis=2),
+                     jax.lax.dynamic_update_slice_in_dim(b, new_b[:, None].astype(b.dtype), index, axis=1))
+    return out
+
+
+class LoRADeviceSlots:
+    def __init__(self, model_config: ModelConfig, *, max_loras: int, max_lora_rank: int, dtype, mesh=None):
+        """model_config: the config the device params follow (after any tensor-parallel layout change)."""
+        self.modules = lora_modules(model_config)
+        self.max_loras, self.rank, self.mesh = max_loras, max_lora_rank, mesh
+        layers, s, r = model_config.num_layers, max_loras, max_lora_rank
+        split = dict(model_config.family.TP_SPLIT_AXES)
+        self._specs = {p: self._split_specs(split.get(p + "/kernel"), m.d_in, m.d_out)
+                       for p, m in self.modules.items()}
+        self.stacks = {}
+        for p, m in self.modules.items():
+            a_spec, b_spec = self._specs[p]
+            self.stacks[p] = (self._zeros((layers, m.d_in, s, r), dtype, a_spec),
+                              self._zeros((layers, s, r, m.d_out), dtype, b_spec))
+        self.lru = SlotLRU(max_loras)
+        out_shardings = None
+        if mesh is not None:
+            out_shardings = {p: (NamedSharding(mesh, a), NamedSharding(mesh, b)) for p, (a, b) in self._specs.items()}
+        self._set = jax.jit(_set_slot, donate_argnums=(0,), out_shardings=out_shardings)
+
+    def _split_specs(self, axis, d_in: int, d_out: int) -> tuple[P, P]:
+        """(a spec [L, K, S, R], b spec [L, S, R, N]) following the base kernel's split axis."""
+        n = 1 if self.mesh is None else self.mesh.size
+        if axis == -1 and d_out % n == 0:
+            return P(), P(None, None, None, "tp")
+        if axis == -2 and d_in % n == 0:
+            return P(None, "tp", None, None), P()
+        return P(), P()
+
+    def _zeros(self, shape, dtype, spec: P):
+        if self.mesh is None:
+            return jnp.zeros(shape, dtype)
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, spec))()
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        """Device bytes one adapter slot takes (all targets, padded to max_lora_rank)."""
+        return sum(a.nbytes + b.nbytes for a, b in self.stacks.values()) // self.max_loras
+
+    def num_compiled(self) -> int:
+        return self._set._cache_size()
+
+    def slots_for(self, scheduled) -> list[int]:
+        """Slot of each scheduled sequence's adapter (0: none), loading adapters not resident."""
+        wanted = {}
+        for s in scheduled:
+            lora = s.seq.lora
+            if lora is not None:
+                wanted[lora.key] = lora
+        slot_of = {}
+        for key, lora in wanted.items():
+            slot, load = self.lru.acquire(key, set(wanted))
+            if load:
+                self._load(slot, lora)
+            slot_of[key] = slot
+        return [slot_of[s.seq.lora.key] if s.seq.lora is not None else 0 for s in scheduled]
+
+    def _load(self, slot: int, lora) -> None:
+        arrays = lora.arrays
+        if self.mesh is not None:
+            from jaxpaged.sharding import _put_global
+            arrays = {}
+            for p, (a, b) in lora.arrays.items():
+                a_spec, b_spec = self._specs[p]
+                arrays[p] = (_put_global(a, NamedSharding(self.mesh, _without(a_spec, 2))),   # [L, K, R]
+                             _put_global(b, NamedSharding(self.mesh, _without(b_spec, 1))))   # [L, R, N]
+        self.stacks = self._set(self.stacks, jnp.int32(slot - 1), arrays)
+
+    def release(self, key: int) -> None:
+        self.lru.release(key)
+
+
+def _without(spec: P, axis: int) -> P:
+    """A stack's spec without its slot axis (the spec of one adapter's array)."""
+    return P(*[x for i, x in enumerate(spec) if i != axis])

@@ -1,0 +1,143 @@
+"""Multi-LoRA serving (jaxpaged/lora): PEFT adapters batched with base rows, exact against transformers + peft.
+
+Tiny random models (tests/tiny_models.py) with random, non-zero PEFT adapters (tests/lora_utils.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxpaged import LLM, LoRARequest, SamplingParams
+from jaxpaged.lora.peft_loader import load_peft_adapter
+from jaxpaged.lora.slots import SlotLRU
+from tests.lora_utils import make_adapter, peft_greedy
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], list(range(20, 40)), [3, 4], [50, 51, 52, 53, 54, 55, 56], [7] * 9]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llama_setup(tiny_model_factory, tmp_path_factory):
+    """A tiny llama (the unusual head count 2 KV of 4 heads), three adapters of different ranks and targets."""
+    model = tiny_model_factory("llama")
+    d = tmp_path_factory.mktemp("llama-loras")
+    adapters = {
+        "all8": make_adapter(model, str(d / "all8"), r=8, alpha=16, targets=LLAMA_TARGETS, seed=1),
+        "qv4": make_adapter(model, str(d / "qv4"), r=4, alpha=8, targets=("q_proj", "v_proj"), seed=2,
+                            use_rslora=True),
+        "mlp2": make_adapter(model, str(d / "mlp2"), r=2, alpha=4, targets=("gate_proj", "down_proj"), seed=3,
+                             rank_pattern={"down_proj": 6}, alpha_pattern={"down_proj": 3}),
+    }
+    llm = LLM(model, enable_lora=True, max_loras=2, max_lora_rank=8, enforce_eager=True, max_model_len=128,
+              max_num_seqs=8, max_num_batched_tokens=64, download_dir=str(d / "cache"))
+    return model, adapters, llm
+
+
+def _requests(adapters: dict) -> dict:
+    return {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
+
+
+def test_llama_mixed_batch_equals_peft_and_never_recompiles(llama_setup):
+    model, adapters, llm = llama_setup
+    reqs = _requests(adapters)
+    # three adapters and base rows in one call with two slots: adapters wait for a slot, get evicted, return
+    loras = [reqs["all8"], None, reqs["qv4"], reqs["mlp2"], reqs["all8"], None]
+    outs = llm.generate(PROMPTS, GREEDY, lora_request=loras, use_tqdm=False)
+    expected = [peft_greedy(model, r.lora_path if r else None, p, 6) for p, r in zip(PROMPTS, loras)]
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    base = [peft_greedy(model, None, p, 6) for p in PROMPTS]
+    assert expected[0] != base[0] and expected[2] != base[2] and expected[3] != base[3]   # adapters matter
+    runner = llm.llm_engine.runner
+    assert runner.lora.lru.num_evictions >= 1
+    compiled, set_compiled = runner.num_compiled(), runner.lora.num_compiled()
+    assert set_compiled == 1
+    # other adapters on the same shapes: slot contents change, nothing compiles
+    shuffled = [reqs["mlp2"], reqs["qv4"], None, reqs["all8"], reqs["qv4"], reqs["mlp2"]]
+    outs = llm.generate(PROMPTS, GREEDY, lora_request=shuffled, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [
+        peft_greedy(model, r.lora_path if r else None, p, 6) for p, r in zip(PROMPTS, shuffled)]
+    assert (runner.num_compiled(), runner.lora.num_compiled()) == (compiled, set_compiled)
+
+
+def test_prefix_cache_is_keyed_by_adapter(llama_setup):
+    _, adapters, llm = llama_setup
+    reqs = _requests(adapters)
+    prompt = [int(x) for x in np.arange(40) * 7 % 300 + 3]       # 40 tokens: 2 full blocks of 16
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    bm = llm.llm_engine.scheduler.block_manager
+
+    def cached(lora):
+        return llm.generate([prompt], one, lora_request=lora, use_tqdm=False)[0].num_cached_tokens
+
+    assert cached(reqs["qv4"]) == 0
+    before = bm.num_cached_blocks
+    assert cached(reqs["qv4"]) == 32                  # same adapter: both full blocks reused
+    assert cached(reqs["mlp2"]) == 0                  # another adapter never shares the prompt's K/V
+    assert cached(None) == 0                          # nor does the base model
+    assert bm.num_cached_blocks == before + 4         # 2 more blocks each for mlp2 and the base
+    assert cached(None) == 32
+
+
+def test_llm_lora_errors(llama_setup, tmp_path):
+    model, adapters, llm = llama_setup
+    with pytest.raises(ValueError, match="lora_int_id"):
+        LoRARequest("x", 0, adapters["qv4"])
+    with pytest.raises(ValueError, match="lora_request: got 1 for 2 prompts"):
+        llm.generate([[1, 2], [3, 4]], GREEDY, lora_request=[LoRARequest("qv4", 2, adapters["qv4"])])
+    with pytest.raises(ValueError, match="lora_int_id: 2 is already loaded"):
+        llm.generate([[1, 2]], GREEDY, lora_request=LoRARequest("other", 2, adapters["all8"]))
+    with pytest.raises(ValueError, match="lora_path"):
+        llm.generate([[1, 2]], GREEDY, lora_request=LoRARequest("nope", 9, str(tmp_path / "missing")))
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests() and engine.scheduler.block_manager.num_used_blocks == 0
+
+
+def test_readded_adapter_gets_a_fresh_prefix_chain(llama_setup):
+    _, adapters, llm = llama_setup
+    engine = llm.llm_engine
+    prompt = list(range(60, 100))
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    req = LoRARequest("swap", 7, adapters["all8"])
+    assert llm.generate([prompt], one, lora_request=req, use_tqdm=False)[0].num_cached_tokens == 0
+    assert engine.remove_lora(7) and 7 not in engine.list_loras()
+    # the same id now names other weights: the old K/V must not be served for it
+    req = LoRARequest("swap", 7, adapters["qv4"])
+    assert llm.generate([prompt], one, lora_request=req, use_tqdm=False)[0].num_cached_tokens == 0
+    assert engine.remove_lora(7) and not engine.remove_lora(7)
+
+
+def test_gpt2_mixed_batch_equals_peft(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("gpt2")
+    # "c_proj" is both attn.c_proj and mlp.c_proj, as in PEFT
+    a = make_adapter(model, str(tmp_path / "a"), r=8, alpha=16, targets=("c_attn", "c_proj", "c_fc"), seed=4)
+    b = make_adapter(model, str(tmp_path / "b"), r=3, alpha=5, targets=("c_attn",), seed=5)
+    llm = LLM(model, enable_lora=True, max_loras=2, max_lora_rank=8, enforce_eager=True, max_model_len=128,
+              max_num_seqs=8, max_num_batched_tokens=64, download_dir=str(tmp_path / "cache"))
+    loras = [LoRARequest("a", 1, a), None, LoRARequest("b", 2, b), LoRARequest("a", 1, a)]
+    outs = llm.generate(PROMPTS[:4], GREEDY, lora_request=loras, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [
+        peft_greedy(model, r.lora_path if r else None, p, 6) for p, r in zip(PROMPTS[:4], loras)]
+
+
+def test_lora_needs_enable_lora(tiny_model_factory, tmp_path):
+    llm = LLM(tiny_model_factory("llama"), enforce_eager=True, max_model_len=64, max_num_seqs=4,
+              max_num_batched_tokens=32, download_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        llm.generate([[1, 2]], GREEDY, lora_request=LoRARequest("a", 1, str(tmp_path)))
+    assert llm.llm_engine.runner.lora is None
+
+
+def test_slot_lru_evicts_least_recent_unpinned():
+    lru = SlotLRU(2)
+    assert lru.acquire(10, {10}) == (1, True)
+    assert lru.acquire(11, {11}) == (2, True)
+    assert lru.acquire(10, {10}) == (1, False)          # resident: no load, now most recent
+    assert lru.acquire(12, {12}) == (2, True)           # evicts 11, the least recently used
+    with pytest.raises(RuntimeError, match="max_loras"):
+        lru.acquire(13, {10, 12, 13})                   # both residents pinned by this step
+    assert (lru.num_loads, lru.num_evictions) == (3, 1)
