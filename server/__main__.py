@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = make_engine(config, args.engine_factory)
     api_key = args.api_key or os.environ.get("JAXPAGED_API_KEY") or None
     app = build_app(engine, names, api_key, docs=not args.disable_fastapi_docs, limits=args.limits,
-                    tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice)
+                    tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+                    lora_modules=args.lora_modules, allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                        allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
     logger.info("serving %s on http://%s:%d", (args.served_model_name or [config.model])[0], args.host, args.port)

@@ -27,6 +27,7 @@ from .body_guard import BodyGuardMiddleware
 from .errors import (OpenAIError, from_value_error, internal_error, invalid_request, pydantic_errors_to_openai,
                      too_many_requests, unauthorized)
 from .limits import RETRY_AFTER_S, ServerLimits
+from .lora import install_lora_routes, make_lora_serving, runtime_updating_allowed
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from .openapi import SchemaBounds, install_openapi
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
@@ -40,7 +41,8 @@ logger = logging.getLogger("jaxpaged.server")
 
 def build_app(engine, served_model_name: str | list[str] | None = None, api_key: str | None = None,
               *, docs: bool = True, limits: ServerLimits | None = None, tool_call_parser: str | None = None,
-              enable_auto_tool_choice: bool = False) -> FastAPI:
+              enable_auto_tool_choice: bool = False, lora_modules: list | None = None,
+              allow_runtime_lora_updating: bool = False) -> FastAPI:
     limits = limits or ServerLimits()
     # an AsyncLLMEngine, or something shaped like one (data_parallel.DataParallelEngine), is used as is
     is_async = isinstance(engine, AsyncLLMEngine) or getattr(engine, "is_async_engine", False)
@@ -51,6 +53,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
         async_engine.metrics = ServerMetrics(names[0])
     ctx = ServingContext(async_engine, names, async_engine.metrics, limits)
     ctx.tool_call_parser, ctx.enable_auto_tool_choice = tool_call_parser, enable_auto_tool_choice
+    ctx.lora = make_lora_serving(async_engine, names, lora_modules or [])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -75,6 +78,8 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     app.add_middleware(BodyGuardMiddleware, payload_limit=limits.payload_limit, on_reject=_log_rejection)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+    if ctx.lora is not None and runtime_updating_allowed(allow_runtime_lora_updating):
+        install_lora_routes(app, ctx.lora)
 
     def ensure_started():
         if not async_engine.is_running:
@@ -103,6 +108,7 @@ def build_app(engine, served_model_name: str | list[str] | None = None, api_key:
     @app.get("/v1/models")
     async def models() -> dict:
         cards = [ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.max_model_len) for name in names]
+        cards += ctx.lora.cards(ctx.max_model_len) if ctx.lora is not None else []
         return ModelList(data=cards).model_dump(mode="json")
 
     @app.post("/v1/completions")

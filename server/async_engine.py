@@ -84,13 +84,14 @@ class RequestStream:
 
 @dataclass
 class _Command:
-    kind: str                     # "add" | "abort" | "shutdown"
+    kind: str                     # "add" | "abort" | "call" | "shutdown"
     request_id: str | list[str]
     prompt: Any = None
     params: Any = None
     arrival_time: float | None = None
     future: concurrent.futures.Future | None = None
     stream: RequestStream | None = field(default=None, repr=False)
+    lora_request: Any = None      # "add": a LoRARequest (enable_lora)
 
 
 class AsyncLLMEngine:
@@ -147,14 +148,14 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------ requests (event loop side)
 
     async def add_request(self, request_id: str, prompt, params,
-                          arrival_time: float | None = None) -> RequestStream:
+                          arrival_time: float | None = None, lora_request=None) -> RequestStream:
         """Queues a request; returns its stream once the engine accepted it (raises its ValueError)."""
         if not self.is_running or not self._accepting:
             raise EngineDeadError("the engine is not running" if self._accepting else "the server is shutting down")
         stream = RequestStream(request_id)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(_Command("add", request_id, prompt, params,
-                                    arrival_time or time.time(), fut, stream))
+                                    arrival_time or time.time(), fut, stream, lora_request=lora_request))
         self._wake.set()
         try:
             await asyncio.wrap_future(fut)
@@ -172,6 +173,16 @@ class AsyncLLMEngine:
         finally:
             if not stream.finished:
                 self.abort(request_id)
+
+    async def call_in_engine_thread(self, fn):
+        """fn(engine) run on the engine thread between steps (or here when the thread is not running);
+        its result or exception comes back (e.g. add_lora / remove_lora)."""
+        if not self.is_running:
+            return fn(self.engine)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Command("call", "", params=fn, future=fut))
+        self._wake.set()
+        return await asyncio.wrap_future(fut)
 
     def abort(self, request_id: str | list[str]) -> None:
         """Thread-safe; unknown or finished ids are ignored."""
@@ -231,6 +242,8 @@ class AsyncLLMEngine:
                 self._apply_add(cmd)
             elif cmd.kind == "abort":
                 self._apply_abort(cmd.request_id)
+            elif cmd.kind == "call":
+                self._apply_call(cmd)
             else:
                 self._abort_everything()
         if applied:
@@ -244,7 +257,8 @@ class AsyncLLMEngine:
                 f"the server's queue is full ({self.max_queued_requests} requests waiting); retry later"))
             return
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time)
+            lora = {} if cmd.lora_request is None else {"lora_request": cmd.lora_request}
+            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time, **lora)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             cmd.future.set_exception(exc)
             return
@@ -252,6 +266,14 @@ class AsyncLLMEngine:
         self._timing[cmd.request_id] = _Timing(cmd.arrival_time)
         self._added_since_stats += 1
         cmd.future.set_result(None)
+
+    def _apply_call(self, cmd: _Command) -> None:
+        if not cmd.future.set_running_or_notify_cancel():
+            return
+        try:
+            cmd.future.set_result(cmd.params(self.engine))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            cmd.future.set_exception(exc)
 
     def _queue_full(self) -> bool:
         if not self.max_queued_requests:

@@ -17,6 +17,7 @@ import typing
 from jaxpaged.engine_config import EngineConfig
 
 from .limits import ServerLimits
+from .lora import RUNTIME_UPDATING_ENV, parse_lora_module
 from .tool_parsers import TOOL_PARSERS
 
 _HELP = {
@@ -49,6 +50,9 @@ _HELP = {
     "enforce_eager": "skip the warmup compilation",
     "attention_backend": "attention kernels: auto (native C++ on CPU when it builds, else Pallas), "
                          "native, pallas, or jnp (the plain-jnp references)",
+    "enable_lora": "serve LoRA adapters (PEFT folders) on the base model, batched together",
+    "max_loras": "adapters in device slots at once; requests for more wait (default: 1)",
+    "max_lora_rank": "largest adapter rank served; every adapter is padded to it (default: 16)",
     "native_matmul": "with the native backend, weight matmuls on pre-packed weights (AVX-512 f32 / AMX "
                      "bf16 CPUs); --no-native-matmul: XLA's dot",
 }
@@ -126,6 +130,13 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                         help="how tool calls are read from the model's output for tool_choice \"auto\": "
                              "hermes (<tool_call> JSON) or llama3_json")
+    lora = parser.add_argument_group("LoRA", "adapters served by name (with --enable-lora)")
+    lora.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=None,
+                      help="adapters loaded at start: name=path, or JSON {\"name\": ..., \"path\": ..., "
+                           "\"base_model_name\": ...}; requests name them in 'model'")
+    lora.add_argument("--allow-runtime-lora-updating", action="store_true",
+                      help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also "
+                           f"${RUNTIME_UPDATING_ENV}=1)")
     limits = parser.add_argument_group("limits", "bounds on the work clients can cause")
     defaults = ServerLimits()
     limits.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests,

@@ -56,6 +56,7 @@ class ServingContext:
         # --tool-call-parser / --enable-auto-tool-choice (server/serving_tools.py)
         self.tool_call_parser: str | None = None
         self.enable_auto_tool_choice = False
+        self.lora = None      # server/lora.LoRAServing with --enable-lora: adapters answer as models
 
     @property
     def model_name(self) -> str:
@@ -64,8 +65,12 @@ class ServingContext:
     # ------------------------------------------------------------ checks
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.served_model_names:
+        if model is not None and model not in self.served_model_names and self.lora_request(model) is None:
             raise not_found_model(model)
+
+    def lora_request(self, model: str | None):
+        """The LoRARequest a request's `model` names (an adapter), else None (the base model)."""
+        return self.lora.request_for(model) if self.lora is not None else None
 
     def resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str,
                            max_tokens_param: str) -> int | None:
@@ -147,20 +152,24 @@ class ServingContext:
 
     # ------------------------------------------------------------ running requests
 
-    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, param_names):
+    async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, param_names,
+                  lora_request=None):
         """Adds one request to the engine, which validates it; its ValueError becomes a 400 naming the
         request's field (`param_names` maps the engine's field names to the request's)."""
         try:
+            if lora_request is not None:
+                return await self.engine.add_request(request_id, prompt_ids, params, lora_request=lora_request)
             return await self.engine.add_request(request_id, prompt_ids, params)
         except (ValueError, TypeError, OverflowError) as exc:
             raise from_value_error(exc, param_names) from None
 
-    async def add_all(self, items: list[tuple[str, list[int], SamplingParams]], param_names) -> list:
+    async def add_all(self, items: list[tuple[str, list[int], SamplingParams]], param_names,
+                      lora_request=None) -> list:
         """Adds several requests; if one is rejected, aborts the ones already added."""
         streams = []
         try:
             for request_id, ids, params in items:
-                streams.append(await self.add(request_id, ids, params, param_names))
+                streams.append(await self.add(request_id, ids, params, param_names, lora_request))
         except BaseException:
             self.engine.abort([s.request_id for s in streams])
             raise

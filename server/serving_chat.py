@@ -76,7 +76,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         include_stop_str_in_output=req.include_stop_str_in_output, logit_bias=req.logit_bias,
         structured_outputs=structured), names)
     request_id = random_id("chatcmpl")
-    (stream,) = await ctx.add_all([(request_id, ids, params)], names)
+    (stream,) = await ctx.add_all([(request_id, ids, params)], names, ctx.lora_request(req.model))
     created = int(time.time())
     echo = req.messages[-1].text() if req.echo and req.messages[-1].role == "assistant" else ""
     if req.stream:

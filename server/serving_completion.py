@@ -83,14 +83,14 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             structured_outputs=structured))
         items.append((f"{request_id}-{i}", ids, params))
     try:
-        streams = await ctx.add_all(items, _PARAM_NAMES)
+        streams = await ctx.add_all(items, _PARAM_NAMES, ctx.lora_request(req.model))
     except OpenAIError as exc:
         if exc.param != "prompt_logprobs":
             raise
         # an engine without prompt logprobs: echo the prompt with null logprobs for its tokens
         for _, _, params in items:
             params.prompt_logprobs = None
-        streams = await ctx.add_all(items, _PARAM_NAMES)
+        streams = await ctx.add_all(items, _PARAM_NAMES, ctx.lora_request(req.model))
     created = int(time.time())
     if req.stream:
         gen = _stream(ctx, req, request_id, created, prompts, streams)
