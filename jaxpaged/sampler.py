@@ -12,17 +12,15 @@ its jitted step. Per row, in vLLM's order:
      when no row has a grammar: no work; rows without one are all ones);
   3. greedy rows (temperature 0, or top_k 1) take the argmax of these logits (padding rows, temperature
      -1, return token 0);
-  4. other rows: divide by temperature, keep tokens with s >= threshold where the threshold combines
-     min-p (s >= max + log(min_p)), top-k (s >= k-th largest) and top-p (the smallest set of most likely
-     tokens of the min-p/top-k-filtered distribution whose mass reaches p, vLLM's rule); ties at a
-     threshold are kept;
-  5. draw from the kept tokens by inverse CDF with the row's two uniforms (a two-level search:
-     groups of GROUP tokens, then one group), which is exact and far cheaper than Gumbel noise over V.
+  4. other rows: divide by temperature, keep tokens with s >= a threshold combining min-p (s >= max +
+     log(min_p)), top-k (s >= k-th largest) and top-p (the smallest set of most likely tokens of the
+     min-p/top-k-filtered distribution whose mass reaches p, vLLM's rule); ties at the threshold are kept;
+  5. draw from the kept tokens by inverse CDF with the row's uniforms.
 
-Thresholds: one `lax.top_k` with a static cap (`topk_cap`) finds them for top_k <= cap and nuclei inside
-the cap's candidates; any row beyond that sends the batch through an exact 32-step bisection over the
-float bit patterns (no full sort: sorting [256, 49152] costs seconds on CPU). Both branches sit under
-`lax.cond`, so an all-greedy batch pays for neither.
+Steps 4-5 live in sampler_filters.py: no sort of the vocabulary; the 128 largest logits of a row are found
+from group maxima, and a kept set inside them (top_k <= 127, peaked nuclei) is drawn from there, so
+top-k/top-p sampling costs one pass over [B, V] like greedy. Wider sets take exact full-row paths under
+`lax.cond` (see that module). `processed_logits` gives the distribution a row samples from, whole.
 
 Randomness: each row carries its two uniforms, drawn on the host. A seeded request's pair is a
 counter-based hash (splitmix64) of (seed, number of tokens it has generated), so its draws do not depend
@@ -43,9 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.sampling_params import SamplingParams
-
-GROUP = 256            # tokens per group in the two-level inverse-CDF draw
-DEFAULT_TOPK_CAP = 128  # candidates of the fast top-k / top-p path
+from jaxpaged.sampler_filters import DEFAULT_TOPK_CAP, GROUP, draw, filter_rows, filtered_logits
 MIN_BANNED_WIDTH = 8
 
 
@@ -240,6 +236,45 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: Optional[int]
     Padding rows (temperature < 0) return token 0."""
     logits = logits.astype(jnp.float32)
     B, V = logits.shape
+    x = _constrained(logits, t, use_penalties)
+    greedy = t.temperature <= 0.0                                  # [B] greedy or padding
+    zeros = jnp.zeros((B,), jnp.int32)
+    # each branch runs only when some row needs it (lax.cond executes one side)
+    greedy_tokens = jax.lax.cond(jnp.any(t.temperature == 0.0), lambda: _argmax(x), lambda: zeros)
+    random_tokens = jax.lax.cond(
+        jnp.any(~greedy), lambda: draw(x, filter_rows(x, t, greedy, topk_cap), t.uniforms, ~greedy), lambda: zeros)
+    tokens = jnp.where(greedy, greedy_tokens, random_tokens)
+    tokens = jnp.where(t.temperature < 0.0, 0, tokens)             # padding rows
+    if num_logprobs is None:
+        return SamplerOutput(tokens, jnp.zeros((B,), jnp.float32), zeros, jnp.zeros((B, 0), jnp.int32),
+                             jnp.zeros((B, 0), jnp.float32))
+    logprob, rank, top_ids, top_logprobs = token_logprobs(logits, tokens, num_logprobs)
+    return SamplerOutput(tokens, logprob, rank, top_ids, top_logprobs)
+
+
+def processed_logits(logits: jax.Array, t: SamplingTensors, *, use_penalties: Optional[bool] = None,
+                     topk_cap: int = DEFAULT_TOPK_CAP) -> jax.Array:
+    """[B, V] f32: the distribution each row of `sample` draws from, as logits (softmax gives its
+    probabilities): penalties, logit_bias, bans, grammar masks, then / temperature, with -inf outside
+    the min-p/top-k/top-p kept set (the same thresholds `sample` uses). Greedy and padding rows: 0 at
+    the argmax `sample` returns, -inf elsewhere. One pass over [B, V] more than `sample` (for callers
+    that need the whole distribution, e.g. rejection sampling of draft tokens)."""
+    logits = logits.astype(jnp.float32)
+    B, V = logits.shape
+    x = _constrained(logits, t, use_penalties)
+    greedy = t.temperature <= 0.0
+    sampled = filtered_logits(x, filter_rows(x, t, greedy, topk_cap))
+    one_hot = jnp.where(jnp.arange(V, dtype=jnp.int32)[None, :] == _argmax(x)[:, None], 0.0, -jnp.inf)
+    return jnp.where(greedy[:, None], one_hot, sampled)
+
+
+def processed_probs(logits: jax.Array, t: SamplingTensors, **kw) -> jax.Array:
+    """[B, V] f32 probabilities of the distribution each row samples from (softmax of processed_logits)."""
+    return jax.nn.softmax(processed_logits(logits, t, **kw), axis=-1)
+
+
+def _constrained(logits: jax.Array, t: SamplingTensors, use_penalties: Optional[bool]) -> jax.Array:
+    """Steps 1-2: penalties, logit_bias, min_tokens bans, grammar masks on f32 logits [B, V]."""
     if use_penalties is None:
         use_penalties = t.history.shape[1] > 0
     x = apply_penalties(logits, t) if use_penalties else logits
@@ -248,28 +283,14 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_logprobs: Optional[int]
     # a scatter of B*S entries: in place when logits are an intermediate of the step (a jit argument
     # that is not donated costs one [B, V] copy here)
     banned = _ban(x, t.banned_ids)
-    if t.allowed.shape[1]:
-        # the grammar wins over min_tokens: a row whose grammar allows only banned ids (eos at the
-        # grammar's end) keeps the grammar's tokens, so it never samples a masked token
-        keep = unpack_token_bitmask(t.allowed, x.shape[1])                     # [B, V] bool
-        masked = jnp.where(keep, banned, -jnp.inf)
-        dead = jnp.all(masked == -jnp.inf, axis=-1, keepdims=True)              # [B, 1]
-        x = jnp.where(keep & dead, x, masked)
-    else:
-        x = banned
-    greedy = t.temperature <= 0.0                                  # [B] greedy or padding
-    zeros = jnp.zeros((B,), jnp.int32)
-    # each branch runs only when some row needs it (lax.cond executes one side)
-    greedy_tokens = jax.lax.cond(jnp.any(t.temperature == 0.0), lambda: _argmax(x), lambda: zeros)
-    random_tokens = jax.lax.cond(jnp.any(~greedy), lambda: _random_sample(x, t, greedy, topk_cap),
-                                 lambda: zeros)
-    tokens = jnp.where(greedy, greedy_tokens, random_tokens)
-    tokens = jnp.where(t.temperature < 0.0, 0, tokens)             # padding rows
-    if num_logprobs is None:
-        return SamplerOutput(tokens, jnp.zeros((B,), jnp.float32), zeros, jnp.zeros((B, 0), jnp.int32),
-                             jnp.zeros((B, 0), jnp.float32))
-    logprob, rank, top_ids, top_logprobs = token_logprobs(logits, tokens, num_logprobs)
-    return SamplerOutput(tokens, logprob, rank, top_ids, top_logprobs)
+    if not t.allowed.shape[1]:
+        return banned
+    # the grammar wins over min_tokens: a row whose grammar allows only banned ids (eos at the
+    # grammar's end) keeps the grammar's tokens, so it never samples a masked token
+    keep = unpack_token_bitmask(t.allowed, x.shape[1])                     # [B, V] bool
+    masked = jnp.where(keep, banned, -jnp.inf)
+    dead = jnp.all(masked == -jnp.inf, axis=-1, keepdims=True)              # [B, 1]
+    return jnp.where(keep & dead, x, masked)
 
 
 def token_logprobs(logits: jax.Array, token_ids: jax.Array, num_logprobs: int = 0):
@@ -349,126 +370,3 @@ def _argmax(x: jax.Array) -> jax.Array:
     g = jnp.argmax(jnp.max(xg, axis=-1), axis=-1)                             # [B]
     j = jnp.argmax(jnp.take_along_axis(xg, g[:, None, None], axis=1)[:, 0], axis=-1)
     return (g * C + j).astype(jnp.int32)
-
-
-def _random_sample(x: jax.Array, t: SamplingTensors, greedy: jax.Array, topk_cap: int) -> jax.Array:
-    temp = jnp.where(greedy, 1.0, t.temperature)
-    s = x / temp[:, None]                                      # [B, V] scaled logits
-    m = jnp.max(s, axis=-1)                                    # [B]
-    e = jnp.exp(s - m[:, None])                                # [B, V] unnormalized probs, max 1
-    thr = _thresholds(s, e, m, t, greedy, topk_cap)            # [B]: keep s >= thr
-    w = jnp.where(s >= thr[:, None], e, 0.0)
-    return _categorical(w, t.uniforms)
-
-
-def _thresholds(s, e, m, t: SamplingTensors, greedy, topk_cap: int) -> jax.Array:
-    B, V = s.shape
-    thr_min_p = jnp.where(t.min_p > 0, m + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
-    need = ~greedy & ((t.top_k > 0) | (t.top_p < 1.0))
-    K = min(topk_cap, V)
-
-    def fast():
-        vals = _top_values(s, K)                               # [B, K] descending
-        thr, fallback = _topk_topp_from_candidates(vals, s, e, m, t, thr_min_p)
-        fallback = need & fallback
-        return jax.lax.cond(jnp.any(fallback), lambda: _exact_thresholds(s, e, t, thr_min_p, vals),
-                            lambda: thr)
-
-    return jax.lax.cond(jnp.any(need), fast, lambda: thr_min_p)
-
-
-def _top_values(s: jax.Array, k: int) -> jax.Array:
-    """The k largest values per row, descending. Read back through the indices: in some graphs XLA:CPU
-    turns a values-only lax.top_k into a full sort of the row (seconds at [256, 49152])."""
-    _, idx = jax.lax.top_k(s, k)
-    return jnp.take_along_axis(s, idx, axis=-1)
-
-
-def _topk_topp_from_candidates(vals, s, e, m, t, thr_min_p):
-    """Thresholds from the K largest scaled logits; fallback[b] when they do not suffice for row b."""
-    B, K = vals.shape
-    kk = t.top_k
-    kth = jnp.take_along_axis(vals, jnp.clip(kk - 1, 0, K - 1)[:, None], axis=-1)[:, 0]
-    thr1 = jnp.maximum(jnp.where(kk > 0, kth, -jnp.inf), thr_min_p)
-    z1 = jnp.sum(jnp.where(s >= thr1[:, None], e, 0.0), axis=-1)          # mass kept by min-p/top-k
-    pc = jnp.where(vals >= thr1[:, None], jnp.exp(vals - m[:, None]), 0.0) / z1[:, None]
-    incl = jnp.cumsum(pc, axis=-1)
-    excl = incl - pc
-    # vLLM's rule: a token stays while the mass of the tokens before it is < top_p
-    n_keep = jnp.sum(excl < t.top_p[:, None], axis=-1)
-    last = jnp.take_along_axis(vals, jnp.clip(n_keep - 1, 0, K - 1)[:, None], axis=-1)[:, 0]
-    thr_p = jnp.where(t.top_p < 1.0, last, -jnp.inf)
-    thr = jnp.maximum(thr1, thr_p)
-    beyond = (t.top_p < 1.0) & (incl[:, -1] < t.top_p) & (thr1 <= vals[:, -1])
-    return thr, (kk > K) | beyond
-
-
-def _exact_thresholds(s, e, t, thr_min_p, vals):
-    """Exact top-k / top-p thresholds over the whole vocabulary by bisection on the f32 bit patterns
-    (32 masked-sum passes each; the top-k one only when some top_k exceeds the candidates)."""
-    B, V = s.shape
-    K = vals.shape[1]
-    keys = _sortable(s)                                                   # [B, V] i32, order of s
-    lo = jnp.min(keys, axis=-1)
-    hi = jnp.max(keys, axis=-1)
-    kth = jnp.take_along_axis(vals, jnp.clip(t.top_k - 1, 0, K - 1)[:, None], axis=-1)[:, 0]
-    kth = jax.lax.cond(
-        jnp.any(t.top_k > K),
-        lambda: jnp.where(t.top_k > K, _unsortable(_bisect(keys, jnp.ones_like(s),
-                                                           t.top_k.astype(jnp.float32), lo, hi)), kth),
-        lambda: kth)
-    thr1 = jnp.maximum(jnp.where(t.top_k > 0, kth, -jnp.inf), thr_min_p)
-    w = jnp.where(s >= thr1[:, None], e, 0.0)
-    w = w / jnp.sum(w, axis=-1, keepdims=True)
-    thr_p = jnp.where(t.top_p < 1.0, _unsortable(_bisect(keys, w, t.top_p, lo, hi)), -jnp.inf)
-    return jnp.maximum(thr1, thr_p)
-
-
-def _bisect(keys, w, target, lo, hi):
-    """Per row, the largest key k in [lo, hi] with sum(w[keys >= k]) >= target (lo when none)."""
-    def body(_, carry):
-        lo, hi = carry
-        # mid = lo + ceil((hi - lo) / 2) in uint32 arithmetic (the range can exceed int32)
-        d = hi.astype(jnp.uint32) - lo.astype(jnp.uint32)
-        mid = (lo.astype(jnp.uint32) + (d >> 1) + (d & 1)).astype(jnp.int32)
-        ok = jnp.sum(jnp.where(keys >= mid[:, None], w, 0.0), axis=-1) >= target
-        ok = ok & (hi > lo)
-        return jnp.where(ok, mid, lo), jnp.where(ok | (hi <= lo), hi, mid - 1)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    return lo
-
-
-def _sortable(x):
-    """f32 -> i32 with the same order (negative floats have their magnitude bits flipped)."""
-    i = jax.lax.bitcast_convert_type(x, jnp.int32)
-    return jnp.where(i < 0, i ^ 0x7FFFFFFF, i)
-
-
-def _unsortable(k):
-    return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ 0x7FFFFFFF, k), jnp.float32)
-
-
-def _categorical(w: jax.Array, u: jax.Array) -> jax.Array:
-    """Draws index i with probability w[b, i] / sum(w[b]) by a two-level inverse CDF. w [B, V] >= 0 with
-    a positive entry per row; u [B, 2] uniforms in [0, 1)."""
-    B, V = w.shape
-    C = min(GROUP, V)
-    G = -(-V // C)
-    if G * C != V:
-        w = jnp.pad(w, ((0, 0), (0, G * C - V)))
-    wg = w.reshape(B, G, C)
-    gs = jnp.sum(wg, axis=-1)                                         # [B, G] group masses
-    g = _search(gs, u[:, 0])
-    row = jnp.take_along_axis(wg, g[:, None, None], axis=1)[:, 0]     # [B, C]
-    j = _search(row, u[:, 1])
-    return (g * C + j).astype(jnp.int32)
-
-
-def _search(w: jax.Array, u: jax.Array) -> jax.Array:
-    """First index whose inclusive cumsum exceeds u * total, never an index of zero weight."""
-    n = w.shape[1]
-    c = jnp.cumsum(w, axis=-1)
-    idx = jnp.sum(c <= (u * c[:, -1])[:, None], axis=-1)
-    last_pos = n - 1 - jnp.argmax((w > 0)[:, ::-1], axis=-1)          # rounding guard
-    return jnp.minimum(idx, last_pos).astype(jnp.int32)

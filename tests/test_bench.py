@@ -32,6 +32,22 @@ def test_throughput_jaxpaged_and_hf_side_by_side(tiny_llama, tmp_path, capsys):
         r.max_tokens for r in random_requests(6, (4, 20), (3, 6), 320, seed=0))
 
 
+def test_throughput_sampled_mode(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "tp.jsonl"
+    main(["throughput", "--model", tiny_llama, "--num-prompts", "4", "--input-len-range", "4:12",
+          "--output-len-range", "3:5", "--ignore-eos", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+          "--max-model-len", "64", "--enforce-eager", "--temperature", "0.8", "--top-p", "0.95", "--top-k", "50",
+          "--download-dir", str(tmp_path), "--output-json", str(out)])
+    text = capsys.readouterr().out
+    assert "'temperature': 0.8, 'top_p': 0.95, 'top_k': 50" in text
+    row = json.loads(out.read_text())
+    assert row["output_tokens"] == sum(r.max_tokens for r in random_requests(4, (4, 12), (3, 5), 320, seed=0))
+    # transformers runs greedy only: a clear refusal, not a silent greedy run
+    main(["throughput", "--model", tiny_llama, "--backend", "hf", "--num-prompts", "1", "--temperature", "0.5",
+          "--download-dir", str(tmp_path)])
+    assert "hf        FAILED" in capsys.readouterr().out
+
+
 def test_latency_prints_split(tiny_llama, tmp_path, capsys):
     main(["latency", "--model", tiny_llama, "--batch-sizes", "1,3", "--input-len", "5", "--output-len", "6",
           "--skip", "1", "--max-num-batched-tokens", "32", "--max-model-len", "64",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxpaged import sampler as S
+from jaxpaged import sampler_filters as F
 from jaxpaged.sampler import (SamplingRow, SamplingTensors, max_num_logprobs, needs_penalties, sample,
                               seeded_uniforms)
 from jaxpaged.sampling_params import SamplingParams as SP
@@ -100,13 +101,10 @@ THRESHOLD_CONFIGS = [(0, 1.0, 0.0), (5, 1.0, 0.0), (50, 1.0, 0.0), (0, 0.9, 0.0)
 
 @jax.jit
 def _thresholds_and_fallback(s, t):
-    """The sampler's thresholds for rows of scaled logits s, and whether the candidate path fell short."""
-    m = s.max(-1)
-    e = jnp.exp(s - m[:, None])
-    thr_min_p = jnp.where(t.min_p > 0, m + jnp.log(jnp.maximum(t.min_p, 1e-30)), -jnp.inf)
-    _, fallback = S._topk_topp_from_candidates(S._top_values(s, 128), s, e, m, t, thr_min_p)
-    need = (t.temperature > 0) & ((t.top_k > 0) | (t.top_p < 1.0))
-    return S._thresholds(s, e, m, t, t.temperature <= 0, 128), jnp.any(fallback & need)
+    """The filters' thresholds for rows of scaled logits s (temperature 1), and whether a row's kept set
+    fell outside the 128 candidates (the exact full-row paths)."""
+    f = F.filter_rows(s, t, t.temperature <= 0, 128)
+    return f.thr, jnp.any(~f.fits & (t.temperature > 0) & ((t.top_k > 0) | (t.top_p < 1.0)))
 
 
 @pytest.mark.parametrize("path", ["fast", "exact"])

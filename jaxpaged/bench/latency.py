@@ -224,10 +224,15 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     greedy = jax.jit(lambda lg, s: sample(lg, s, num_logprobs=None, use_penalties=False))
     results.append(("sampler alone, greedy", *_median_ms(lambda: greedy(logits, sampling), repeats, True)))
     b = logits.shape[0]
-    topp = dataclasses_replace(sampling, temperature=jnp.full((b,), 0.8, jnp.float32),
-                               top_p=jnp.full((b,), 0.9, jnp.float32))
-    results.append(("sampler alone, temperature 0.8 top_p 0.9",
-                    *_median_ms(lambda: greedy(logits, topp), repeats, True)))
+    full = results[0][1]
+    for label, top_p, top_k in (("top_p 0.9", 0.9, 0), ("top_p 0.95 top_k 50", 0.95, 50)):
+        sampled = dataclasses_replace(sampling, temperature=jnp.full((b,), 0.8, jnp.float32),
+                                      top_p=jnp.full((b,), top_p, jnp.float32), top_k=jnp.full((b,), top_k, jnp.int32))
+        results.append((f"sampler alone, temperature 0.8 {label}",
+                        *_median_ms(lambda: greedy(logits, sampled), repeats, True)))
+    # the sampler's share: its time against the full step's (wall ms), greedy and sampled
+    for name, ms, _ in [r for r in results if r[0].startswith("sampler alone")]:
+        results.append((f"  % of the full step: {name[len('sampler alone, '):]}", 100 * ms / full, float("nan")))
     return results
 
 
@@ -323,9 +328,9 @@ def run(args) -> dict:
                 print(f"  device-step breakdown, {label} step: {inp.num_tokens} tokens / {inp.num_seqs} seqs, "
                       f"padded T={len(inp.token_ids)} B={len(inp.seq_lens)}, "
                       f"context {int(inp.seq_lens.sum())} tokens")
-                print(f"    {'variant':<48} {'wall ms':>9} {'CPU ms':>9}")
+                print(f"    {'variant':<58} {'wall ms':>9} {'CPU ms':>9}")
                 for name, ms, cpu in breakdown(llm.llm_engine.runner, captured, args.repeats):
-                    print(f"    {name:<48} {ms:9.2f} {cpu:9.2f}")
+                    print(f"    {name:<58} {ms:9.2f} {cpu:9.2f}")
     report["decode"] = rows
     report["num_compiled"] = llm.llm_engine.runner.num_compiled()
     print(f"compiled step executables: {report['num_compiled']} (bucket table has "

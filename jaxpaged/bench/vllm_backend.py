@@ -26,13 +26,14 @@ VLLM_ENV = {"OMP_NUM_THREADS": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_C
 
 def run_vllm(vllm_python: str, model_dir: str, requests, *, dtype: str = "float32", ignore_eos: bool = False,
              max_num_seqs: int = 64, max_num_batched_tokens: int = 512, max_model_len: int = 1024,
-             timeout: float = 7200, env: dict | None = None) -> dict:
-    """Runs the requests through vLLM in `vllm_python`; returns the worker's result dict."""
+             timeout: float = 7200, env: dict | None = None, sampling: dict | None = None) -> dict:
+    """Runs the requests through vLLM in `vllm_python`; returns the worker's result dict.
+    sampling: SamplingParams fields of every request (default greedy)."""
     if not os.path.exists(vllm_python):
         raise FileNotFoundError(f"--vllm-python {vllm_python}: no such interpreter (see {__file__} for the install)")
     job = dict(model=model_dir, dtype=dtype, ignore_eos=ignore_eos, max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-               requests=[[r.prompt_token_ids, r.max_tokens] for r in requests])
+               sampling=sampling or dict(temperature=0.0), requests=[[r.prompt_token_ids, r.max_tokens] for r in requests])
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(job, f)
     try:
@@ -63,7 +64,7 @@ def _worker(job_path: str) -> None:
     start_s = time.perf_counter() - t0
     reqs = job["requests"]
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in reqs]
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=job["ignore_eos"]) for _, m in reqs]
+    params = [SamplingParams(max_tokens=m, ignore_eos=job["ignore_eos"], **job["sampling"]) for _, m in reqs]
     llm.generate(prompts[:2], [SamplingParams(temperature=0.0, max_tokens=4)] * 2, use_tqdm=False)   # warmup
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
