@@ -141,3 +141,27 @@ def test_slot_lru_evicts_least_recent_unpinned():
     with pytest.raises(RuntimeError, match="max_loras"):
         lru.acquire(13, {10, 12, 13})                   # both residents pinned by this step
     assert (lru.num_loads, lru.num_evictions) == (3, 1)
+
+
+@pytest.mark.parametrize("kind, targets, column, row", [
+    # one KV head: k/v columns (and their B) replicated at TP=2
+    ("llama_tied", LLAMA_TARGETS, ("layers/k_proj", 64, 32), ("layers/down_proj", 128, 64)),
+    # c_attn's columns regrouped per shard (and its B)
+    ("gpt2", ("c_attn", "c_proj", "c_fc"), ("layers/qkv", 64, 192), ("layers/attn_out", 64, 64)),
+])
+def test_tensor_parallel_lora_equals_tp1(tiny_model_factory, tmp_path, kind, targets, column, row):
+    from tests.test_tensor_parallel import run_worker
+    model = tiny_model_factory(kind)
+    a = make_adapter(model, str(tmp_path / "a"), r=8, alpha=16, targets=targets, seed=21)
+    b = make_adapter(model, str(tmp_path / "b"), r=4, alpha=4, targets=targets[:1], seed=22)
+    prompts = PROMPTS[:3]
+    out = run_worker(tmp_path, kind, devices=2, model=model, tps=[1, 2], prompts=prompts, max_tokens=6,
+                     loras=[["a", 1, a], ["b", 2, b]], lora_of_prompt=[0, None, 1], max_lora_rank=8)
+    assert out["tokens"]["2"] == out["tokens"]["1"]
+    shards = out["lora_shards"]["2"]
+    path, d_in, d_out = column                # column-parallel: B split on out, A whole
+    assert shards[path] == [[[2, d_in, 2, 8]] * 2, [[2, 2, 8, d_out // 2]] * 2]
+    path, d_in, d_out = row                   # row-parallel: A split on in, B whole
+    assert shards[path] == [[[2, d_in // 2, 2, 8]] * 2, [[2, 2, 8, d_out]] * 2]
+    assert out["tokens"]["1"][0] == peft_greedy(model, a, prompts[0], 6)
+    assert out["tokens"]["1"][2] == peft_greedy(model, b, prompts[2], 6)
