@@ -280,6 +280,27 @@ class BlockManager:
             t.num_tokens = num_tokens
         return copies
 
+    def truncate(self, seq_id: str, num_tokens: int) -> int:
+        """Shrinks seq_id's table to cover num_tokens tokens (speculative decoding: the slots of rejected
+        draft tokens go back). Blocks past ceil(num_tokens / block_size) are released as by free(),
+        last first; hashes past the full blocks of num_tokens are dropped from the table. Returns how
+        many blocks became free."""
+        t = self._tables[seq_id]
+        if not 0 <= num_tokens <= t.num_tokens:
+            raise ValueError(f"num_tokens: {num_tokens} is not in [0, {t.num_tokens}] (the table's tokens)")
+        keep = self.blocks_for(num_tokens)
+        rc = self.ref_cnt
+        n = 0
+        while len(t.blocks) > keep:
+            b = t.blocks.pop()
+            rc[b] -= 1
+            if rc[b] == 0:
+                self._free[b] = None
+                n += 1
+        t.num_tokens = num_tokens
+        del t.hashes[num_tokens // self.block_size:]
+        return n
+
     def fork(self, parent_id: str, child_id: str) -> list[int]:
         """The child's table shares every block of the parent's (refcount + 1 each)."""
         if child_id in self._tables:

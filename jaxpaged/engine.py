@@ -36,6 +36,7 @@ from jaxpaged.inputs import InputProcessor
 from jaxpaged.request_state import RequestState
 from jaxpaged.scheduler import Scheduler, SchedulerStats
 from jaxpaged.sharding import make_mesh, place_params, prepare_params
+from jaxpaged.spec_decode.speculator import Speculator
 from jaxpaged.step_hooks import StepHooks
 from jaxpaged.structured_output.manager import StructuredOutputManager
 
@@ -47,6 +48,11 @@ class EngineStats(SchedulerStats):
     """The scheduler's stats plus the engine's token counters (cumulative)."""
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    # speculative decoding (spec_decode/speculator.py SpecDecodeStats); zeros without it
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list = dataclasses.field(default_factory=list)
 
 
 class LLMEngine:
@@ -70,6 +76,8 @@ class LLMEngine:
         self.kv_cache_dtype = kv_cache_dtype(config)     # the KV pool is sized by it (no side effects)
         self.kv_plan = self._plan_kv_pool(state)
         self.max_model_len, num_blocks = self.kv_plan.max_model_len, self.kv_plan.num_blocks
+        spec = config.speculative_config
+        self.speculator = Speculator(spec, self.max_model_len) if spec is not None else None
         self.scheduler = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
@@ -238,7 +246,10 @@ class LLMEngine:
         sched, requests = self.scheduler, self._requests
         if self._waiting_beams:
             self._start_waiting_beams()
+        spec = self.speculator
         with self.step_hooks.part("schedule"):
+            if spec is not None:
+                spec.propose(sched.running, requests)
             out = sched.schedule()
         touched: dict[str, object] = {}
         for seq in out.finished:      # the scheduler gave up on these (they can never fit)
@@ -251,7 +262,11 @@ class LLMEngine:
         if out.scheduled:
             now = time.time()
             states = [requests[s.seq.request_id] for s in out.scheduled]
-            rows = [st.sampling_row(s.seq) if s.sample else None for st, s in zip(states, out.scheduled)]
+            first = None        # a verification step: each sequence's first sampling row (speculator.py)
+            if spec is not None and spec.verifies(out.scheduled):
+                rows, first = spec.sampling_rows(out.scheduled, states)
+            else:
+                rows = [st.sampling_row(s.seq) if s.sample else None for st, s in zip(states, out.scheduled)]
             want_prompt_lp = any(st.needs_prompt_logprobs(s.start) for st, s in zip(states, out.scheduled))
             result = self.runner.execute(out.scheduled, out.block_copies, rows, prompt_logprobs=want_prompt_lp)
             if want_prompt_lp:
@@ -259,6 +274,11 @@ class LLMEngine:
             sched.update_from_output(out)
             for i, (st, s) in enumerate(zip(states, out.scheduled)):
                 st.mark_scheduled(now)
+                if first is not None:
+                    if s.sample:
+                        self._generation_tokens_total += spec.on_verified(st, s, result, first[i], sched)
+                        touched[st.request_id] = st
+                    continue
                 if rows[i] is None:
                     continue
                 self._generation_tokens_total += 1
@@ -300,5 +320,11 @@ class LLMEngine:
             row += s.num_new_tokens
 
     def get_stats(self) -> EngineStats:
-        return EngineStats(**dataclasses.asdict(self.scheduler.stats()), prompt_tokens_total=self._prompt_tokens_total,
-                           generation_tokens_total=self._generation_tokens_total)
+        stats = EngineStats(**dataclasses.asdict(self.scheduler.stats()), prompt_tokens_total=self._prompt_tokens_total,
+                            generation_tokens_total=self._generation_tokens_total)
+        if self.speculator is not None:
+            sd = self.speculator.stats
+            stats.spec_decode_num_drafts, stats.spec_decode_num_draft_tokens = sd.num_drafts, sd.num_draft_tokens
+            stats.spec_decode_num_accepted_tokens = sd.num_accepted_tokens
+            stats.spec_decode_num_accepted_tokens_per_pos = list(sd.accepted_per_pos)
+        return stats

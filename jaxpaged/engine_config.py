@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from jaxpaged.config import check_dtype
 from jaxpaged.generation_config import check_generation_config
+from jaxpaged.spec_decode.config import SpeculativeConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ATTENTION_BACKENDS = ("auto", "native", "pallas", "jnp")
@@ -58,6 +59,10 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
+    # speculative decoding (vLLM's dict, or its JSON text): {"method": "ngram", "num_speculative_tokens": k,
+    # "prompt_lookup_max": a, "prompt_lookup_min": b} or {"model": ..., "num_speculative_tokens": k};
+    # stored parsed (spec_decode/config.py); None: off
+    speculative_config: dict | SpeculativeConfig | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
@@ -72,6 +77,7 @@ class EngineConfig:
         if self.kv_cache_dtype != "auto":
             object.__setattr__(self, "kv_cache_dtype", check_dtype(self.kv_cache_dtype))
         check_generation_config(self.generation_config)
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend: expected one of {list(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

@@ -82,6 +82,20 @@ class RequestMetrics:
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finished_time: Optional[float] = None
+    # speculative decoding (0 without it): verifications of this request's drafts, draft tokens, accepted ones
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> Optional[float]:
+        """Accepted / proposed draft tokens; None when nothing was drafted."""
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else None
+
+    @property
+    def spec_mean_acceptance_length(self) -> Optional[float]:
+        """Tokens emitted per verification step, the target's own token included (1 .. k + 1)."""
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts if self.spec_num_drafts else None
 
     @property
     def time_to_first_token(self) -> Optional[float]:

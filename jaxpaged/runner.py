@@ -9,6 +9,13 @@ execute(scheduler_output):
        -> logits [B, V];  then sample(logits, sampling) — jitted per B, on the device
        -> tokens [B] (+ logprobs)
   4. one device->host transfer of the sampled ids (and requested logprobs)
+
+Speculative decoding (EngineConfig.speculative_config, k drafts): a step where some sequence carries
+drafts is a verification step: the forward takes R = B * (1 + k) logits rows (step_inputs.py's
+verification layout; real rows first) and the sampler samples each of them with its own SamplingRow
+(the position's penalties, min_tokens bans, seed offset), so the target's sample at every drafted
+position comes back. Its own compiled variant per (T, B) pair and per R, warmed up with the rest;
+steps without drafts run the plain variant unchanged.
 """
 from __future__ import annotations
 
@@ -66,9 +73,14 @@ def _forward_impl(graphdef, opts, prompt_logprobs, state, kv_cache, inputs, lora
     meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
                              inputs["query_start"])
     hidden, kv_cache = model.forward(inputs["token_ids"], inputs["positions"], kv_cache, meta, opts)
-    last = jnp.take(hidden, inputs["logits_indices"], axis=0)      # [B, H]
-    # real sequences come first; padding ones have seq_len 0
-    logits = model.logits(last, jnp.sum(inputs["seq_lens"] > 0))   # [B, V] f32
+    if "num_logits_rows" in inputs:
+        # verification layout: logits_indices [R], real rows first, -1 padding (row 0 stands in)
+        last = jnp.take(hidden, jnp.maximum(inputs["logits_indices"], 0), axis=0)   # [R, H]
+        logits = model.logits(last, inputs["num_logits_rows"])                    # [R, V] f32
+    else:
+        last = jnp.take(hidden, inputs["logits_indices"], axis=0)      # [B, H]
+        # real sequences come first; padding ones have seq_len 0
+        logits = model.logits(last, jnp.sum(inputs["seq_lens"] > 0))   # [B, V] f32
     prompt_out = None
     if prompt_logprobs is not None:
         # logits of every row [T, V]: only in this variant (a [T, H] x [H, V] matmul is costly)
@@ -115,6 +127,9 @@ class ModelRunner:
         self.buckets = BucketTable.build(config.max_num_batched_tokens, config.max_num_seqs)
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         self.generator = np.random.default_rng(config.seed)
+        spec = config.speculative_config
+        # rows per sequence in a verification step (1 + k); 0 without speculative decoding
+        self.spec_rows = 1 + spec.num_speculative_tokens if spec is not None else 0
         self.backend = ready_backend(config.attention_backend)
         # weight matmuls on the backend's own packed weights (native CPU: AVX-512 f32, AMX bf16)
         # (not for quantized weights: those multiply through their own type)
@@ -154,7 +169,9 @@ class ModelRunner:
     # ---- compile discipline -------------------------------------------------------------------
     def num_compiled(self) -> int:
         """Executables compiled so far: forward (one per (T, B) pair and variant) + sampler (one per B
-        and variant). After warmup: len(buckets.pairs()) + len(buckets.seq_buckets)."""
+        and variant). After warmup: len(buckets.pairs()) + len(buckets.seq_buckets), plus with
+        speculative decoding the verification variant: len(pairs) more forwards and a sampler per
+        row count B * (1 + k) that is not already a B bucket."""
         return self._forward._cache_size() + self._sample._cache_size()
 
     def warmup(self, progress: bool = True) -> None:
@@ -166,6 +183,13 @@ class ModelRunner:
                                        num_tokens_padded=t, num_seqs_padded=b,
                                        seq_lora_slots=[] if self.lora is not None else None)
             self._run(inputs, self._sampling([], b), num_logprobs=None, use_penalties=False, prompt_logprobs=None)
+            if self.spec_rows:
+                r = b * self.spec_rows
+                inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
+                                           num_tokens_padded=t, num_seqs_padded=b, num_logits_rows=r,
+                                           seq_lora_slots=[] if self.lora is not None else None)
+                self._run(inputs, self._sampling([], r), num_logprobs=None, use_penalties=False,
+                          prompt_logprobs=None)
         # Dispatch is asynchronous: wait for the warmup steps to finish here, or the first real step
         # waits for all of them (measured: a 3.4 s first step after an f32 SmolLM2 warmup).
         jax.block_until_ready(self.kv_cache)
@@ -174,7 +198,9 @@ class ModelRunner:
     def execute(self, scheduled, block_copies, sampling_rows, prompt_logprobs: bool = False) -> StepResult:
         """Runs one step over `scheduled` (list of ScheduledSequence); returns rows for all of them.
 
-        sampling_rows: one SamplingRow per scheduled sequence (None where no token is sampled).
+        sampling_rows: one SamplingRow per scheduled sequence (None where no token is sampled); in a
+        verification step (some sequence has num_spec_tokens k > 0) 1 + k consecutive rows for such a
+        sequence (the positions of its last token and its drafts); results come back in that order.
         Variants (static): logprobs are computed with K = max_logprobs when any row asks for them
         (None: no logprob work at all); the penalty path only when a row uses penalties; prompt
         logprobs (K = max_logprobs) for every flat row when `prompt_logprobs`.
@@ -190,20 +216,23 @@ class ModelRunner:
                     jax.block_until_ready(self.kv_cache)
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         t, b = self.buckets.lookup(num_tokens, len(scheduled))
+        # a verification step: R = B * (1 + k) logits rows (the row count a B bucket was warmed up with)
+        rows_padded = b * self.spec_rows if len(sampling_rows) > len(scheduled) else None
         with hooks.part("inputs"):
             lora_slots = self.lora.slots_for(scheduled) if self.lora is not None else None
             inputs = build_step_inputs(scheduled, block_size=self.block_size, table_width=self.table_width,
                                        num_tokens_padded=t, num_seqs_padded=b, with_next_tokens=prompt_logprobs,
-                                       seq_lora_slots=lora_slots)
+                                       seq_lora_slots=lora_slots, num_logits_rows=rows_padded)
         with hooks.part("sampling_inputs"):
-            sampling = self._sampling(sampling_rows, b, use_penalties)
+            sampling = self._sampling(sampling_rows, rows_padded or b, use_penalties)
         hooks.inputs(inputs, sampling)
         with hooks.part("device"):
             out, prompt_out = self._run(inputs, sampling, num_logprobs=num_logprobs, use_penalties=use_penalties,
-                                        prompt_logprobs=self.config.max_logprobs if prompt_logprobs else None)
+                                        prompt_logprobs=self.config.max_logprobs if prompt_logprobs else None,
+                                        num_logits_rows=len(sampling_rows) if rows_padded else None)
             if hooks:       # the wait belongs to this part (device_get below would wait anyway)
                 jax.block_until_ready((out, prompt_out))
-        n = len(scheduled)
+        n = len(sampling_rows)
         host, prompt_host = jax.device_get((out, prompt_out))
         top_ids = host.top_ids[:n] if want_lp else None
         top_lp = host.top_logprobs[:n] if want_lp else None
@@ -223,11 +252,15 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids, history_len=self.table_width * self.block_size if use_penalties else 0,
             banned_width=1 << (banned - 1).bit_length())
 
-    def _run(self, inputs: StepInputs, sampling, *, num_logprobs, use_penalties: bool, prompt_logprobs):
+    def _run(self, inputs: StepInputs, sampling, *, num_logprobs, use_penalties: bool, prompt_logprobs,
+             num_logits_rows: int | None = None):
         names = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start",
                  "logits_indices") + (("next_token_ids",) if prompt_logprobs is not None else ())
         names += ("lora_slots",) if self.lora is not None else ()
         arrays = {k: getattr(inputs, k) for k in names}
+        if len(inputs.logits_indices) != len(inputs.seq_lens):
+            # the verification variant (a different input structure: its own executables)
+            arrays["num_logits_rows"] = np.int32(num_logits_rows or 0)
         lora = self.lora.stacks if self.lora is not None else None
         self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays, lora)
         return self._sample(num_logprobs, use_penalties, logits, sampling), prompt_out

@@ -32,6 +32,12 @@ schedule():
    num_computed_tokens = num_cached_tokens = the cached prefix length (never the whole
    sequence: the last token is always computed).
 
+Speculative decoding (spec_decode/): a running decode sequence (one token left to compute) whose
+`spec_token_ids` the engine filled before schedule() computes 1 + k tokens: its last token and k
+drafts, k cut to the budget left (the drafts count in the token budget) and dropped when its blocks
+cannot grow (before any preemption). update_from_output advances it by the real token only;
+`commit_spec_tokens` adds the accepted drafts and gives back the rejected drafts' slots.
+
 Parallel sampling (n > 1, `add_sequence_group`): the leader (first sequence) prefills
 prompt[:-1] alone; then every other member forks the leader's table (shared blocks,
 refcount + 1) with num_computed_tokens = len(prompt) - 1, and each member computes the last
@@ -56,7 +62,9 @@ class ScheduledSequence:
     num_new_tokens: int       # tokens computed this step: all_token_ids[start : start + num_new_tokens]
     start: int                # == seq.num_computed_tokens at schedule time
     block_table: list[int]    # live table covering >= start + num_new_tokens tokens (read-only)
-    sample: bool              # start + num_new_tokens == seq.num_tokens at schedule time: a token is sampled
+    sample: bool              # start + num_new_tokens - num_spec_tokens == seq.num_tokens at schedule time
+    num_spec_tokens: int = 0  # speculative decoding: the last num_spec_tokens of the new tokens are
+                              # seq.spec_token_ids[:num_spec_tokens], drafts verified this step
 
 
 @dataclass
@@ -237,9 +245,17 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
+            k = 0
+            if n == 1 and req.spec_token_ids:
+                # a decode with draft tokens: 1 + k query tokens, the drafts within the budget
+                k = min(len(req.spec_token_ids), budget - 1)
+                n += k
             if n > budget:
                 n = budget
             cps = bm.append_slots(rid, start + n)
+            if cps is None and k:
+                k, n = 0, 1                 # no room for the drafts: plain decode before preempting anyone
+                cps = bm.append_slots(rid, start + 1)
             while cps is None:
                 victim = running[-1]
                 if victim is req and len(running) == 1:
@@ -256,7 +272,7 @@ class Scheduler:
                 continue                    # req left `running`; index i now holds the next one
             if cps:
                 copies.extend(cps)
-            scheduled.append(ScheduledSequence(req, n, start, bm.get_table(rid), start + n == num_tokens))
+            scheduled.append(ScheduledSequence(req, n, start, bm.get_table(rid), start + n - k == num_tokens, k))
             budget -= n
             i += 1
 
@@ -365,7 +381,7 @@ class Scheduler:
             start = sr.start
             if req.status is not running or req.num_computed_tokens != start:
                 continue                    # finished (aborted) since schedule()
-            n = start + sr.num_new_tokens
+            n = start + sr.num_new_tokens - sr.num_spec_tokens    # drafts count once accepted
             req.num_computed_tokens = n
             # a table's hashes always reach its first computed block, so only a block that
             # became full in this step can need one
@@ -373,6 +389,23 @@ class Scheduler:
                 bm.cache_full_blocks(req.seq_id, req.all_token_ids, n, prefix_root(req))
             if targets and req.seq_id in targets and n >= targets[req.seq_id]:
                 self._fork_group(req)
+
+    def commit_spec_tokens(self, seq: Sequence, num_accepted: int) -> None:
+        """After a verification step (update_from_output done, the accepted drafts and the target's
+        token appended): the first num_accepted drafts' K/V join the computed tokens; the table
+        shrinks to them (the slots of rejected drafts go back; their stale K/V is never read and is
+        overwritten when those positions are computed) and full blocks get prefix hashes, accepted
+        tokens only. A sequence that finished meanwhile already freed everything."""
+        if seq.status is not SequenceStatus.RUNNING:
+            return
+        n = seq.num_computed_tokens + num_accepted
+        if n >= seq.num_tokens:
+            raise ValueError(f"num_accepted: {num_accepted} leaves no token to compute "
+                             f"({seq.num_computed_tokens} computed of {seq.num_tokens})")
+        seq.num_computed_tokens = n
+        self.block_manager.truncate(seq.seq_id, n)
+        if self.enable_prefix_caching:
+            self.block_manager.cache_full_blocks(seq.seq_id, seq.all_token_ids, n)
 
     def append_token(self, seq_id: str, token_id: int) -> None:
         self.seqs[seq_id].append_output_token(token_id)

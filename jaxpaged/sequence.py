@@ -55,7 +55,8 @@ class Sequence:
     """
     __slots__ = ("seq_id", "request_id", "prompt_token_ids", "output_token_ids", "_all_token_ids", "sampling_params",
                  "arrival_time", "num_computed_tokens", "status", "num_cached_tokens", "num_preemptions",
-                 "skip_prefix_cache", "structured_output", "lora")
+                 "skip_prefix_cache", "structured_output", "lora",
+                 "spec_token_ids")
 
     def __init__(self, seq_id: str, prompt_token_ids: Iterable[int], sampling_params: Any = None,
                  arrival_time: float | None = None, *, request_id: str | None = None,
@@ -80,6 +81,9 @@ class Sequence:
         # LoRA: the sequence's adapter (lora.registry.LoadedLoRA) or None; its `key` picks the device
         # slot and roots the prefix-cache hash chain (two adapters never share K/V)
         self.lora: Any = None
+        # speculative decoding: this step's draft tokens (not part of the sequence's tokens; the
+        # scheduler computes them after its last token, the engine keeps the accepted ones)
+        self.spec_token_ids: list[int] = []
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id!r}, prompt={len(self.prompt_token_ids)} tokens, "

@@ -5,6 +5,11 @@ query_start[b] .. query_start[b+1]-1 at positions start .. start+n-1; the token 
 written to slot block_table[p // BS] * BS + p % BS. Rows past the real token count are padding:
 token 0, position 0, slot 0 (inside the null block 0, which no sequence reads). Padding sequences
 have seq_len 0 and q_len 0.
+
+Speculative decoding: a sequence scheduled with k = num_spec_tokens drafts has them as its last k
+rows (after its real last token); with `num_logits_rows` the step has the verification layout:
+logits_indices [R] lists each sequence's last 1 + k rows in order (one row for the others), then
+-1 padding.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ class StepInputs:
     block_tables: np.ndarray    # [B, W] int32
     seq_lens: np.ndarray        # [B] int32   context incl. this step's tokens; 0 = padding sequence
     query_start: np.ndarray     # [B+1] int32
-    logits_indices: np.ndarray  # [B] int32   flat row of each sequence's last token (0 for padding)
+    logits_indices: np.ndarray  # [B] int32   flat row of each sequence's last token (0 for padding);
+                                # [R] in the verification layout (see the module docstring)
     next_token_ids: np.ndarray | None  # [T] int32 token at position + 1 of each row (prompt logprobs), else None
     num_tokens: int             # real (unpadded) token count
     num_seqs: int               # real (unpadded) sequence count
@@ -30,7 +36,8 @@ class StepInputs:
 
 def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_tokens_padded: int,
                       num_seqs_padded: int, with_next_tokens: bool = False,
-                      seq_lora_slots: list[int] | None = None) -> StepInputs:
+                      seq_lora_slots: list[int] | None = None,
+                      num_logits_rows: int | None = None) -> StepInputs:
     """scheduled: list of ScheduledSequence (seq, start, num_new_tokens, block_table).
 
     with_next_tokens: also fill next_token_ids (row r at position p holds token p + 1 of its sequence,
@@ -53,7 +60,9 @@ def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_token
         table = np.asarray(s.block_table, np.int32)
         block_tables[b, : len(table)] = table
         pos = np.arange(start, start + n, dtype=np.int32)
-        token_ids[row: row + n] = _token_slice(s.seq, start, n)
+        k = s.num_spec_tokens
+        toks = _token_slice(s.seq, start, n - k)
+        token_ids[row: row + n] = toks + s.seq.spec_token_ids[:k] if k else toks
         positions[row: row + n] = pos
         slots[row: row + n] = table[pos // block_size] * block_size + pos % block_size
         seq_lens[b] = start + n
@@ -66,6 +75,8 @@ def build_step_inputs(scheduled, *, block_size: int, table_width: int, num_token
         query_start[b + 1] = row
         logits_indices[b] = row - 1
     query_start[len(scheduled) + 1:] = row   # padding sequences: empty query ranges at the end
+    if num_logits_rows is not None:
+        logits_indices = verification_rows(scheduled, query_start, num_logits_rows)
     return StepInputs(token_ids, positions, slots, block_tables, seq_lens, query_start, logits_indices,
                       next_ids, num_tokens=row, num_seqs=len(scheduled), lora_slots=lora_slots)
 
@@ -79,3 +90,20 @@ def _token_slice(seq, start: int, n: int) -> list[int]:
     if start + n <= p:
         return prompt[start: start + n]
     return prompt[start:] + output[: start + n - p]
+
+
+def verification_rows(scheduled, query_start: np.ndarray, num_rows: int) -> np.ndarray:
+    """[num_rows] int32: the flat rows whose logits a verification step samples. Sequence b with k
+    drafts ends at row e = query_start[b+1]; its rows are e-1-k .. e-1 (its last real token scores
+    draft 0, draft j scores draft j+1, the last draft scores the bonus token). -1 pads."""
+    need = sum(s.num_spec_tokens + 1 for s in scheduled)
+    if need > num_rows:
+        raise ValueError(f"num_logits_rows: {num_rows} rows cannot hold the step's {need} sampled positions")
+    out = np.full(num_rows, -1, np.int32)
+    r = 0
+    for b, s in enumerate(scheduled):
+        e = int(query_start[b + 1])
+        k = s.num_spec_tokens
+        out[r: r + k + 1] = np.arange(e - 1 - k, e, dtype=np.int32)
+        r += k + 1
+    return out

@@ -53,6 +53,8 @@ _HELP = {
     "enable_lora": "serve LoRA adapters (PEFT folders) on the base model, batched together",
     "max_loras": "adapters in device slots at once; requests for more wait (default: 1)",
     "max_lora_rank": "largest adapter rank served; every adapter is padded to it (default: 16)",
+    "speculative_config": "speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                          "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (default: off)",
     "native_matmul": "with the native backend, weight matmuls on pre-packed weights (AVX-512 f32 / AMX "
                      "bf16 CPUs); --no-native-matmul: XLA's dot",
 }
@@ -74,6 +76,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     hints = typing.get_type_hints(EngineConfig)
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
+        if f.name == "speculative_config":     # JSON text, parsed and checked by EngineConfig
+            group.add_argument(flag, dest=f.name, default=None, metavar="JSON", help=_HELP[f.name])
+            continue
         typ, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = _HELP.get(f.name, f.name.replace("_", " "))

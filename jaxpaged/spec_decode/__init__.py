@@ -1,0 +1,9 @@
+"""Speculative decoding: proposers (n-gram prompt lookup) and the acceptance rule of a verification step.
+
+config.py     SpeculativeConfig: vLLM's speculative_config, parsed and checked once
+ngram.py      propose_ngram: drafts copied from the sequence's own earlier tokens (host, numpy)
+speculator.py Speculator: the engine's side (which sequences propose, their sampling rows, acceptance, counters)
+"""
+from jaxpaged.spec_decode.config import SpeculativeConfig
+
+__all__ = ["SpeculativeConfig"]

@@ -1,0 +1,157 @@
+"""Speculator: the engine's side of speculative decoding (n-gram drafts, verified in the ragged step).
+
+One step with speculation (engine.py calls these around the ordinary step):
+
+    speculator.propose(scheduler.running, requests)   # drafts -> seq.spec_token_ids (before schedule)
+    out = scheduler.schedule()                         # a drafting decode computes 1 + k tokens
+    rows, first = speculator.sampling_rows(out.scheduled, states)   # 1 + k SamplingRows per such sequence
+    result = runner.execute(..., rows)                 # the target's sample at every one of those positions
+    scheduler.update_from_output(out)                  # the real token only
+    speculator.on_verified(state, ss, result, first[i], scheduler)  # accept, append, roll back
+
+Acceptance (exact). Row j of a drafting sequence is sampled with the SamplingRow of output position
+n_out + j as if drafts[:j] were already its tokens: the same penalties history, min_tokens bans,
+logit_bias and seed offset (the seeded uniforms hash (seed, n_out + j)) as the non-speculative step
+that would sample that position. Drafts are accepted while the target's sample equals them; the
+first differing sample (or the sample after the last draft) is emitted as well, so a step emits
+1 .. k + 1 tokens. This IS the standard rejection-sampling rule for a point-mass proposal q = delta(x):
+accept x with probability min(1, p(x) / q(x)) = p(x) (the sample equals x), and on rejection a token
+from normalize(max(0, p - q)) = p restricted to tokens != x (the sample given that it is not x). So:
+greedy output is token for token the non-speculative output; sampled outputs have the target's
+distribution; a seeded request gives exactly its non-speculative tokens (each position's draw is the
+same draw). The device runs the ordinary sampler on every row; acceptance is a host compare.
+
+Which sequences draft (the per-step rule): none when more than `disable_by_batch_size` sequences are
+running; otherwise each running decode sequence (one token left to compute) of a SamplingParams
+request without structured output (beam search and grammar-constrained rows do not speculate),
+with k cut so the step can never emit past max_tokens or max_model_len; a sequence whose n-gram
+lookup finds nothing decodes normally. A step where nobody drafts runs the plain step unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jaxpaged.request_state import RequestState
+from jaxpaged.sampler import SamplingRow
+from jaxpaged.spec_decode.config import SpeculativeConfig
+from jaxpaged.spec_decode.ngram import propose_ngram
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative counters (vLLM's spec_decode metrics)."""
+    num_drafts: int = 0              # verification of one sequence's drafts in one step
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)   # [k]: drafts accepted at position i
+
+
+def num_accepted(drafts: list[int], sampled) -> int:
+    """Leading drafts equal to the target's samples at their positions (sampled has >= len(drafts) rows)."""
+    a = 0
+    while a < len(drafts) and int(sampled[a]) == drafts[a]:
+        a += 1
+    return a
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+        if config.method != "ngram":
+            raise ValueError(f"speculative_config.method: {config.method!r} is not implemented yet; use \"ngram\"")
+        self.config = config
+        self.k = config.num_speculative_tokens
+        self.max_model_len = max_model_len
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.k)
+        self._drafting: list = []           # sequences given drafts in the last propose()
+
+    # ---- before schedule() ----------------------------------------------------------------------
+    def propose(self, running: list, requests: dict) -> int:
+        """Sets spec_token_ids of the running sequences that draft this step (clearing last step's);
+        returns how many draft."""
+        for seq in self._drafting:
+            seq.spec_token_ids = []
+        self._drafting = []
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(running) > limit:
+            return 0
+        cfg = self.config
+        for seq in running:
+            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.structured_output is not None:
+                continue
+            k = self._room(seq, requests.get(seq.request_id))
+            if k < 1:
+                continue
+            drafts = propose_ngram(seq.all_token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            if drafts:
+                seq.spec_token_ids = drafts
+                self._drafting.append(seq)
+        return len(self._drafting)
+
+    def _room(self, seq, state) -> int:
+        """Drafts this sequence may verify: k, less what would pass max_tokens / max_model_len (a step
+        emits up to k + 1 tokens); 0 for requests that do not speculate."""
+        if not isinstance(state, RequestState):       # beam search does not speculate
+            return 0
+        params = state.params
+        left = self.max_model_len - seq.num_tokens
+        if params.max_tokens is not None:
+            left = min(left, params.max_tokens - seq.num_output_tokens)
+        return min(self.k, left - 1)
+
+    # ---- the step -------------------------------------------------------------------------------
+    @staticmethod
+    def verifies(scheduled) -> bool:
+        return any(s.num_spec_tokens for s in scheduled)
+
+    @staticmethod
+    def sampling_rows(scheduled, states) -> tuple[list, list[int]]:
+        """(rows, first): the runner's flat sampling rows of a verification step and each scheduled
+        sequence's first row. A drafting sequence has 1 + k rows: row j samples output position
+        n_out + j with drafts[:j] as if already generated (see the module docstring)."""
+        rows: list = []
+        first: list[int] = []
+        for st, s in zip(states, scheduled):
+            first.append(len(rows))
+            if not s.sample:
+                rows.append(None)
+                continue
+            base = st.sampling_row(s.seq)
+            rows.append(base)
+            drafts = s.seq.spec_token_ids[: s.num_spec_tokens]
+            out = list(base.output_token_ids)
+            for d in drafts:
+                out = out + [d]
+                rows.append(SamplingRow(base.params, base.prompt_token_ids, out, base.grammar))
+        return rows, first
+
+    def on_verified(self, state, s, result, first: int, scheduler) -> int:
+        """Emits the accepted drafts and the target's next token of scheduled sequence `s` (rows
+        first .. first + k of `result`), stopping where the request stops (max_tokens, stop strings,
+        eos: later tokens are dropped); rolls back the rejected drafts' slots. Returns tokens emitted."""
+        seq, k = s.seq, s.num_spec_tokens
+        if k == 0:
+            state.on_sampled(seq, result, first, scheduler)
+            return 1
+        drafts = seq.spec_token_ids[:k]
+        a = num_accepted(drafts, result.tokens[first: first + k])
+        self._count(state, k, a)
+        emitted = 0
+        for j in range(a + 1):
+            state.on_sampled(seq, result, first + j, scheduler)
+            emitted += 1
+            if seq.status.is_finished:
+                return emitted
+        scheduler.commit_spec_tokens(seq, a)
+        return emitted
+
+    def _count(self, state, k: int, a: int) -> None:
+        st = self.stats
+        st.num_drafts += 1
+        st.num_draft_tokens += k
+        st.num_accepted_tokens += a
+        for i in range(a):
+            st.accepted_per_pos[i] += 1
+        m = state.metrics
+        m.spec_num_drafts += 1
+        m.spec_num_draft_tokens += k
+        m.spec_num_accepted_tokens += a
