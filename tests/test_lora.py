@@ -165,3 +165,18 @@ def test_tensor_parallel_lora_equals_tp1(tiny_model_factory, tmp_path, kind, tar
     assert shards[path] == [[[2, d_in // 2, 2, 8]] * 2, [[2, 2, 8, d_out]] * 2]
     assert out["tokens"]["1"][0] == peft_greedy(model, a, prompts[0], 6)
     assert out["tokens"]["1"][2] == peft_greedy(model, b, prompts[2], 6)
+
+
+def test_bench_lora_runs_on_a_tiny_setting(tiny_llama, tmp_path, capsys):
+    from jaxpaged.bench.__main__ import main
+    out_json = tmp_path / "lora.jsonl"
+    main(["lora", "--model", tiny_llama, "--num-prompts", "4", "--input-len-range", "4:12", "--output-len-range",
+          "2:4", "--ranks", "4", "--adapters", "0,2", "--ignore-eos", "--enforce-eager", "--max-num-seqs", "4",
+          "--max-num-batched-tokens", "32", "--max-model-len", "64", "--download-dir", str(tmp_path / "c"),
+          "--output-json", str(out_json)])
+    rows = [json.loads(line) for line in out_json.read_text().splitlines()]
+    assert [(r["case"], r["rank"], r["adapters"]) for r in rows] == [("base", 0, 0), ("lora", 4, 0), ("lora", 4, 2)]
+    assert rows[2]["slot_loads"] == 2 and all(r["output_tokens"] == rows[0]["output_tokens"] for r in rows)
+    # a slot holds every decoder Linear of 2 layers at rank 4 in f32: 4 * 2 * 4 * sum(in + out)
+    assert rows[1]["slot_bytes"] == 4 * 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
+    assert "adapter slot" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,startup,gpu-check,structured,perplexity,memory} [options]; --help on each.
+"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,startup,gpu-check,structured,perplexity,memory,lora} [options]; --help on each.
 
   throughput  offline requests/s and tok/s, side by side with transformers / vLLM (--backend jaxpaged,hf,vllm)
   latency     one batch size: per-step time, host vs device split, FLOP ceiling, device-step breakdown
@@ -10,6 +10,7 @@
   structured  a B=64 decode step with every row under a JSON schema vs none (mask overhead)
   perplexity  perplexity of a fixed English text from prompt log-probs (dense vs int8, ... side by side)
   memory      where an engine's resident memory goes: runtime, params, KV pool, compiled steps
+  lora        throughput with 0 / 1 / 4 / 16 distinct LoRA adapters per rank vs the base model; memory per adapter
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import argparse
 import importlib
 
 COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup", "gpu-check", "structured",
-            "perplexity", "memory")
+            "perplexity", "memory", "lora")
 
 
 def make_parser() -> argparse.ArgumentParser:
