@@ -32,6 +32,7 @@ class LoadedModel:
     tokenizer: Any        # transformers PreTrainedTokenizerFast
     source: ModelSource
     from_cache: bool
+    cache_entry: str | None = None   # the converted-params cache entry read or written (packed weights go beside it)
 
 
 def numpy_dtype(dtype: str):
@@ -271,9 +272,11 @@ def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None,
         return LoadedModel(config=config, params=params, tokenizer=tok, source=source, from_cache=False)
     root = cache.cache_root(cache_dir)
     hit = cache.read_entry(root, source, dtype, quantization)
+    entry = None
     if hit is not None:
         config, params, tok = hit
         from_cache = True
+        entry = cache.entry_path(root, source, dtype, quantization)
     else:
         # the source's own tokenizer is needed unless overridden, and always for a cache entry
         config, params, tok = convert_source(source, dtype, progress,
@@ -283,7 +286,8 @@ def load_model(model: str, dtype: str = "float32", cache_dir: str | None = None,
             params = quantize_params(config, params, quantization)
         from_cache = False
         if write_cache:
-            cache.write_entry(root, source, dtype, config, params, tok, quantization)
+            entry = cache.write_entry(root, source, dtype, config, params, tok, quantization)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
-    return LoadedModel(config=config, params=params, tokenizer=tok, source=source, from_cache=from_cache)
+    return LoadedModel(config=config, params=params, tokenizer=tok, source=source, from_cache=from_cache,
+                       cache_entry=entry)

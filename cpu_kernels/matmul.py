@@ -19,6 +19,8 @@ import numpy as np
 from cpu_kernels.build import load
 
 TARGET = "jaxpaged_matmul"
+PACK_FORMAT = 1        # bump when pack()'s layout changes: cached packed weights are keyed by it
+_packs = 0             # weights packed by this process (pack_count())
 
 
 @functools.cache
@@ -37,6 +39,16 @@ def worthwhile(dtype) -> bool:
     if dtype == jnp.bfloat16:
         return bool(caps() & 2)
     return False
+
+
+def flavour(dtype) -> str:
+    """What a packed weight's layout depends on besides its values: dtype, the kernel caps, the format."""
+    return f"{jnp.dtype(dtype).name}-caps{caps()}-p{PACK_FORMAT}"
+
+
+def pack_count() -> int:
+    """How many weights `pack` has packed in this process (a warm start from the cache packs none)."""
+    return _packs
 
 
 @jax.tree_util.register_dataclass
@@ -65,6 +77,8 @@ class PackedWeight:
 def pack(w, *, stacked: bool) -> PackedWeight:
     """w [L, K, N] (stacked) or [K, N], f32 or bf16 (or bf16 held as uint16 bits) -> PackedWeight.
     Runs once per weight at load time (numpy: no device memory spike beyond the result)."""
+    global _packs
+    _packs += 1
     w = np.asarray(w)
     if not stacked:
         w = w[None]

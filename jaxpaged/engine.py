@@ -86,7 +86,8 @@ class LLMEngine:
                                    max_loras=config.max_loras if config.enable_lora else None)
         self.step_hooks = StepHooks()                   # observers of each step (profiling), shared with the runner
         self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len,
-                                  self.kv_cache_dtype, mesh=self.mesh, hooks=self.step_hooks)
+                                  self.kv_cache_dtype, mesh=self.mesh, hooks=self.step_hooks,
+                                  params_cache_entry=loaded.cache_entry)
         if not config.enforce_eager:
             self.runner.warmup(progress=progress)
         self._decode_token = TokenDecoder(self.tokenizer)

@@ -116,9 +116,12 @@ def ready_backend(requested: str):
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, graphdef, state,
-                 num_blocks: int, max_model_len: int, kv_dtype: str, mesh=None, hooks: StepHooks | None = None):
+                 num_blocks: int, max_model_len: int, kv_dtype: str, mesh=None, hooks: StepHooks | None = None,
+                 params_cache_entry: str | None = None):
         """kv_dtype: the KV cache's dtype name (backends.kv_cache_dtype; the pool was sized by it).
-        hooks: the engine's step observers (step_hooks.py), told about each part of execute()."""
+        hooks: the engine's step observers (step_hooks.py), told about each part of execute().
+        params_cache_entry: the converted-params cache entry the params came from; packed weights are
+        kept beside them there (convert/packed_cache.py), so a warm start does not repack."""
         self.hooks = hooks if hooks is not None else StepHooks()
         self.config, self.model_config = config, model_config
         self.block_size = config.block_size
@@ -136,8 +139,13 @@ class ModelRunner:
         self.native_matmul = (config.native_matmul and config.quantization is None
                               and self.backend.packs_weights(config.dtype, mesh))
         # params in the backend's storage forms (backends/layout.py), decided once here
+        packed_cache = None
+        if self.native_matmul and params_cache_entry:
+            from jaxpaged.convert.packed_cache import PackedCache
+            packed_cache = PackedCache(params_cache_entry, self.backend.pack_flavour(config.dtype))
         graphdef, self.state = lay_out_params(graphdef, state, self.backend, platform=jax.default_backend(),
-                                              pack=self.native_matmul)
+                                              pack=self.native_matmul, packed_cache=packed_cache)
+        self.packed_cache = packed_cache        # its hits / misses: what this start read / packed
         self.dtype = self.backend.kv_storage_dtype(kv_dtype)   # the cache arrays' dtype
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
                  model_config.head_dim)

@@ -21,31 +21,54 @@ from jaxpaged.models.layers import Embed, Linear
 from jaxpaged.weights import BF16Bits, TiedEmbedding
 
 
-def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool):
+def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool, packed_cache=None):
     """(graphdef, State) -> (graphdef, State) with every param in the backend's storage form.
     pack: Linear kernels and the LM head go to the backend's packed form (backend.pack). Params
-    that arrive as a weight type already (quantized by the converter) are kept as they are."""
+    that arrive as a weight type already (quantized by the converter) are kept as they are.
+    packed_cache: a convert.packed_cache.PackedCache of the params' cache entry for this backend's
+    flavour: packed forms are read from it, and the ones it lacks are packed and added to it."""
     model = nnx.merge(graphdef, state)
     cpu = platform == "cpu"
-    for _, module in nnx.iter_graph(model):
+    packer = _Packer(backend, packed_cache) if pack else None
+    for path, module in nnx.iter_graph(model):
         if not isinstance(module, nnx.Module):
             continue
         for name, param in list(vars(module).items()):
             if isinstance(param, nnx.Param) and isinstance(param.get_value(), jax.Array):
-                param.set_value(_stored(module, name, param.get_value(), backend, pack, cpu))
+                key = "/".join(map(str, (*path, name)))
+                param.set_value(_stored(module, name, param.get_value(), packer, key, cpu))
+    if packed_cache is not None and pack:
+        packed_cache.commit()
     return nnx.split(model)
 
 
-def _stored(module, name: str, x: jax.Array, backend, pack: bool, cpu: bool):
-    """The stored form of one param `name` of `module`."""
+class _Packer:
+    """backend.pack through the packed cache, when there is one."""
+
+    def __init__(self, backend, cache):
+        self.backend, self.cache = backend, cache
+
+    def __call__(self, x, stacked: bool, key: str):
+        if self.cache is None:
+            return self.backend.pack(x, stacked=stacked)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return self.backend.packed_from_stored(*hit)
+        packed = self.backend.pack(x, stacked=stacked)
+        self.cache.put(key, *self.backend.packed_to_stored(packed))
+        return packed
+
+
+def _stored(module, name: str, x: jax.Array, pack, key: str, cpu: bool):
+    """The stored form of one param `name` of `module` (pack: a _Packer, None when not packing)."""
     if isinstance(module, Linear) and name == "kernel":
         if pack and (x.ndim == 3 or module.vocab):          # stacked [L, K, N], or the LM head [H, V]
-            return backend.pack(x, stacked=x.ndim == 3)
+            return pack(x, x.ndim == 3, key)
         if cpu and module.vocab and x.dtype == jnp.bfloat16:
             return x.astype(jnp.float32)
     if isinstance(module, Embed) and module.tied_head:
         if pack:
-            return TiedEmbedding(table=_bits(x, cpu), head=backend.pack(x.T, stacked=False))
+            return TiedEmbedding(table=_bits(x, cpu), head=pack(x.T, False, key + ".head"))
         if cpu and x.dtype == jnp.bfloat16:
             return x.astype(jnp.float32)
     return _bits(x, cpu)

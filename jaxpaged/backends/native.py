@@ -55,6 +55,19 @@ class NativeBackend(Backend):
         from cpu_kernels.matmul import pack
         return Packed(pack(w, stacked=stacked))
 
+    def pack_flavour(self, dtype: str) -> str:
+        """The key of this machine's packed layout for weights of `dtype` (convert/packed_cache.py)."""
+        from cpu_kernels.matmul import flavour
+        return flavour(dtype)
+
+    def packed_to_stored(self, p: Packed):
+        """(numpy array, meta) to cache a packed weight; `packed_from_stored` inverts it."""
+        return jax.device_get(p.packed.data), {"k": p.packed.k, "n": p.packed.n}
+
+    def packed_from_stored(self, array, meta) -> Packed:
+        from cpu_kernels.matmul import PackedWeight
+        return Packed(PackedWeight(jnp.asarray(array), None, None, int(meta["k"]), int(meta["n"])))
+
     def write_kv(self, k, v, kv_cache, layer, meta):
         # XLA's row scatter (the interpreted Pallas write is element-wise, ~10x slower on CPU)
         from pallas_kernels import kv_cache_write_reference
