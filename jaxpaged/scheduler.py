@@ -405,7 +405,7 @@ class Scheduler:
         seq.num_computed_tokens = n
         self.block_manager.truncate(seq.seq_id, n)
         if self.enable_prefix_caching:
-            self.block_manager.cache_full_blocks(seq.seq_id, seq.all_token_ids, n)
+            self.block_manager.cache_full_blocks(seq.seq_id, seq.all_token_ids, n, prefix_root(seq))
 
     def append_token(self, seq_id: str, token_id: int) -> None:
         self.seqs[seq_id].append_output_token(token_id)

@@ -180,3 +180,19 @@ def test_bench_lora_runs_on_a_tiny_setting(tiny_llama, tmp_path, capsys):
     # a slot holds every decoder Linear of 2 layers at rank 4 in f32: 4 * 2 * 4 * sum(in + out)
     assert rows[1]["slot_bytes"] == 4 * 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
     assert "adapter slot" in capsys.readouterr().out
+
+
+def test_lora_with_ngram_speculative_decoding_equals_peft(llama_setup, tmp_path):
+    """Drafted rows carry their sequence's adapter slot; accepted tokens hash under the adapter's root."""
+    model, adapters, _ = llama_setup
+    llm = LLM(model, enable_lora=True, max_loras=2, max_lora_rank=8, enforce_eager=True, max_model_len=128,
+              max_num_seqs=4, max_num_batched_tokens=64, download_dir=str(tmp_path / "cache"),
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    reqs = _requests(adapters)
+    prompts = [[7, 8, 9] * 6, [11, 12] * 8, [7, 8, 9] * 6]      # repetitive: the n-gram proposer drafts
+    loras = [reqs["all8"], reqs["qv4"], None]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [
+        peft_greedy(model, r.lora_path if r else None, p, 12) for p, r in zip(prompts, loras)]
+    assert sum(o.metrics.spec_num_accepted_tokens for o in outs) > 0      # drafts were verified and kept
