@@ -4,7 +4,10 @@ The C++ source is built with the system C++ compiler (`$CXX`, else `c++`/`g++`) 
 XLA FFI headers jaxlib ships (`jax.ffi.include_dir()`), for this CPU (`-march=native`), into
 `<cache>/cpu_kernels/<hash>/`, the hash covering the source, the flags, jaxlib's version and
 the CPU model: a second start loads the library without compiling. The write is atomic
-(build in a temp dir, rename), so concurrent first starts are safe.
+(build in a temp dir, rename), so concurrent first starts are safe. The sources compile in parallel
+(one compiler process each), and `build_in_background()` starts that build early (the engine calls it
+before loading the model), so on a first start g++ overlaps the checkpoint conversion; `load()` waits
+for it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -37,6 +41,9 @@ TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention",
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp-simd", "-std=c++17",
          "-fPIC")
 LINK_FLAGS = ("-shared", "-lmvec", "-lm")
+
+
+_build_lock = threading.Lock()      # one build per process at a time (a background one, then load())
 
 
 class NativeBuildError(RuntimeError):
@@ -83,21 +90,59 @@ def library_path(compiler: str) -> Path:
     return _cache_dir() / key.hexdigest()[:16] / "libjaxpaged_cpu_kernels.so"
 
 
+def _run(cmds: list[list[str]]) -> None:
+    """Runs the commands at once (the compiles are independent); raises on the first failure."""
+    for cmd in cmds:
+        logger.info("building the native CPU kernels: %s", " ".join(cmd))
+    procs = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for cmd in cmds]
+    failed = None
+    for cmd, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0 and failed is None:
+            failed = (cmd, proc.returncode, err)
+    if failed is not None:
+        cmd, code, err = failed
+        raise NativeBuildError(f"building the native CPU kernels failed ({cmd[0]} exit {code}):\n{err[-4000:]}")
+
+
 def _compile(compiler: str, target: Path) -> None:
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
         objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
         out = Path(tmp) / target.name
-        compiles = [[compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", str(obj)]
-                    for src, obj in zip(SOURCES, objs)]
-        for cmd in [*compiles, [compiler, *map(str, objs), "-o", str(out), *LINK_FLAGS]]:
-            logger.info("building the native CPU kernels: %s", " ".join(cmd))
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise NativeBuildError(f"building the native CPU kernels failed ({cmd[0]} exit "
-                                       f"{done.returncode}):\n{done.stderr[-4000:]}")
+        _run([[compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", str(obj)]
+              for src, obj in zip(SOURCES, objs)])
+        _run([[compiler, *map(str, objs), "-o", str(out), *LINK_FLAGS]])
         target.parent.mkdir(exist_ok=True)
         os.replace(out, target)          # atomic: a concurrent start sees no half-written file
+
+
+def _ensure_built(compiler: str, path: Path) -> None:
+    with _build_lock:
+        if not path.exists():
+            _compile(compiler, path)
+
+
+def build_in_background() -> threading.Thread | None:
+    """Starts building the kernels in a daemon thread when this machine has no build yet (returns it;
+    None when there is nothing to build or no compiler). Errors are left for `load()` to raise."""
+    try:
+        compiler = _compiler()
+        path = library_path(compiler)
+    except (NativeBuildError, OSError):
+        return None
+    if path.exists():
+        return None
+
+    def build():
+        try:
+            _ensure_built(compiler, path)
+        except Exception as e:          # load() retries in the foreground and reports it
+            logger.debug("background build of the native CPU kernels failed: %s", e)
+
+    thread = threading.Thread(target=build, name="jaxpaged-kernel-build", daemon=True)
+    thread.start()
+    return thread
 
 
 @functools.cache
@@ -106,8 +151,7 @@ def load() -> ctypes.CDLL:
     Raises NativeBuildError when that is not possible."""
     compiler = _compiler()
     path = library_path(compiler)
-    if not path.exists():
-        _compile(compiler, path)
+    _ensure_built(compiler, path)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:

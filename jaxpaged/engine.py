@@ -27,7 +27,7 @@ from jaxpaged.engine_config import EngineConfig
 from jaxpaged.generation_config import sampling_defaults
 from jaxpaged.kv_sizing import KVPoolPlan, describe, plan_kv_pool
 from jaxpaged.outputs import RequestOutput
-from jaxpaged.backends import kv_bytes_per_block, kv_cache_dtype
+from jaxpaged.backends import get_backend, kv_bytes_per_block, kv_cache_dtype, resolve_backend
 from jaxpaged.runner import ModelRunner
 from jaxpaged.detokenizer import TokenDecoder
 from jaxpaged.sampling_params import BeamSearchParams, SamplingParams
@@ -55,6 +55,13 @@ class EngineStats(SchedulerStats):
     spec_decode_num_accepted_tokens_per_pos: list = dataclasses.field(default_factory=list)
 
 
+def _prepare_backend(requested: str) -> None:
+    try:
+        get_backend(resolve_backend(requested)).prepare()
+    except ValueError:      # a bad backend name is reported where the runner resolves it
+        pass
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, *, progress: bool = True, **kwargs):
         from jaxpaged.convert import load_model
@@ -62,6 +69,7 @@ class LLMEngine:
 
         config = config.replace(**kwargs) if config is not None else EngineConfig(**kwargs)
         self.config = config
+        _prepare_backend(config.attention_backend)      # first start: the kernel build overlaps the loading
         loaded = load_model(config.model, dtype=config.dtype, cache_dir=config.download_dir,
                             tokenizer=config.tokenizer, progress=progress, write_cache=True,
                             quantization=config.quantization)

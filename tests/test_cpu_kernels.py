@@ -147,3 +147,46 @@ def test_loading_keeps_subnormals_for_the_process():
     load()
     tiny = np.float32(1e-39)
     assert tiny * np.float32(0.5) != 0
+
+
+def test_background_build_then_load_builds_once(tmp_path, monkeypatch):
+    """The engine starts the build early (build_in_background); load() then waits for it, never builds twice."""
+    import threading
+    import time
+
+    import cpu_kernels.build as build
+    compiled = []
+    release = threading.Event()
+
+    def slow_compile(compiler, target):
+        release.wait(10)
+        compiled.append(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"built")
+
+    monkeypatch.setenv("JAXPAGED_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_compile", slow_compile)
+    compiler = _compiler()
+    path = library_path(compiler)
+    thread = build.build_in_background()
+    assert thread is not None and path.parent.parent == tmp_path / "cpu_kernels"
+    waiter = threading.Thread(target=build._ensure_built, args=(compiler, path))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()                    # the foreground waits for the build in flight
+    release.set()
+    thread.join(10)
+    waiter.join(10)
+    assert compiled == [path] and path.read_bytes() == b"built"
+    assert build.build_in_background() is None  # built: nothing to start
+
+
+def test_failing_compiler_names_the_error(tmp_path, monkeypatch):
+    import cpu_kernels.build as build
+    fake = tmp_path / "fakecxx"
+    fake.write_text("#!/bin/sh\necho 'fatal: no luck' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("JAXPAGED_CACHE", str(tmp_path))
+    with pytest.raises(build.NativeBuildError, match="exit 3.*\n.*no luck"):
+        build._compile(str(fake), library_path(str(fake)))
+    assert not library_path(str(fake)).exists()

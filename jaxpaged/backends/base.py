@@ -25,6 +25,9 @@ class Backend:
     def ready(self) -> None:
         """Builds/loads what the kernels need (first use). Raises when they cannot run here."""
 
+    def prepare(self) -> None:
+        """Starts, in the background, what `ready` will need (a build), so it overlaps model loading."""
+
     # ---- storage ------------------------------------------------------------------------------
     def default_kv_dtype(self, model_dtype: str, platform: str) -> str:
         """kv_cache_dtype "auto": the model's dtype, except float32 on XLA:CPU, which widens a

@@ -41,6 +41,10 @@ class NativeBackend(Backend):
         from cpu_kernels.build import load
         load()
 
+    def prepare(self) -> None:
+        from cpu_kernels.build import build_in_background
+        build_in_background()
+
     def default_kv_dtype(self, model_dtype: str, platform: str) -> str:
         return model_dtype
 
