@@ -27,6 +27,9 @@ _CUMULATIVE = {
     "num_preemptions": "preemptions",
     "prefix_cache_queries": "prefix_cache_queries",
     "prefix_cache_hits": "prefix_cache_hits",
+    "spec_decode_num_drafts": "spec_decode_num_drafts",
+    "spec_decode_num_draft_tokens": "spec_decode_num_draft_tokens",
+    "spec_decode_num_accepted_tokens": "spec_decode_num_accepted_tokens",
 }
 
 
@@ -60,6 +63,19 @@ class ServerMetrics:
             prompt_tokens=Counter("jaxpaged:prompt_tokens", "Prefill tokens processed.", labels, registry=r),
             generation_tokens=Counter("jaxpaged:generation_tokens", "Generation tokens processed.", labels,
                                       registry=r),
+            # speculative decoding (vLLM's spec_decode names; zeros without speculative_config)
+            spec_decode_num_drafts=Counter("jaxpaged:spec_decode_num_drafts",
+                                           "Verifications of one sequence's draft tokens.", labels, registry=r),
+            spec_decode_num_draft_tokens=Counter("jaxpaged:spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                                                 labels, registry=r),
+            spec_decode_num_accepted_tokens=Counter("jaxpaged:spec_decode_num_accepted_tokens",
+                                                    "Draft tokens accepted.", labels, registry=r),
+            spec_decode_acceptance_rate=Gauge("jaxpaged:spec_decode_draft_acceptance_rate",
+                                              "Accepted / proposed draft tokens since start (0..1).", labels,
+                                              registry=r),
+            spec_decode_mean_acceptance_length=Gauge(
+                "jaxpaged:spec_decode_mean_acceptance_length",
+                "Tokens emitted per verification since start, the target's own token included.", labels, registry=r),
             ttft=Histogram("jaxpaged:time_to_first_token_seconds", "Time to first token.", labels,
                            buckets=_TTFT_BUCKETS, registry=r),
             tpot=Histogram("jaxpaged:time_per_output_token_seconds", "Time per output token after the first.",
@@ -69,6 +85,9 @@ class ServerMetrics:
         )
         self.request_success = Counter("jaxpaged:request_success", "Finished requests by finish reason.",
                                        ["model_name", "engine", "finished_reason"], registry=r)
+        self.spec_decode_per_pos = Counter("jaxpaged:spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted at each draft position.",
+                                           ["model_name", "engine", "position"], registry=r)
         self.engines = [EngineMetrics(self, i) for i in range(num_engines)]
 
     def engine(self, index: int) -> "EngineMetrics":
@@ -96,6 +115,7 @@ class EngineMetrics:
         for attr, family in server._families.items():
             setattr(self, attr, family.labels(*self._labels))
         self._request_success = server.request_success
+        self._spec_per_pos = server.spec_decode_per_pos
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -120,6 +140,22 @@ class EngineMetrics:
             queries, hits = get("prefix_cache_queries"), get("prefix_cache_hits")
             if queries:
                 self.prefix_cache_hit_rate.set(float(hits or 0) / float(queries))
+            self._update_spec_decode(get)
+
+    def _update_spec_decode(self, get) -> None:
+        """Acceptance gauges and the per-position counters (deltas of the engine's cumulative list)."""
+        drafts, proposed = get("spec_decode_num_drafts"), get("spec_decode_num_draft_tokens")
+        accepted = get("spec_decode_num_accepted_tokens") or 0
+        if proposed:
+            self.spec_decode_acceptance_rate.set(float(accepted) / float(proposed))
+        if drafts:
+            self.spec_decode_mean_acceptance_length.set(1.0 + float(accepted) / float(drafts))
+        for pos, value in enumerate(get("spec_decode_num_accepted_tokens_per_pos") or ()):
+            key = f"spec_pos_{pos}"
+            delta = float(value) - self._last.get(key, 0.0)
+            if delta > 0:
+                self._spec_per_pos.labels(*self._labels, str(pos)).inc(delta)
+            self._last[key] = float(value)
 
     def observe_finished(self, finish_reason: str | None, arrival: float, first_token: float | None,
                          finished: float, num_output_tokens: int) -> None:

@@ -118,3 +118,17 @@ def test_memory_breakdown(tiny_llama, tmp_path, capsys):
     assert r["arrays"]["all live JAX arrays"] >= r["arrays"]["kv_pool"] + r["arrays"]["params (as the runner holds them)"]
     assert set(r["stages"]) == {"runtime", "engine", "serve"} and r["total_rss"] > 0
     assert "| kv_pool |" in capsys.readouterr().out
+
+
+def test_spec_copy_and_random_workloads_run(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "spec.jsonl"
+    common = ["--model", tiny_llama, "--batch-sizes", "1,2", "--max-model-len", "1024", "--max-num-batched-tokens",
+              "64", "--enforce-eager", "--download-dir", str(tmp_path), "--output-json", str(out)]
+    main(["spec", "--workload", "copy", "--max-tokens", "8"] + common)
+    main(["spec", "--workload", "random", "--input-len-range", "4:12", "--output-len-range", "6", "--ignore-eos"]
+         + common)
+    text = capsys.readouterr().out
+    assert "B=1 " in text and "B=2 " in text and "identical outputs: True" in text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["workload"], r["batch_size"]) for r in rows] == [("copy", 1), ("copy", 2), ("random", 1), ("random", 2)]
+    assert all(r["identical"] for r in rows) and rows[-1]["output_tokens"] == 12

@@ -1,6 +1,7 @@
 """Speculative decoding (n-gram drafts verified in the ragged step): config checks, the proposer, the
 scheduler/block-manager rollback, and end-to-end exactness against the non-speculative engine."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -293,3 +294,40 @@ def test_warmup_covers_verification_steps_no_compiles_after(tiny_llama, tmp_path
     llm.generate(prompts, params, use_tqdm=False)
     assert llm.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
     assert runner.num_compiled() == compiled
+
+
+def test_metrics_export_vllm_spec_decode_names(pair):
+    from jaxpaged.server.metrics import ServerMetrics
+    from tests.server_utils import parse_metrics
+    _, spec = pair
+    prompt = spec.get_tokenizer().encode(TEXT[:160])
+    spec.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False)
+    stats = spec.llm_engine.get_stats()
+    metrics = ServerMetrics("tiny")
+    metrics.update_from_stats(stats)
+    m = parse_metrics(metrics.render().decode())       # (summed over label sets)
+    assert m["jaxpaged:spec_decode_num_drafts_total"] == stats.spec_decode_num_drafts > 0
+    assert m["jaxpaged:spec_decode_num_draft_tokens_total"] == stats.spec_decode_num_draft_tokens
+    assert m["jaxpaged:spec_decode_num_accepted_tokens_total"] == stats.spec_decode_num_accepted_tokens > 0
+    pos0 = 'jaxpaged:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="tiny",position="0"}'
+    assert m[pos0] == stats.spec_decode_num_accepted_tokens_per_pos[0]
+    assert m["jaxpaged:spec_decode_num_accepted_tokens_per_pos_total"] == stats.spec_decode_num_accepted_tokens
+    rate = stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens
+    assert m["jaxpaged:spec_decode_draft_acceptance_rate"] == pytest.approx(rate)
+    assert m["jaxpaged:spec_decode_mean_acceptance_length"] == pytest.approx(
+        1 + stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_drafts)
+
+
+def test_structured_output_rows_masked_after_their_drafts(pair):
+    from jaxpaged.sampling_params import StructuredOutputsParams as SO
+    base, spec = pair
+    prompts = _prompts(base.get_tokenizer())[:3]
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"enum": ["xy", "zw"]},
+                                                     "maxItems": 6}}, "required": ["a"]}
+    for so in (SO(regex=r"(hello ){2,6}world!"), SO(json=schema)):
+        before = spec.llm_engine.get_stats().spec_decode_num_accepted_tokens
+        params = SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=so)
+        a, _ = _same(base, spec, prompts, params)
+        if so.regex:
+            assert all(re.fullmatch(so.regex, o.outputs[0].text) for o in a)
+        assert spec.llm_engine.get_stats().spec_decode_num_accepted_tokens > before

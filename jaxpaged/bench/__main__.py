@@ -1,4 +1,4 @@
-"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,startup,gpu-check,structured,perplexity,memory,lora} [options]; --help on each.
+"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,startup,gpu-check,structured,perplexity,memory,lora,spec} [options]; --help on each.
 
   throughput  offline requests/s and tok/s, side by side with transformers / vLLM (--backend jaxpaged,hf,vllm)
   latency     one batch size: per-step time, host vs device split, FLOP ceiling, device-step breakdown
@@ -11,6 +11,7 @@
   perplexity  perplexity of a fixed English text from prompt log-probs (dense vs int8, ... side by side)
   memory      where an engine's resident memory goes: runtime, params, KV pool, compiled steps
   lora        throughput with 0 / 1 / 4 / 16 distinct LoRA adapters per rank vs the base model; memory per adapter
+  spec        speculative decoding vs none at B = 1, 4, 16, 64 (copy-heavy or random workload): speedup, acceptance
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import argparse
 import importlib
 
 COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup", "gpu-check", "structured",
-            "perplexity", "memory", "lora")
+            "perplexity", "memory", "lora", "spec")
 
 
 def make_parser() -> argparse.ArgumentParser:

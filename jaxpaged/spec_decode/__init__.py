@@ -3,6 +3,7 @@
 config.py     SpeculativeConfig: vLLM's speculative_config, parsed and checked once
 ngram.py      propose_ngram: drafts copied from the sequence's own earlier tokens (host, numpy)
 speculator.py Speculator: the engine's side (which sequences propose, their sampling rows, acceptance, counters)
+grammar.py    structured output under speculation: drafts the grammar accepts, each row's mask after its drafts
 """
 from jaxpaged.spec_decode.config import SpeculativeConfig
 

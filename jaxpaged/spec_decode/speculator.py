@@ -23,7 +23,8 @@ same draw). The device runs the ordinary sampler on every row; acceptance is a h
 
 Which sequences draft (the per-step rule): none when more than `disable_by_batch_size` sequences are
 running; otherwise each running decode sequence (one token left to compute) of a SamplingParams
-request without structured output (beam search and grammar-constrained rows do not speculate),
+request (beam search does not speculate; a grammar-constrained row drafts only what its grammar
+accepts and each of its rows gets the mask after the drafts before it, spec_decode/grammar.py),
 with k cut so the step can never emit past max_tokens or max_model_len; a sequence whose n-gram
 lookup finds nothing decodes normally. A step where nobody drafts runs the plain step unchanged.
 """
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from jaxpaged.request_state import RequestState
 from jaxpaged.sampler import SamplingRow
 from jaxpaged.spec_decode.config import SpeculativeConfig
+from jaxpaged.spec_decode.grammar import DraftGrammar, grammar_prefix
 from jaxpaged.spec_decode.ngram import propose_ngram
 
 
@@ -76,12 +78,14 @@ class Speculator:
             return 0
         cfg = self.config
         for seq in running:
-            if seq.num_computed_tokens != seq.num_tokens - 1 or seq.structured_output is not None:
+            if seq.num_computed_tokens != seq.num_tokens - 1:
                 continue
             k = self._room(seq, requests.get(seq.request_id))
             if k < 1:
                 continue
             drafts = propose_ngram(seq.all_token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            if drafts and seq.structured_output is not None:
+                drafts = grammar_prefix(seq.structured_output, drafts)
             if drafts:
                 seq.spec_token_ids = drafts
                 self._drafting.append(seq)
@@ -119,9 +123,10 @@ class Speculator:
             rows.append(base)
             drafts = s.seq.spec_token_ids[: s.num_spec_tokens]
             out = list(base.output_token_ids)
-            for d in drafts:
+            for j, d in enumerate(drafts):
                 out = out + [d]
-                rows.append(SamplingRow(base.params, base.prompt_token_ids, out, base.grammar))
+                grammar = DraftGrammar(base.grammar, drafts[: j + 1]) if base.grammar is not None else None
+                rows.append(SamplingRow(base.params, base.prompt_token_ids, out, grammar))
         return rows, first
 
     def on_verified(self, state, s, result, first: int, scheduler) -> int:
