@@ -9,7 +9,7 @@ prompt's rows into the prompt_logprobs list.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 LogprobsEntry = dict  # {token_id: Logprob}
 SampleLogprobs = list  # list[LogprobsEntry], one per generated token
@@ -117,6 +117,7 @@ class RequestOutput:
     finished: bool
     metrics: Optional[RequestMetrics] = None
     num_cached_tokens: int = 0
+    lora_request: Optional[Any] = None       # the LoRARequest it ran with (None: the base model)
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id}, prompt={self.prompt!r}, "

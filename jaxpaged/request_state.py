@@ -96,9 +96,10 @@ class RequestState:
     def to_output(self) -> RequestOutput:
         outs = [c.completion() for c in self.completions]
         cached = max((c.seq.num_cached_tokens for c in self.completions), default=0)
+        lora = self.completions[0].seq.lora if self.completions else None
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
                              prompt_logprobs=self.prompt_logprobs, outputs=outs, finished=self.finished, metrics=self.metrics,
-                             num_cached_tokens=cached)
+                             num_cached_tokens=cached, lora_request=lora.request if lora is not None else None)
 
 
 class CompletionState:

@@ -50,6 +50,7 @@ def test_llama_mixed_batch_equals_peft_and_never_recompiles(llama_setup):
     outs = llm.generate(PROMPTS, GREEDY, lora_request=loras, use_tqdm=False)
     expected = [peft_greedy(model, r.lora_path if r else None, p, 6) for p, r in zip(PROMPTS, loras)]
     assert [o.outputs[0].token_ids for o in outs] == expected
+    assert [o.lora_request for o in outs] == loras
     base = [peft_greedy(model, None, p, 6) for p in PROMPTS]
     assert expected[0] != base[0] and expected[2] != base[2] and expected[3] != base[3]   # adapters matter
     runner = llm.llm_engine.runner

@@ -10,6 +10,7 @@ The layer scan hands it over whole (`sliced_by_scan = False`) and `at_layer` sli
 
 computed for all rows at once as two dense matmuls over the slots: x [T, K] @ A [K, S*R] -> [T, S, R],
 each row keeps only its own slot's R columns (slot 0: none, a base row), then [T, S*R] @ B [S*R, N].
+A step with no adapter row skips both (lax.cond), so LoRA enabled but unused costs ~nothing.
 Model code is unchanged: it calls the Linear, which calls the weight's matmul.
 
 Shapes (S = max_loras; slot s in 1..S is stack index s - 1):
@@ -47,7 +48,10 @@ class LoRALayerWeight(Weight):
     slots: jax.Array         # [T] int32
 
     def matmul(self, x: jax.Array, rows=None) -> jax.Array:
-        return matmul(x, self.base, rows) + lora_delta(x, self.a, self.b, self.slots)
+        y = matmul(x, self.base, rows)
+        # a step of base rows only (slot 0 everywhere) skips the adapter matmuls
+        return jax.lax.cond(jnp.any(self.slots > 0), lambda: y + lora_delta(x, self.a, self.b, self.slots),
+                            lambda: y)
 
 
 @jax.tree_util.register_dataclass
