@@ -84,8 +84,7 @@ class LLMEngine:
         self.kv_cache_dtype = kv_cache_dtype(config)     # the KV pool is sized by it (no side effects)
         self.kv_plan = self._plan_kv_pool(state)
         self.max_model_len, num_blocks = self.kv_plan.max_model_len, self.kv_plan.num_blocks
-        spec = config.speculative_config
-        self.speculator = Speculator(spec, self.max_model_len) if spec is not None else None
+        self.speculator = self._speculator(num_blocks, progress)
         self.scheduler = Scheduler(num_blocks=num_blocks, block_size=config.block_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
@@ -112,6 +111,18 @@ class LLMEngine:
         self._waiting_beams: collections.deque[BeamSearchState] = collections.deque()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+
+    def _speculator(self, num_blocks: int, progress: bool) -> Speculator | None:
+        """speculative_config -> the Speculator (spec_decode/); the draft_model method loads its draft here."""
+        spec = self.config.speculative_config
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft_model":
+            from jaxpaged.spec_decode.draft_model import DraftModelProposer
+            draft = DraftModelProposer(self.config, self.model_config, self.tokenizer, num_blocks, self.max_model_len,
+                                       progress=progress)
+        return Speculator(spec, self.max_model_len, draft)
 
     def _default_sampling(self) -> dict:
         """The model's recommended sampling fields (generation_config.json), checked once at start."""
@@ -293,6 +304,8 @@ class LLMEngine:
                 self._generation_tokens_total += 1
                 st.on_sampled(s.seq, result, i, sched)
                 touched[st.request_id] = st
+        if spec is not None:
+            spec.after_step(sched.running)
         outputs = []
         for rid, state in touched.items():
             outputs.append(state.to_output())

@@ -1,4 +1,4 @@
-"""Speculator: the engine's side of speculative decoding (n-gram drafts, verified in the ragged step).
+"""Speculator: the engine's side of speculative decoding (n-gram or draft-model drafts, verified in the ragged step).
 
 One step with speculation (engine.py calls these around the ordinary step):
 
@@ -57,10 +57,13 @@ def num_accepted(drafts: list[int], sampled) -> int:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int):
-        if config.method != "ngram":
-            raise ValueError(f"speculative_config.method: {config.method!r} is not implemented yet; use \"ngram\"")
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft=None):
+        """draft: the DraftModelProposer of the draft_model method (draft_model.py); None for ngram."""
+        if (config.method == "draft_model") != (draft is not None):
+            raise ValueError(f"speculative_config.method: {config.method!r} needs "
+                             f"{'a draft model proposer' if draft is None else 'no draft model'}")
         self.config = config
+        self.draft = draft
         self.k = config.num_speculative_tokens
         self.max_model_len = max_model_len
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.k)
@@ -76,20 +79,32 @@ class Speculator:
         limit = self.config.disable_by_batch_size
         if limit is not None and len(running) > limit:
             return 0
-        cfg = self.config
+        cands = []
         for seq in running:
             if seq.num_computed_tokens != seq.num_tokens - 1:
                 continue
             k = self._room(seq, requests.get(seq.request_id))
-            if k < 1:
-                continue
-            drafts = propose_ngram(seq.all_token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            if k >= 1:
+                cands.append((seq, k))
+        for (seq, _), drafts in zip(cands, self._propose(cands, running)):
             if drafts and seq.structured_output is not None:
                 drafts = grammar_prefix(seq.structured_output, drafts)
             if drafts:
                 seq.spec_token_ids = drafts
                 self._drafting.append(seq)
         return len(self._drafting)
+
+    def after_step(self, running: list) -> None:
+        """The draft model's tables of sequences no longer running go back (finished, aborted, preempted)."""
+        if self.draft is not None:
+            self.draft.drop_stale(running)
+
+    def _propose(self, cands: list, running: list) -> list[list[int]]:
+        if self.draft is not None:
+            return self.draft.propose(cands, running)
+        cfg = self.config
+        return [propose_ngram(seq.all_token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+                for seq, k in cands]
 
     def _room(self, seq, state) -> int:
         """Drafts this sequence may verify: k, less what would pass max_tokens / max_model_len (a step
