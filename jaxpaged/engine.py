@@ -145,6 +145,16 @@ class LLMEngine:
         return LoRARegistry(checkpoint_config, max_lora_rank=self.config.max_lora_rank, dtype=np.float32,
                             tensor_parallel_size=self.config.tensor_parallel_size)
 
+    def _lora_stack_bytes(self) -> int:
+        """The adapter slot stacks' device bytes (counted with the params when the KV pool is sized)."""
+        if not self.config.enable_lora:
+            return 0
+        import jax
+        from jaxpaged.lora.device import stack_bytes, stack_dtype
+        cfg = self.config
+        return stack_bytes(self.model_config, cfg.max_loras, cfg.max_lora_rank,
+                           stack_dtype(cfg.dtype, jax.default_backend()))
+
     # ---- LoRA adapters (vLLM's names) -------------------------------------------------------------
     def add_lora(self, lora_request) -> bool:
         """Loads an adapter into host memory (checked now: ValueError naming the field); requests
@@ -179,7 +189,7 @@ class LLMEngine:
         """KV pool blocks and max_model_len (kv_sizing.py), logged with what the params take."""
         cfg = self.config
         from jax.tree_util import tree_leaves
-        params_bytes = sum(int(x.nbytes) for x in tree_leaves(state))
+        params_bytes = sum(int(x.nbytes) for x in tree_leaves(state)) + self._lora_stack_bytes()
         plan = plan_kv_pool(cfg, self.model_config.max_position_embeddings,
                             kv_bytes_per_block(self.model_config, cfg.block_size, self.kv_cache_dtype), params_bytes)
         logger.info(describe(plan, self.kv_cache_dtype, params_bytes))

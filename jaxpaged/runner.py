@@ -34,7 +34,7 @@ from jaxpaged.backends.layout import lay_out_params
 from jaxpaged.buckets import BucketError, BucketTable
 from jaxpaged.config import ModelConfig
 from jaxpaged.engine_config import EngineConfig
-from jaxpaged.lora.device import LoRADeviceSlots
+from jaxpaged.lora.device import LoRADeviceSlots, stack_dtype
 from jaxpaged.lora.weight import attach_lora
 from jaxpaged.sampler import SamplingTensors, needs_penalties, sample, token_logprobs
 from jaxpaged.sharding import constrain_kv, constrain_step_outputs, zeros_kv_cache
@@ -154,9 +154,8 @@ class ModelRunner:
         # LoRA: fixed-shape adapter slot stacks, filled on demand (lora/device.py); None: no LoRA work at all
         self.lora = None
         if config.enable_lora:
-            lora_dtype = jnp.float32 if config.dtype == "float32" or jax.default_backend() == "cpu" else jnp.bfloat16
-            self.lora = LoRADeviceSlots(model_config, max_loras=config.max_loras,
-                                        max_lora_rank=config.max_lora_rank, dtype=lora_dtype, mesh=mesh)
+            self.lora = LoRADeviceSlots(model_config, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                                        dtype=stack_dtype(config.dtype, jax.default_backend()), mesh=mesh)
         self.attention_options = AttentionOptions(sm_scale=model_config.head_dim ** -0.5,
                                                   sliding_window=model_config.sliding_window,
                                                   backend=self.backend.name, mesh=mesh)

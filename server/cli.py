@@ -214,6 +214,9 @@ IGNORED_VLLM_FLAGS = {
     "--disable-log-stats": bool,
     "--enable-chunked-prefill": bool,    # always on: the scheduler chunks prefills
     "--max-log-len": int,
+    "--max-cpu-loras": int,              # every registered adapter stays in host memory (small)
+    "--lora-dtype": str,                 # adapters: the model's dtype (f32 on CPU)
+    "--fully-sharded-loras": bool,       # under TP the slot stacks split with their kernels already
 }
 
 

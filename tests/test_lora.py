@@ -176,6 +176,10 @@ def test_bench_lora_runs_on_a_tiny_setting(tiny_llama, tmp_path, capsys):
           "--output-json", str(out_json)])
     rows = [json.loads(line) for line in out_json.read_text().splitlines()]
     assert [(r["case"], r["rank"], r["adapters"]) for r in rows] == [("base", 0, 0), ("lora", 4, 2)]
+    from jaxpaged.config import ModelConfig
+    from jaxpaged.lora.device import stack_bytes
+    cfg = ModelConfig.from_hf_config(json.loads(open(os.path.join(tiny_llama, "config.json")).read()))
+    assert stack_bytes(cfg, 2, 4, np.float32) == 2 * rows[1]["slot_bytes"]    # what the KV pool is sized after
     assert rows[1]["slot_loads"] == 2 and rows[1]["output_tokens"] == rows[0]["output_tokens"]
     # a slot holds every decoder Linear of 2 layers at rank 4 in f32: 4 * 2 * 4 * sum(in + out)
     assert rows[1]["slot_bytes"] == 4 * 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)

@@ -90,7 +90,7 @@ def test_runtime_routes_need_the_flag(tiny_model_factory, monkeypatch):
 def test_cli_lora_flags():
     args, config = parse_args(["--enable-lora", "--max-loras", "4", "--max-lora-rank", "64", "--lora-modules",
                                "a=/p/a", '{"name": "b", "path": "/p/b", "base_model_name": "m"}',
-                               "--allow-runtime-lora-updating"])
+                               "--allow-runtime-lora-updating", "--max-cpu-loras", "8", "--lora-dtype", "auto"])
     assert (config.enable_lora, config.max_loras, config.max_lora_rank) == (True, 4, 64)
     assert args.lora_modules == [LoRAModulePath("a", "/p/a"), LoRAModulePath("b", "/p/b", "m")]
     assert args.allow_runtime_lora_updating

@@ -20,6 +20,17 @@ from jaxpaged.lora.modules import lora_modules
 from jaxpaged.lora.slots import SlotLRU
 
 
+def stack_dtype(model_dtype: str, platform: str):
+    """The slot stacks' dtype: the model's, except f32 on CPU (XLA:CPU's bf16 dots are slow; adapters are small)."""
+    return jnp.float32 if model_dtype == "float32" or platform == "cpu" else jnp.bfloat16
+
+
+def stack_bytes(model_config: ModelConfig, max_loras: int, max_lora_rank: int, dtype) -> int:
+    """Device bytes of all slot stacks (the KV pool is sized after them)."""
+    per_layer = sum(m.d_in + m.d_out for m in lora_modules(model_config).values())
+    return model_config.num_layers * max_loras * max_lora_rank * per_layer * jnp.dtype(dtype).itemsize
+
+
 def _set_slot(stacks: dict, index, adapter: dict) -> dict:
     """stacks {path: (a [L,K,S,R], b [L,S,R,N])} with stack index `index` set to adapter {path: (a [L,K,R], b [L,R,N])}."""
     out = {}
