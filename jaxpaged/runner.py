@@ -11,8 +11,8 @@ execute(scheduler_output):
   4. one device->host transfer of the sampled ids (and requested logprobs)
 
 Speculative decoding (EngineConfig.speculative_config, k drafts): a step where some sequence carries
-drafts is a verification step: the forward takes R = B * (1 + k) logits rows (step_inputs.py's
-verification layout; real rows first) and the sampler samples each of them with its own SamplingRow
+drafts is a verification step: the forward takes R = min(T, B * (1 + k)) logits rows (step_inputs.py's
+verification layout; real rows first; every sampled row is a real token, so R rows always suffice) and the sampler samples each of them with its own SamplingRow
 (the position's penalties, min_tokens bans, seed offset), so the target's sample at every drafted
 position comes back. Its own compiled variant per (T, B) pair and per R, warmed up with the rest;
 steps without drafts run the plain variant unchanged.
@@ -178,7 +178,7 @@ class ModelRunner:
         """Executables compiled so far: forward (one per (T, B) pair and variant) + sampler (one per B
         and variant). After warmup: len(buckets.pairs()) + len(buckets.seq_buckets), plus with
         speculative decoding the verification variant: len(pairs) more forwards and a sampler per
-        row count B * (1 + k) that is not already a B bucket."""
+        row count min(T, B * (1 + k)) that is not already a B bucket."""
         return self._forward._cache_size() + self._sample._cache_size()
 
     def warmup(self, progress: bool = True) -> None:
@@ -191,12 +191,12 @@ class ModelRunner:
                                        seq_lora_slots=[] if self.lora is not None else None)
             self._run(inputs, self._sampling([], b), num_logprobs=None, use_penalties=False, prompt_logprobs=None)
             if self.spec_rows:
-                r = b * self.spec_rows
+                r = self._verification_rows(t, b)
                 inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
                                            num_tokens_padded=t, num_seqs_padded=b, num_logits_rows=r,
                                            seq_lora_slots=[] if self.lora is not None else None)
                 self._run(inputs, self._sampling([], r), num_logprobs=None, use_penalties=False,
-                          prompt_logprobs=None)
+                          prompt_logprobs=None, num_logits_rows=0)
         # Dispatch is asynchronous: wait for the warmup steps to finish here, or the first real step
         # waits for all of them (measured: a 3.4 s first step after an f32 SmolLM2 warmup).
         jax.block_until_ready(self.kv_cache)
@@ -223,8 +223,8 @@ class ModelRunner:
                     jax.block_until_ready(self.kv_cache)
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         t, b = self.buckets.lookup(num_tokens, len(scheduled))
-        # a verification step: R = B * (1 + k) logits rows (the row count a B bucket was warmed up with)
-        rows_padded = b * self.spec_rows if len(sampling_rows) > len(scheduled) else None
+        # a verification step: R logits rows, fixed per (T, B) pair (warmed up with it)
+        rows_padded = self._verification_rows(t, b) if len(sampling_rows) > len(scheduled) else None
         with hooks.part("inputs"):
             lora_slots = self.lora.slots_for(scheduled) if self.lora is not None else None
             inputs = build_step_inputs(scheduled, block_size=self.block_size, table_width=self.table_width,
@@ -249,6 +249,11 @@ class ModelRunner:
              result.prompt_top_logprobs) = (a[:num_tokens] for a in prompt_host)
         return result
 
+    def _verification_rows(self, t: int, b: int) -> int:
+        """R of a verification step in bucket (T, B): at most 1 + k rows per sequence, at most one per
+        token (a few drafting sequences in a wide step do not pay B * (1 + k) sampler rows)."""
+        return min(t, b * self.spec_rows)
+
     def _sampling(self, rows, pad_to: int, use_penalties: bool = False) -> SamplingTensors:
         # Fixed widths keep the compiled shapes inside the table: the token history spans
         # max_model_len (penalty variant only), banned ids 16 (more only for unusual stop lists).
@@ -265,9 +270,9 @@ class ModelRunner:
                  "logits_indices") + (("next_token_ids",) if prompt_logprobs is not None else ())
         names += ("lora_slots",) if self.lora is not None else ()
         arrays = {k: getattr(inputs, k) for k in names}
-        if len(inputs.logits_indices) != len(inputs.seq_lens):
+        if num_logits_rows is not None:
             # the verification variant (a different input structure: its own executables)
-            arrays["num_logits_rows"] = np.int32(num_logits_rows or 0)
+            arrays["num_logits_rows"] = np.int32(num_logits_rows)
         lora = self.lora.stacks if self.lora is not None else None
         self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays, lora)
         return self._sample(num_logprobs, use_penalties, logits, sampling), prompt_out

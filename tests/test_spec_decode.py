@@ -284,7 +284,7 @@ def test_warmup_covers_verification_steps_no_compiles_after(tiny_llama, tmp_path
               download_dir=str(tmp_path), speculative_config=NGRAM)
     runner = llm.llm_engine.runner
     pairs, seq_buckets = runner.buckets.pairs(), runner.buckets.seq_buckets
-    sampler_rows = set(seq_buckets) | {b * 4 for b in seq_buckets}          # B and B * (1 + k)
+    sampler_rows = set(seq_buckets) | {min(t, b * 4) for t, b in pairs}      # B and min(T, B * (1 + k))
     assert runner.num_compiled() == 2 * len(pairs) + len(sampler_rows)
     compiled = runner.num_compiled()
     tok = llm.get_tokenizer()
@@ -331,3 +331,16 @@ def test_structured_output_rows_masked_after_their_drafts(pair):
         if so.regex:
             assert all(re.fullmatch(so.regex, o.outputs[0].text) for o in a)
         assert spec.llm_engine.get_stats().spec_decode_num_accepted_tokens > before
+
+
+def test_verification_rows_equal_to_seq_bucket(tiny_llama, tmp_path_factory, pair):
+    """T = B = 16 with 10 sequences: R = min(T, B * (1 + k)) = B; the verification variant must still
+    be the one that runs (it reads R real rows, not one per sequence)."""
+    base, _ = pair
+    spec = make_llm(tiny_llama, tmp_path_factory, speculative_config=NGRAM, max_model_len=128, block_size=8,
+                    max_num_seqs=16, max_num_batched_tokens=16)
+    tok = base.get_tokenizer()
+    prompts = [tok.encode("Hello world! Hello world! Hello")] * 5 + [tok.encode(TEXT[i: i + 14]) for i in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    _same(base, spec, prompts, params)
+    assert spec.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
