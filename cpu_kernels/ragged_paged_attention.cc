@@ -15,11 +15,13 @@
 //
 // Inputs (row-major):
 //   q      f32  [T, NH, D]              the flat batch's queries (already RoPE'd, unscaled)
-//   k, v   f32 or bf16 (or u16 bf16 bits) [L, KVH, NB, BS, D]  the paged cache (head-major pages)
+//   k, v   f32 or bf16 (or u16 bf16 bits) [L, KVH, NB, BS, D]  the paged cache (head-major pages),
+//          or 8-bit: s8 (int8) or u8 (fp8 e4m3 bit patterns), each row times its scale
 //   bt     s32  [B, W]                  block table; entries past a sequence's pages are never read
 //   lens   s32  [B]                     context length incl. this step's tokens (0: padding)
 //   qs     s32  [B + 1]                 sequence b's queries are rows [qs[b], qs[b+1])
 //   layer  s32  [1]                     layer of the cache to read
+//   ks, vs f32  [L, KVH, NB, BS]        an 8-bit cache's row scales (any f32 array otherwise: unread)
 // Attributes: sm_scale, soft_cap (0: none), window (0: none).
 // Output: f32 [T, NH, D]; rows at/after qs[B] are zero.
 //
@@ -59,6 +61,44 @@ inline const float* row_f32(const uint16_t* src, int d, float* buf) {
 // A whole page as f32: read in place (f32 cache) or converted into `buf` (bf16).
 inline const float* page_f32(const float* src, int /*n*/, float* /*buf*/) { return src; }
 inline const float* page_f32(const uint16_t* src, int n, float* buf) { return row_f32(src, n, buf); }
+
+// 8-bit caches (pallas_kernels/kv_quant.py): int8 values, or fp8 e4m3 held as its bit patterns (u8).
+// Their pages are dequantized into an f32 buffer (row j times scale[j]) as they are read, and the f32
+// code runs on the buffer: the page costs D + 4 bytes a row of memory traffic instead of 4D / 2D.
+template <typename T>
+constexpr bool kQuantized = std::is_same_v<T, int8_t> || std::is_same_v<T, uint8_t>;
+// The element type a page is read as: f32 for an 8-bit cache (its dequantized buffer), else T itself.
+template <typename T>
+using ReadT = std::conditional_t<kQuantized<T>, float, T>;
+
+inline float to_f32(int8_t x) { return static_cast<float>(x); }
+// e4m3 (bias 7, no infinities; the writer never stores NaN): normal values put their exponent and
+// mantissa in an f32's bits with the bias moved by 120; subnormals (exponent 0) are m * 2^-9.
+// Branch-free: it vectorizes.
+inline float to_f32(uint8_t x) {
+  const uint32_t em = x & 0x7fu;
+  const float normal = __builtin_bit_cast(float, (em << 20) + (120u << 23));
+  const float mag = em >= 8u ? normal : static_cast<float>(em) * (1.f / 512);
+  return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, mag) | (static_cast<uint32_t>(x & 0x80u) << 24));
+}
+
+// The K or V page at element offset `off` of `base`, readable as ReadT<T>: in place, or (8-bit) row j
+// dequantized with scales[off / d + j] into buf [BS, D].
+template <typename T>
+inline const ReadT<T>* read_page(const void* base, const float* scales, int64_t off, int bs, int d, float* buf) {
+  if constexpr (kQuantized<T>) {
+    const T* src = static_cast<const T*>(base) + off;
+    const float* sc = scales + off / d;
+    for (int j = 0; j < bs; ++j) {
+      const float sj = sc[j];
+#pragma omp simd
+      for (int c = 0; c < d; ++c) buf[j * d + c] = to_f32(src[j * d + c]) * sj;
+    }
+    return buf;
+  } else {
+    return static_cast<const T*>(base) + off;
+  }
+}
 
 // acc_row[D] += sum_j p[j] * v[j, :] over one page. Keys with p == 0 (not visible) are skipped, which
 // also keeps their V rows (possibly NaN garbage past the sequence) out. With D known at compile time
@@ -103,6 +143,8 @@ struct Problem {
   const float* q;
   const void* k;
   const void* v;
+  const float* k_scale;   // [L, KVH, NB, BS] an 8-bit cache's row scales (unread otherwise)
+  const float* v_scale;
   const int32_t* bt;
   const int32_t* lens;
   const int32_t* qs;
@@ -170,6 +212,10 @@ inline void for_each_page(const Problem& p, const Rows& rows, int nrows, int hea
       const int64_t next = (head_base + block(pg + 1)) * page_elems;
       prefetch_page(static_cast<const T*>(p.k) + next, prefetch_elems);
       prefetch_page(static_cast<const T*>(p.v) + next, prefetch_elems);
+      if constexpr (kQuantized<T>) {                // the page's BS scales: one or two lines
+        __builtin_prefetch(p.k_scale + next / p.head_dim);
+        __builtin_prefetch(p.v_scale + next / p.head_dim);
+      }
     }
     body(pg, (head_base + block(pg)) * page_elems);
   }
@@ -457,7 +503,7 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
 
   for_each_page<BS, T>(p, rows, item.nrows, item.head, item.seq, [&](int64_t pg, int64_t off) {
     const int32_t page_pos = static_cast<int32_t>(pg * BS);
-    const float* kp = page_f32(static_cast<const T*>(p.k) + off, BS * d, kbuf);
+    const float* kp = page_f32(read_page<T>(p.k, p.k_scale, off, BS, d, kbuf), BS * d, kbuf);
     scores_lanes<BS, NV>(qt, kp, d, st);
     if (p.soft_cap > 0.f)
       for (int i = 0; i < BS * NV; ++i) st[i] = soft_cap_v(st[i], p.soft_cap);
@@ -470,7 +516,7 @@ void attend_lanes(const Problem& p, const WorkItem& item, Scratch& scratch) {
       softmax_lanes<BS, NV, false>(st, m, l, alpha, kmin_pg, kend_pg);
     else
       softmax_lanes<BS, NV, true>(st, m, l, alpha, kmin_pg, kend_pg);
-    const float* vp = page_f32(static_cast<const T*>(p.v) + off, BS * d, vbuf);
+    const float* vp = page_f32(read_page<T>(p.v, p.v_scale, off, BS, d, vbuf), BS * d, vbuf);
     const int n = static_cast<int>(std::min<int64_t>(BS, rows.seq_len - page_pos));
     pv_lanes<NV>(acc, alpha, st, vp, d, n);
   });
@@ -548,6 +594,43 @@ inline void load_row(const uint16_t* src, vf* x) {
     const vi w = *reinterpret_cast<const vi_unaligned*>(src + c * kLanes);   // little-endian pairs
     x[c] = reinterpret_cast<vf>(w << 16);
     x[c + 1] = reinterpret_cast<vf>(w & splat_i(static_cast<int32_t>(0xffff0000u)));
+  }
+}
+
+// 8-bit rows (the decode path reads them in place, unscaled: the scales multiply the page's scores
+// and probabilities, scale_keys): kLanes bytes widened to one f32 vector. int8: a sign-extending
+// convert; e4m3 bits: as to_f32, lane-wise.
+typedef int8_t vs8_unaligned __attribute__((vector_size(kLanes), aligned(1), may_alias));
+typedef uint8_t vu8_unaligned __attribute__((vector_size(kLanes), aligned(1), may_alias));
+template <int DV>
+inline void load_row(const int8_t* src, vf* x) {
+#pragma GCC unroll 16
+  for (int c = 0; c < DV; ++c)
+    x[c] = __builtin_convertvector(*reinterpret_cast<const vs8_unaligned*>(src + c * kLanes), vf);
+}
+template <int DV>
+inline void load_row(const uint8_t* src, vf* x) {
+#pragma GCC unroll 16
+  for (int c = 0; c < DV; ++c) {
+    const vi b = __builtin_convertvector(*reinterpret_cast<const vu8_unaligned*>(src + c * kLanes), vi);
+    const vi em = b & 0x7f;
+    const vf normal = reinterpret_cast<vf>((em << 20) + (120 << 23));
+    const vf mag = em >= 8 ? normal : __builtin_convertvector(em, vf) * (1.f / 512);
+    x[c] = reinterpret_cast<vf>(reinterpret_cast<vi>(mag) | ((b & 0x80) << 24));
+  }
+}
+
+// s[kv] lane i *= scale[kv * kLanes + i] for the page's BS keys (padding lanes past BS: 0).
+template <int BS>
+inline void scale_keys(vf* s, const float* scale) {
+  for (int kv = 0; kv < key_vecs<BS>(); ++kv) {
+    if constexpr (BS % kLanes == 0) {
+      s[kv] *= loadu(scale + kv * kLanes);
+    } else {
+      vf x = {};
+      for (int i = 0; i < kLanes && kv * kLanes + i < BS; ++i) x[i] = scale[kv * kLanes + i];
+      s[kv] *= x;
+    }
   }
 }
 
@@ -739,6 +822,7 @@ void attend_vec(const Problem& p, const WorkItem& item, Scratch& scratch) {
     for (int r = 0; r < nrows; ++r) {
       vf* sr = s + r * KV;
       row_scores<BS, DV, T>(q + r * DV, kp, sr);
+      if constexpr (kQuantized<T>) scale_keys<BS>(sr, p.k_scale + off / D);   // key j's score * its scale
       if (p.soft_cap > 0.f)
         for (int kv = 0; kv < KV; ++kv) sr[kv] = soft_cap_v(sr[kv], p.soft_cap);
       // page-relative bounds, clamped to [-1, BS] so that they fit an int
@@ -746,6 +830,8 @@ void attend_vec(const Problem& p, const WorkItem& item, Scratch& scratch) {
       const int hi = static_cast<int>(std::clamp<int64_t>(kend[r] - page_pos, -1, BS));
       alpha[r] = full ? softmax_row<BS, false>(sr, m[r], l[r], lo, hi)
                       : softmax_row<BS, true>(sr, m[r], l[r], lo, hi);
+      // P.V of an 8-bit page: p_j * (scale_j * v_j) = (p_j * scale_j) * v_j (l is already summed)
+      if constexpr (kQuantized<T>) scale_keys<BS>(sr, p.v_scale + off / D);
     }
     // V rows past the sequence's end may hold anything, NaN included, and 0 * NaN is NaN
     const T* vp = static_cast<const T*>(p.v) + off;
@@ -772,14 +858,15 @@ void attend_direct(const Problem& p, const WorkItem& item, Scratch& scratch) {
   const Rows rows(p, item);
   const int d = static_cast<int>(p.head_dim);
   const int nrows = item.nrows;
-  scratch.f.resize(static_cast<size_t>(nrows) * (2 * d + BS + 2) + BS * d + d);
+  scratch.f.resize(static_cast<size_t>(nrows) * (2 * d + BS + 2) + 2 * BS * d + d);
   float* qrows = scratch.f.data();             // [rows, D] scaled queries
   float* acc = qrows + nrows * d;              // [rows, D]
   float* s = acc + nrows * d;                  // [rows, BS]
   float* m = s + nrows * BS;                   // [rows]
   float* l = m + nrows;                        // [rows]
   float* buf = l + nrows;                      // [D] one bf16 row converted
-  float* vbuf = buf + d;                       // [BS, D] a bf16 V page converted
+  float* vbuf = buf + d;                       // [BS, D] a bf16 V page converted (8-bit: dequantized)
+  float* kbuf = vbuf + BS * d;                 // [BS, D] an 8-bit K page dequantized
 
   for (int r = 0; r < nrows; ++r) {
     const float* src = p.q + rows.offset(r);
@@ -790,7 +877,7 @@ void attend_direct(const Problem& p, const WorkItem& item, Scratch& scratch) {
   std::fill(acc, acc + nrows * d, 0.f);
 
   for_each_page<BS, T>(p, rows, nrows, item.head, item.seq, [&](int64_t pg, int64_t off) {
-    page_scores_direct<BS, T>(qrows, nrows, d, static_cast<const T*>(p.k) + off, buf, s);
+    page_scores_direct<BS, ReadT<T>>(qrows, nrows, d, read_page<T>(p.k, p.k_scale, off, BS, d, kbuf), buf, s);
     // softmax statistics per row; s becomes the page's probabilities (0 where not seen)
     // (branch-free loops over the page's keys: they vectorize, exp included)
     const int64_t page_pos = pg * BS;
@@ -833,7 +920,7 @@ void attend_direct(const Problem& p, const WorkItem& item, Scratch& scratch) {
       m[r] = m_new;
     }
     // acc[r] += sum_j p[r, j] * v[j], row by row with the accumulator row held in registers
-    const float* vpage = page_f32(static_cast<const T*>(p.v) + off, BS * d, vbuf);
+    const float* vpage = page_f32(read_page<T>(p.v, p.v_scale, off, BS, d, vbuf), BS * d, vbuf);
     for (int r = 0; r < nrows; ++r) pv_row(acc + r * d, s + r * BS, vpage, BS, d);
   });
 
@@ -873,9 +960,11 @@ void run_item(const Problem& p, const WorkItem& item, Scratch& scratch) {
 
 // Work shared by the calling thread and pool tasks through an atomic cursor. Tasks that start
 // after the work is gone find nothing to do; the caller waits only for items taken.
+enum class CacheType { kF32, kBF16, kInt8, kE4M3 };
+
 struct Shared {
   Problem problem;
-  bool bf16 = false;
+  CacheType type = CacheType::kF32;
   std::vector<WorkItem> items;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -884,8 +973,12 @@ struct Shared {
     Scratch scratch;
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      if (bf16) run_item<uint16_t>(problem, items[i], scratch);
-      else run_item<float>(problem, items[i], scratch);
+      switch (type) {
+        case CacheType::kBF16: run_item<uint16_t>(problem, items[i], scratch); break;
+        case CacheType::kInt8: run_item<int8_t>(problem, items[i], scratch); break;
+        case CacheType::kE4M3: run_item<uint8_t>(problem, items[i], scratch); break;
+        default: run_item<float>(problem, items[i], scratch);
+      }
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -894,7 +987,8 @@ struct Shared {
 ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                                 ffi::AnyBuffer v, ffi::Buffer<ffi::S32> bt,
                                 ffi::Buffer<ffi::S32> lens, ffi::Buffer<ffi::S32> qs,
-                                ffi::Buffer<ffi::S32> layer, float sm_scale, float soft_cap,
+                                ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> ks,
+                                ffi::Buffer<ffi::F32> vs, float sm_scale, float soft_cap,
                                 int32_t window, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
@@ -902,10 +996,20 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   if (qd.size() != 3 || kd.size() != 5 || bd.size() != 2)
     return ffi::Error::InvalidArgument("ragged_paged_attention: expected q [T, NH, D], "
                                        "k/v [L, KVH, NB, BS, D], block_tables [B, W]");
-  // bf16 pages may arrive typed as u16 (their bit patterns): read the same way
-  const bool bf16 = k.element_type() == ffi::DataType::BF16 || k.element_type() == ffi::DataType::U16;
-  if (!bf16 && k.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("ragged_paged_attention: cache must be f32 or bf16");
+  // bf16 pages may arrive typed as u16 (their bit patterns): read the same way; u8 pages are e4m3 bits
+  CacheType type;
+  switch (k.element_type()) {
+    case ffi::DataType::F32: type = CacheType::kF32; break;
+    case ffi::DataType::BF16: case ffi::DataType::U16: type = CacheType::kBF16; break;
+    case ffi::DataType::S8: type = CacheType::kInt8; break;
+    case ffi::DataType::U8: type = CacheType::kE4M3; break;
+    default: return ffi::Error::InvalidArgument("ragged_paged_attention: cache must be f32, bf16, int8 or u8 (e4m3)");
+  }
+  const bool quantized = type == CacheType::kInt8 || type == CacheType::kE4M3;
+  const auto sd = ks.dimensions();
+  if (quantized && (sd.size() != 4 || sd[0] != kd[0] || sd[1] != kd[1] || sd[2] != kd[2] || sd[3] != kd[3] ||
+                    vs.dimensions().size() != 4))
+    return ffi::Error::InvalidArgument("ragged_paged_attention: an 8-bit cache needs scales [L, KVH, NB, BS]");
   if (v.element_type() != k.element_type())
     return ffi::Error::InvalidArgument("ragged_paged_attention: k and v dtypes differ");
   const int64_t bs = kd[3];
@@ -917,6 +1021,8 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   p.q = q.typed_data();
   p.k = k.untyped_data();
   p.v = v.untyped_data();
+  p.k_scale = ks.typed_data();
+  p.v_scale = vs.typed_data();
   p.bt = bt.typed_data();
   p.lens = lens.typed_data();
   p.qs = qs.typed_data();
@@ -931,7 +1037,7 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   p.sm_scale = sm_scale;
   p.soft_cap = soft_cap;
   p.window = window;
-  shared->bf16 = bf16;
+  shared->type = type;
 
   const int64_t num_tokens = qd[0], num_seqs = bd[0];
   const int64_t row = p.num_heads * p.head_dim;
@@ -975,6 +1081,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpagedRaggedPagedAttention, RaggedPagedAttention
                                   .Arg<ffi::Buffer<ffi::S32>>()   // seq lens
                                   .Arg<ffi::Buffer<ffi::S32>>()   // query start
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k scales (8-bit cache)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v scales
                                   .Attr<float>("sm_scale")
                                   .Attr<float>("soft_cap")
                                   .Attr<int32_t>("window")

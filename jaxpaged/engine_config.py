@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from jaxpaged.config import check_dtype
 from jaxpaged.generation_config import check_generation_config
 from jaxpaged.spec_decode.config import SpeculativeConfig
+from jaxpaged.kv_dtypes import check_kv_cache_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ATTENTION_BACKENDS = ("auto", "native", "pallas", "jnp")
@@ -45,7 +46,9 @@ class EngineConfig:
     # with the native backend: weight matmuls through cpu_kernels/matmul (weights packed at load) where
     # this CPU has the instructions for the dtype (AVX-512 f32, AMX bf16); False: XLA's dot
     native_matmul: bool = True
-    # "auto": what the attention backend prefers for the model's dtype (jaxpaged/backends)
+    # "auto": what the attention backend prefers for the model's dtype (jaxpaged/backends); "float32",
+    # "bfloat16"; "int8" or "fp8" (= "fp8_e4m3"): K/V quantized at write with a scale per (token, KV head),
+    # D + 4 bytes a row instead of 2D (bf16) / 4D (f32), so ~2x / ~4x the blocks (jaxpaged/kv_dtypes.py)
     kv_cache_dtype: str = "auto"
     # weight quantization of every decoder Linear: None; "int8" (weight-only, per output channel,
     # jaxpaged/quantization.py); "gguf" (a .gguf file's Q8_0/Q4_0/Q4_1 blocks kept as they are,
@@ -74,8 +77,7 @@ class EngineConfig:
         if self.quantization == "gguf" and int(self.tensor_parallel_size) > 1:
             raise ValueError("quantization: 'gguf' blocks run on one device; use tensor_parallel_size=1 "
                              "or quantization='int8'")
-        if self.kv_cache_dtype != "auto":
-            object.__setattr__(self, "kv_cache_dtype", check_dtype(self.kv_cache_dtype))
+        object.__setattr__(self, "kv_cache_dtype", check_kv_cache_dtype(self.kv_cache_dtype))
         check_generation_config(self.generation_config)
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -95,9 +95,9 @@ def _sample_impl(num_logprobs, use_penalties, logits, sampling):
 
 
 def _copy_blocks_impl(kv_cache, src, dst):
-    """kv_cache pages [L, KVH, NB, BS, D]: block dst[i] <- block src[i] in every layer and head."""
-    k, v = kv_cache
-    return k.at[:, :, dst].set(k[:, :, src]), v.at[:, :, dst].set(v[:, :, src])
+    """Every leaf of kv_cache (pages [L, KVH, NB, BS, D]; an 8-bit cache's scales [L, KVH, NB, BS]):
+    block dst[i] <- block src[i] in every layer and head."""
+    return jax.tree_util.tree_map(lambda x: x.at[:, :, dst].set(x[:, :, src]), kv_cache)
 
 
 def ready_backend(requested: str):
@@ -146,10 +146,11 @@ class ModelRunner:
         graphdef, self.state = lay_out_params(graphdef, state, self.backend, platform=jax.default_backend(),
                                               pack=self.native_matmul, packed_cache=packed_cache)
         self.packed_cache = packed_cache        # its hits / misses: what this start read / packed
-        self.dtype = self.backend.kv_storage_dtype(kv_dtype)   # the cache arrays' dtype
+        self.dtype = self.backend.kv_storage_dtype(kv_dtype)   # the cache pages' dtype
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,
                  model_config.head_dim)
-        self.kv_cache = zeros_kv_cache(shape, self.dtype, mesh)   # sharded on KVH under a mesh
+        # (k, v): arrays, or pages + scales of an int8 / fp8 cache; sharded on KVH under a mesh
+        self.kv_cache = zeros_kv_cache(self.backend.kv_cache_shapes(shape, kv_dtype), mesh)
         self.graphdef = graphdef
         # LoRA: fixed-shape adapter slot stacks, filled on demand (lora/device.py); None: no LoRA work at all
         self.lora = None

@@ -8,7 +8,8 @@
                                  KV heads replicated up to N when KVH < N (vLLM's rule), then the
                                  family's own prepare_tp (if any); returns the (maybe changed) config too
   place_params(state, cfg, mesh) device_put with a NamedSharding per parameter (the family's TP_SPLIT_AXES)
-  zeros_kv_cache(shape, ..)      the paged cache [L, KVH, NB, BS, D], sharded on KVH, allocated in place
+  zeros_kv_cache(shapes, mesh)   the paged cache (k, v) [L, KVH, NB, BS, D] (+ an 8-bit cache's scales
+                                 [L, KVH, NB, BS]), every leaf sharded on KVH, allocated in place
   constrain_step_outputs(fn, ..) pins a step's outputs: KV cache stays head-sharded (donation keeps
                                  aliasing), everything else replicated (every process can read it)
   shard_attention(fn, mesh)      runs cache write + ragged attention per shard under jax.shard_map
@@ -33,7 +34,12 @@ from jaxpaged.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 AXIS = "tp"
-KV_SPEC = P(None, AXIS, None, None, None)   # [L, KVH, NB, BS, D]: each device owns KVH / N heads' pages
+
+
+def kv_specs(kv_cache):
+    """PartitionSpecs of a kv_cache pytree: every leaf ([L, KVH, NB, BS, D] pages, [L, KVH, NB, BS]
+    scales of an 8-bit cache) split on its KVH axis."""
+    return jax.tree_util.tree_map(lambda a: P(None, AXIS, *([None] * (len(a.shape) - 2))), kv_cache)
 
 def make_mesh(tensor_parallel_size: int) -> Mesh | None:
     """A 1-D mesh ("tp") over the first N global devices; None for N == 1 (the unsharded path)."""
@@ -146,30 +152,34 @@ def _put_global(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def kv_sharding(mesh: Mesh | None) -> NamedSharding | None:
-    return None if mesh is None else NamedSharding(mesh, KV_SPEC)
+def kv_shardings(kv_cache, mesh: Mesh):
+    """NamedShardings of a kv_cache pytree (arrays or ShapeDtypeStructs), every leaf split on KVH."""
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), kv_specs(kv_cache),
+                                  is_leaf=lambda s: isinstance(s, P))
 
 
-def zeros_kv_cache(shape: tuple[int, ...], dtype, mesh: Mesh | None):
-    """(k_pages, v_pages) of zeros; with a mesh each device allocates only its own heads' pages."""
+def zeros_kv_cache(shapes, mesh: Mesh | None):
+    """The cache of zeros from its (k, v) ShapeDtypeStructs (Backend.kv_cache_shapes); with a mesh each
+    device allocates only its own heads' pages (and scales)."""
     import jax.numpy as jnp
+    zeros = lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     if mesh is None:
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-    if shape[1] % mesh.size:
-        raise ValueError(f"tensor_parallel_size: {mesh.size} must divide the KV cache's {shape[1]} heads")
-    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_sharding(mesh))
-    return make(), make()
+        return zeros()
+    heads = jax.tree_util.tree_leaves(shapes)[0].shape[1]
+    if heads % mesh.size:
+        raise ValueError(f"tensor_parallel_size: {mesh.size} must divide the KV cache's {heads} heads")
+    return jax.jit(zeros, out_shardings=kv_shardings(shapes, mesh))()
 
 
 def constrain_step_outputs(fn, mesh: Mesh | None):
     """Wraps fn(...) -> (kv_cache, *rest): kv_cache kept head-sharded, rest replicated. Identity without a mesh."""
     if mesh is None:
         return fn
-    kv, rep = kv_sharding(mesh), NamedSharding(mesh, P())
+    rep = NamedSharding(mesh, P())
 
     def wrapped(*args, **kwargs):
         kv_cache, *rest = fn(*args, **kwargs)
-        kv_cache = jax.lax.with_sharding_constraint(kv_cache, (kv, kv))
+        kv_cache = jax.lax.with_sharding_constraint(kv_cache, kv_shardings(kv_cache, mesh))
         rest = jax.lax.with_sharding_constraint(rest, jax.tree_util.tree_map(lambda _: rep, rest))
         return (kv_cache, *rest)
     return wrapped
@@ -179,17 +189,23 @@ def constrain_kv(fn, mesh: Mesh | None):
     """Wraps fn(...) -> kv_cache so the result keeps the head sharding (the block-copy step)."""
     if mesh is None:
         return fn
-    kv = kv_sharding(mesh)
-    return lambda *args: jax.lax.with_sharding_constraint(fn(*args), (kv, kv))
+    def wrapped(*args):
+        kv_cache = fn(*args)
+        return jax.lax.with_sharding_constraint(kv_cache, kv_shardings(kv_cache, mesh))
+    return wrapped
 
 
 def shard_attention(fn, mesh: Mesh):
     """fn(q, k, v, kv_cache, layer, meta) on one device's heads, mapped over the mesh with shard_map.
 
-    q [T, NH, D], k/v [T, KVH, D] split on heads; kv_cache pages split on KVH (KV_SPEC); layer and the
+    q [T, NH, D], k/v [T, KVH, D] split on heads; kv_cache leaves split on KVH (kv_specs); layer and the
     metadata (slot mapping, block tables, lengths) replicated. Each shard keeps the GQA ratio NH / KVH,
     so the kernels run unchanged on [T, NH / N, D] and [L, KVH / N, NB, BS, D]. No collectives inside.
     """
     heads = P(None, AXIS, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, (KV_SPEC, KV_SPEC), P(), P()),
-                         out_specs=(heads, (KV_SPEC, KV_SPEC)), check_vma=False)
+
+    def run(q, k, v, kv_cache, layer, meta):
+        kv = kv_specs(kv_cache)
+        return jax.shard_map(fn, mesh=mesh, in_specs=(heads, heads, heads, kv, P(), P()),
+                             out_specs=(heads, kv), check_vma=False)(q, k, v, kv_cache, layer, meta)
+    return run

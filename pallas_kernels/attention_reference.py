@@ -5,11 +5,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.kv_quant import dequantize_kv, kv_format, validate_scales
+
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def validate_attention_args(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale,
-                            soft_cap, sliding_window):
+                            soft_cap, sliding_window, k_scales=None, v_scales=None):
+    """ValueError naming what is wrong. k_scales/v_scales: an int8 / fp8 cache's scales
+    [(L,) KVH, NB, BS] f32 (pallas_kernels.kv_quant); q is then any float dtype."""
     shapes = (f"q {q.shape} {q.dtype}, k_pages {k_pages.shape} {k_pages.dtype}, v_pages "
               f"{v_pages.shape} {v_pages.dtype}, block_tables {block_tables.shape} {block_tables.dtype}, "
               f"seq_lens {seq_lens.shape} {seq_lens.dtype}, query_start {query_start.shape} "
@@ -28,7 +32,16 @@ def validate_attention_args(q, k_pages, v_pages, block_tables, seq_lens, query_s
         fail("a 5-D cache needs `layer`, a 4-D cache takes no `layer`")
     if layer is not None and (jnp.shape(layer) != () or not jnp.issubdtype(jnp.result_type(layer), jnp.integer)):
         fail(f"layer must be an integer scalar, got shape {jnp.shape(layer)}")
-    if not (q.dtype == k_pages.dtype == v_pages.dtype) or q.dtype not in _FLOAT_DTYPES:
+    if (k_scales is None) != (v_scales is None):
+        fail("k_scales and v_scales come together")
+    if k_scales is not None:
+        if k_pages.dtype != v_pages.dtype or q.dtype not in _FLOAT_DTYPES:
+            fail("a quantized cache needs k_pages and v_pages of one dtype and float queries")
+        validate_scales("ragged_paged_attention: k_scales", k_pages, k_scales)
+        validate_scales("ragged_paged_attention: v_scales", v_pages, v_scales)
+    elif kv_format(k_pages.dtype) is not None:
+        fail("an int8 / fp8 cache needs k_scales and v_scales")
+    elif not (q.dtype == k_pages.dtype == v_pages.dtype) or q.dtype not in _FLOAT_DTYPES:
         fail("q, k_pages and v_pages must share one float dtype (float32, bfloat16, float16)")
     t, nh, d = q.shape
     kvh, _, _, dk = k_pages.shape[-4:]
@@ -53,9 +66,11 @@ def validate_attention_args(q, k_pages, v_pages, block_tables, seq_lens, query_s
 
 def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start, *,
                                      sm_scale, soft_cap=None, sliding_window=None, layer=None,
-                                     interpret=None, max_query_len=None, token_chunk: int | None = None):
+                                     interpret=None, max_query_len=None, token_chunk: int | None = None,
+                                     k_scales=None, v_scales=None):
     """Plain-jnp ragged paged attention (same contract as the kernel; `interpret` and `max_query_len`
-    are ignored).
+    are ignored). k_scales/v_scales: the scales of an int8 / fp8 cache (pallas_kernels.kv_quant),
+    pages dequantized as they are gathered.
 
     Each query token gathers its own sequence's pages through the block table and runs a
     masked softmax over them; tokens go through `lax.map` in chunks of `token_chunk`
@@ -64,10 +79,14 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens
     """
     del interpret, max_query_len
     validate_attention_args(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
-                            sliding_window)
+                            sliding_window, k_scales, v_scales)
     if k_pages.ndim == 5:
-        k_pages = lax.dynamic_index_in_dim(k_pages, layer, 0, keepdims=False)
-        v_pages = lax.dynamic_index_in_dim(v_pages, layer, 0, keepdims=False)
+        pick = lambda a: None if a is None else lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
+        k_pages, v_pages, k_scales, v_scales = map(pick, (k_pages, v_pages, k_scales, v_scales))
+
+    def gather(pages, scales, ids):               # [KVH, NB, BS, D] -> [KVH, W * BS, D] f32
+        x = pages[:, ids] if scales is None else dequantize_kv(pages[:, ids], scales[:, ids])
+        return x.reshape(kvh, -1, d).astype(jnp.float32)
     t, nh, d = q.shape
     kvh, _, bs, _ = k_pages.shape
     b, w = block_tables.shape
@@ -82,8 +101,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens
     def one_token(args):
         qt, sid, p, ok = args                                    # [NH, D], (), (), ()
         pages = block_tables[sid]                                # [W]
-        k = k_pages[:, pages].reshape(kvh, w * bs, d).astype(jnp.float32)
-        v = v_pages[:, pages].reshape(kvh, w * bs, d).astype(jnp.float32)
+        k, v = gather(k_pages, k_scales, pages), gather(v_pages, v_scales, pages)
         kpos = jnp.arange(w * bs)
         seen = (kpos <= p) & (kpos < seq_lens[sid])
         if sliding_window is not None:

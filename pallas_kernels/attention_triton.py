@@ -80,9 +80,10 @@ def num_prefill_blocks(num_tokens: int, batch: int, t: GpuTiling, max_query_len:
 # ----------------------------------------------------------------------------- kernel body
 
 
-def _attend(q, q_pos, b, seq_len, lo, c_lo, c_hi, *, layer, h, bt_ref, k_ref, v_ref, block_size, head_dim,
-            t: GpuTiling, sm_scale, soft_cap, window, dot_dtype):
-    """Online softmax of query rows over KV chunks [c_lo, c_hi) of sequence b.
+def _attend(q, q_pos, b, seq_len, lo, c_lo, c_hi, *, layer, h, bt_ref, k_ref, v_ref, ks_ref, vs_ref, block_size,
+            head_dim, t: GpuTiling, sm_scale, soft_cap, window, dot_dtype):
+    """Online softmax of query rows over KV chunks [c_lo, c_hi) of sequence b. ks_ref / vs_ref: the
+    row scales of an int8 / fp8 cache (None for a float one): rows are dequantized in f32 as read.
 
     q [R, Dp] (unscaled); q_pos [R] i32 (a row's causal limit); positions outside [lo, seq_len) are
     masked. Returns m [R], l [R], acc [R, Dp] in f32 (acc not normalised)."""
@@ -101,8 +102,13 @@ def _attend(q, q_pos, b, seq_len, lo, c_lo, c_hi, *, layer, h, bt_ref, k_ref, v_
         page = jnp.where(pos < seq_len, bt_ref[b, jnp.minimum(lax.div(pos, block_size), max_blocks - 1)], 0)
         page2 = jnp.broadcast_to(page[:, None], (chunk, dp))
         off2 = jnp.broadcast_to(lax.rem(pos, block_size)[:, None], (chunk, dp))
-        k = k_ref[layer, h, page2, off2, col].astype(dot_dtype)                  # [C, Dp]
+        k = k_ref[layer, h, page2, off2, col]                                     # [C, Dp]
         v = v_ref[layer, h, page2, off2, col]
+        if ks_ref is not None:                      # one scale per position, shared by its row
+            off = lax.rem(pos, block_size)
+            k = k.astype(jnp.float32) * ks_ref[layer, h, page, off][:, None]
+            v = v.astype(jnp.float32) * vs_ref[layer, h, page, off][:, None]
+        k = k.astype(dot_dtype)
         v = jnp.where(live[:, None], v, 0).astype(dot_dtype)   # unread pages may hold NaN; 0 * NaN = NaN
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision)   # [R, C]
         if soft_cap is not None:
@@ -131,20 +137,23 @@ def _rows_index(h, row0, rows, dp):
 
 
 def _kernel(layer_ref, bt_ref, lens_ref, qs_ref, blk_seq_ref, blk_tile_ref, q_ref, qd_ref, k_ref, v_ref,
-            o_ref, od_ref, md_ref, ld_ref, *, num_blocks, t: GpuTiling, window, **attend_kw):
+            *refs, num_blocks, t: GpuTiling, window, **attend_kw):
     # grid (NQB + B * S, KVH)
     # layer_ref [1]; bt_ref [B, W]; lens_ref [B]; qs_ref [B+1]    as in ragged_paged_attention
     # blk_seq_ref / blk_tile_ref [max(NQB, 1)]  prefill block -> (sequence or -1, tile index)
     # q_ref  [KVH, (T + TQ) * Gp, Dp]   prefill queries, row = token * Gp + g
     # qd_ref [KVH, B * TD * Gp, Dp]     decode queries, row = (b * TD + j) * Gp + g (zeros if not a decode)
     # k_ref / v_ref [L, KVH, NB, BS, D] whole cache in HBM
+    # ks_ref / vs_ref [L, KVH, NB, BS] f32  (an int8 / fp8 cache only) row scales
     # o_ref  [KVH, (T + TQ) * Gp, Dp]   prefill outputs (decode rows never stored)
     # od_ref [KVH, B * S * RD, Dp]; md_ref / ld_ref [KVH, B * S * RD]   decode partials, RD = TD * Gp
+    ks_ref, vs_ref, o_ref, od_ref, md_ref, ld_ref = refs if len(refs) == 6 else (None, None, *refs)
     p, h = pl.program_id(0), pl.program_id(1)
     gp, dp, chunk = t.group, t.head_dim, t.kv_chunk
     num_seqs = bt_ref.shape[0]
     layer = layer_ref[0]
-    kw = dict(attend_kw, layer=layer, h=h, bt_ref=bt_ref, k_ref=k_ref, v_ref=v_ref, t=t, window=window)
+    kw = dict(attend_kw, layer=layer, h=h, bt_ref=bt_ref, k_ref=k_ref, v_ref=v_ref, ks_ref=ks_ref, vs_ref=vs_ref,
+              t=t, window=window)
 
     def seq_info(b):
         q_start = qs_ref[b]
@@ -236,10 +245,11 @@ def _combine(od, md, ld, batch, t: GpuTiling):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "window", "t", "interpret", "max_query_len"))
-def ragged_paged_attention_gpu(q, k5, v5, block_tables, seq_lens, query_start, layer_arr, *, sm_scale,
+def ragged_paged_attention_gpu(q, k5, v5, block_tables, seq_lens, query_start, layer_arr, *scales, sm_scale,
                                soft_cap, window, t: GpuTiling, interpret: bool, max_query_len=None):
-    """q [T, NH, D]; k5/v5 [L, KVH, NB, BS, D]; returns [T, NH, D] in q's dtype (contract of
-    ragged_paged_attention; inputs already validated)."""
+    """q [T, NH, D]; k5/v5 [L, KVH, NB, BS, D]; scales: none, or (k, v) [L, KVH, NB, BS] f32 of an
+    int8 / fp8 cache; returns [T, NH, D] in q's dtype (contract of ragged_paged_attention; inputs
+    already validated)."""
     num_tokens, nh, d = q.shape
     kvh, bs = k5.shape[1], k5.shape[3]
     batch = block_tables.shape[0]
@@ -266,12 +276,12 @@ def ragged_paged_attention_gpu(q, k5, v5, block_tables, seq_lens, query_start, l
                    jax.ShapeDtypeStruct((kvh, part_rows), jnp.float32),
                    jax.ShapeDtypeStruct((kvh, part_rows), jnp.float32)),
         grid=(num_blocks + batch * t.kv_splits, kvh),
-        in_specs=[any_spec] * 10,
+        in_specs=[any_spec] * (10 + len(scales)),
         out_specs=[any_spec] * 4,
         interpret=interpret,
         compiler_params=params,
         name="ragged_paged_attention",
-    )(layer_arr, block_tables, seq_lens, query_start, blk_seq, blk_tile, q_rows, qd, k5, v5)
+    )(layer_arr, block_tables, seq_lens, query_start, blk_seq, blk_tile, q_rows, qd, k5, v5, *scales)
 
     # prefill rows: [KVH, (T + TQ) * Gp, Dp] -> [T, KVH, Gp, Dp]
     out_pf = o_rows.reshape(kvh, num_tokens + t.q_block, gp, dp)[:, :num_tokens].transpose(1, 0, 2, 3)

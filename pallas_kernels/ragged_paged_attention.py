@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels.attention_reference import ragged_paged_attention_reference  # noqa: F401 (re-export)
 from pallas_kernels.attention_reference import validate_attention_args as _validate
+from pallas_kernels.kv_quant import dequantize_kv
 from pallas_kernels.attention_triton import DEFAULT_NUM_SMS, GpuTiling, gpu_tiling, ragged_paged_attention_gpu
 
 _MASK_VALUE = -1e30        # finite "minus infinity": keeps exp(m_old - m_new) NaN-free
@@ -80,7 +81,7 @@ def _dot_pv(p, v, precision):
 
 
 def _ragged_paged_attention_kernel(
-    layer_ref, bt_ref, lens_ref, qs_ref, q_ref, k_ref, v_ref, o_ref, *,
+    layer_ref, bt_ref, lens_ref, qs_ref, q_ref, k_ref, v_ref, *refs,
     sm_scale, soft_cap, window, tiling: Tiling, block_size, dot_dtype,
 ):
     # grid (B, KVH // heads, q_splits)
@@ -90,7 +91,9 @@ def _ragged_paged_attention_kernel(
     # qs_ref    [B+1] i32        sequence b's query tokens are [qs[b], qs[b+1])
     # q_ref     [KVH, R, D]      R = (T + TQ) * Gp; row = token * Gp + g
     # k_ref / v_ref [L, KVH, NB, BS, D]  whole cache, left in HBM (pl.ANY)
+    # ks_ref / vs_ref [L, KVH, NB, BS] f32  (an int8 / fp8 cache only) each row's scale
     # o_ref     [KVH, R, D]      same row layout as q_ref; only this sequence's rows are stored
+    ks_ref, vs_ref, o_ref = refs if len(refs) == 3 else (None, None, *refs)
     gp, bs = tiling.group, block_size
     chunk = tiling.kv_pages * bs                   # KV positions in one chunk
     max_blocks = bt_ref.shape[1]
@@ -106,13 +109,17 @@ def _ragged_paged_attention_kernel(
     seq_len = lens_ref[b]
     ctx = seq_len - q_len                          # position of the sequence's first query token
 
-    def load_chunk(ref, c):
-        """K or V positions [c * chunk, (c + 1) * chunk) of this sequence: [H, chunk, D]."""
+    def load_chunk(ref, scale_ref, c):
+        """K or V positions [c * chunk, (c + 1) * chunk) of this sequence: [H, chunk, D] (f32,
+        dequantized, for an int8 / fp8 cache)."""
         parts = []
         for p in range(tiling.kv_pages):           # static unroll: one dynamic slice per page
             blk = c * tiling.kv_pages + p
             page = jnp.where(blk * bs < seq_len, bt_ref[b, jnp.minimum(blk, max_blocks - 1)], 0)
-            parts.append(ref[layer, heads, page, :, :])
+            x = ref[layer, heads, page, :, :]
+            if scale_ref is not None:              # row scales [(H,) BS]
+                x = dequantize_kv(x, scale_ref[layer, heads, page, :])
+            parts.append(x)
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)
 
     def tile_index(row0, rows):
@@ -142,8 +149,8 @@ def _ragged_paged_attention_kernel(
 
         def kv_chunk(c, state):
             m, l, acc = state                      # running max [(H,) rows], sum [(H,) rows], out [(H,) rows, D]
-            k = load_chunk(k_ref, c).astype(dot_dtype)
-            v = load_chunk(v_ref, c)
+            k = load_chunk(k_ref, ks_ref, c).astype(dot_dtype)
+            v = load_chunk(v_ref, vs_ref, c)
             # zero V outside [lo, seq_len): those pages may hold anything (NaN included), and 0 * NaN = NaN
             v_pos = c * chunk + lax.broadcasted_iota(jnp.int32, (chunk, d), 0)
             v = jnp.where((v_pos < seq_len) & (v_pos >= lo), v, 0).astype(dot_dtype)
@@ -222,9 +229,10 @@ def _num_sms() -> int:
         return DEFAULT_NUM_SMS
 
 
-def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_start, layer_arr, *,
+def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_start, layer_arr, scales, *,
                                  sm_scale, soft_cap, window, tiling: Tiling, interpret: bool):
-    """q_rows [KVH, R, D]; k5/v5 [L, KVH, NB, BS, D]; returns o_rows [KVH, R, D]."""
+    """q_rows [KVH, R, D]; k5/v5 [L, KVH, NB, BS, D]; scales: () or (k, v) [L, KVH, NB, BS] of an
+    int8 / fp8 cache; returns o_rows [KVH, R, D]."""
     num_kv_heads, block_size = k5.shape[1], k5.shape[3]
     dot_dtype = jnp.float32 if (interpret or q_rows.dtype == jnp.float32) else q_rows.dtype
     kernel = functools.partial(
@@ -235,11 +243,11 @@ def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_s
         kernel,
         out_shape=jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype),
         grid=(block_tables.shape[0], num_kv_heads // tiling.heads, tiling.q_splits),
-        in_specs=[any_spec] * 7,
+        in_specs=[any_spec] * (7 + len(scales)),
         out_specs=any_spec,
         interpret=interpret,
         name="ragged_paged_attention",
-    )(layer_arr, block_tables, seq_lens, query_start, q_rows, k5, v5)
+    )(layer_arr, block_tables, seq_lens, query_start, q_rows, k5, v5, *scales)
 
 
 # ----------------------------------------------------------------------------- public function
@@ -250,7 +258,7 @@ def _ragged_paged_attention_call(q_rows, k5, v5, block_tables, seq_lens, query_s
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_start, *, sm_scale,
                            soft_cap=None, sliding_window=None, layer=None, interpret=None,
                            tiling: Tiling | GpuTiling | None = None, max_query_len: int | None = None,
-                           gpu_kernel: str | None = None):
+                           gpu_kernel: str | None = None, k_scales=None, v_scales=None):
     """Causal attention of a flat ragged batch over a paged KV cache. Returns [T, NH, D] (q's dtype).
 
     q [T, NH, D]; k_pages/v_pages [KVH, NB, BS, D] or [L, KVH, NB, BS, D] with `layer` (int32
@@ -265,33 +273,39 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
     <= the decode tile (e.g. 1 for a decode-only step) launches no prefill programs on GPU.
     gpu_kernel (static): "triton" or "mosaic" (jax >= 0.11; bf16/f16, head_dim 64/128, pages
     dividing 64, else Triton); None: gpu_kernel_choice() (JAXPAGED_GPU_ATTENTION, read at trace time).
+    k_scales/v_scales [(L,) KVH, NB, BS] f32: an int8 / fp8 cache's row scales (pallas_kernels.kv_quant);
+    pages are dequantized as they are read (on GPU by the Triton kernel on every jax line).
     """
     _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
-              sliding_window)
+              sliding_window, k_scales, v_scales)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     t, nh, d = q.shape
     if k_pages.ndim == 4:                         # one layer: view it as a 1-layer stack (free reshape)
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+        if k_scales is not None:
+            k_scales, v_scales = k_scales[None], v_scales[None]
+    scales = () if k_scales is None else (k_scales, v_scales)
     kvh, bs = k_pages.shape[1], k_pages.shape[3]
     g = nh // kvh
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     window = None if sliding_window is None else int(sliding_window)
     soft_cap = None if soft_cap is None else float(soft_cap)
     if isinstance(tiling, GpuTiling) or (tiling is None and not interpret):
-        gt = tiling or default_gpu_tiling(q.dtype, nh, kvh, d, bs, block_tables.shape[0], block_tables.shape[1] * bs,
-                                          gpu_kernel)
+        gt = tiling or default_gpu_tiling(k_pages.dtype, nh, kvh, d, bs, block_tables.shape[0],
+                                          block_tables.shape[1] * bs, gpu_kernel)
         if any(x & (x - 1) for x in (gt.group, gt.head_dim, gt.kv_chunk)) or gt.group < g or gt.head_dim < d:
             raise ValueError(f"tiling {gt} does not fit groups of {g} and head_dim {d}")
         kw = dict(sm_scale=float(sm_scale), soft_cap=soft_cap, window=window, t=gt, interpret=interpret,
                   max_query_len=max_query_len)
         if gt.kernel == "mosaic":
             from pallas_kernels import attention_mosaic
-            if not attention_mosaic.supports(q.dtype, d, bs, gt.group) or gt.head_dim != d:
-                raise ValueError(f"the Mosaic GPU kernel does not take {q.dtype} head_dim {d} block_size {bs}")
+            if not attention_mosaic.supports(k_pages.dtype, d, bs, gt.group) or gt.head_dim != d or scales:
+                raise ValueError(f"the Mosaic GPU kernel does not take {k_pages.dtype} head_dim {d} block_size {bs}")
             return attention_mosaic.ragged_paged_attention_mosaic(
                 q, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr, **kw)
-        return ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr, **kw)
+        return ragged_paged_attention_gpu(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr,
+                                          *scales, **kw)
     if not interpret:
         raise ValueError("a CPU `Tiling` runs in interpret mode only (pass a GpuTiling for the GPU kernel)")
     tiling = tiling or default_tiling(nh, kvh, bs)
@@ -304,7 +318,7 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, seq_lens, query_st
     q_rows = jnp.pad(q_rows, ((0, 0), (0, tiling.q_tile), (0, tiling.group - g), (0, 0)))
     q_rows = q_rows.reshape(kvh, (t + tiling.q_tile) * tiling.group, d)
     o_rows = _ragged_paged_attention_call(
-        q_rows, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr,
+        q_rows, k_pages, v_pages, block_tables, seq_lens, query_start, layer_arr, scales,
         sm_scale=float(sm_scale), soft_cap=soft_cap, window=window, tiling=tiling, interpret=interpret)
 
     out = o_rows.reshape(kvh, t + tiling.q_tile, tiling.group, d)[:, :t, :g]

@@ -26,6 +26,9 @@ _HELP = {
     "dtype": "parameter and activation dtype: float32 or bfloat16",
     "quantization": "weight quantization of every decoder Linear: int8 (weight-only, per output channel), or gguf "
                     "(a .gguf file's Q8_0/Q4_0/Q4_1 blocks kept quantized) (default: None)",
+    "kv_cache_dtype": "KV cache dtype: auto (the attention backend's choice for --dtype), float32, bfloat16, "
+                      "int8 or fp8 (= fp8_e4m3): K/V quantized at write with one scale per (token, KV head), "
+                      "~2x the blocks of bf16 / ~4x of f32 in the same memory (default: auto)",
     "max_model_len": "longest prompt + completion in tokens (default: the model's max positions when the KV "
                      "cache holds that many, else what it holds; logged at start)",
     "block_size": "tokens per KV-cache block",

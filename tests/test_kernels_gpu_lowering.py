@@ -152,3 +152,43 @@ def test_kv_cache_write_lowers_for_cuda_in_place(dtype, layered, num_tokens, hea
     # both cache buffers are aliased to the outputs: written in place under donation
     assert calls[0].count("output_operand_alias<") == 2, calls[0][:400]
     assert 'name = "kv_cache_write"' in calls[0]
+
+
+@pytest.mark.parametrize("storage,mlir", [(jnp.int8, "i8"), (jnp.float8_e4m3fn, "f8E4M3FN")])
+@pytest.mark.parametrize("model,bs", [("llama3-8b", 16), ("d80", 32)])
+def test_8bit_cache_step_lowers_with_scales_in_place(storage, mlir, model, bs):
+    """A model step over an int8 / fp8 cache (kv_cache_dtype="int8" / "fp8"): each layer quantizes its
+    new rows, writes the 8-bit rows with the Triton write and their scales with XLA's scatter, and
+    attends with the Triton kernel reading 8-bit pages + f32 scales (Mosaic takes 16-bit caches only).
+    The lowered module passes the whole cache (pages and scales) into one attention call, and all four
+    cache arrays are donated."""
+    from pallas_kernels.kv_quant import quantize_kv, write_scales
+    nh, kvh, d = MODELS[model]
+    num_layers, batch, t, nb = 4, 64, 64, 4096
+    pages, scales = S((num_layers, kvh, nb, bs, d), storage), S((num_layers, kvh, nb, bs), jnp.float32)
+
+    def step(k, v, ks, vs, q, k_new, v_new, slots, bt, sl, qs):
+        def layer(carry, i):
+            k, v, ks, vs = carry
+            (kq, ksn), (vq, vsn) = quantize_kv(k_new, storage), quantize_kv(v_new, storage)
+            k, v = kv_cache_write(k, v, kq, vq, slots, layer=i, interpret=False)
+            ks, vs = write_scales(ks, vs, ksn, vsn, slots, layer=i)
+            return (k, v, ks, vs), _attend(q, k, v, bt, sl, qs, i, k_scales=ks, v_scales=vs)
+        carry, outs = jax.lax.scan(layer, (k, v, ks, vs), jnp.arange(num_layers, dtype=jnp.int32))
+        return *carry, outs
+
+    args = [pages, pages, scales, scales, S((t, nh, d), jnp.bfloat16), S((t, kvh, d), jnp.bfloat16),
+            S((t, kvh, d), jnp.bfloat16), S((t,), jnp.int32), S((batch, 512), jnp.int32),
+            S((batch,), jnp.int32), S((batch + 1,), jnp.int32)]
+    module = export_for_cuda(step, *args, donate_argnums=(0, 1, 2, 3))
+    calls = kernel_calls(module)
+    assert len(calls) == 2, calls
+    write = next(line for line in calls if 'name = "kv_cache_write"' in line)
+    attention = next(line for line in calls if line is not write)
+    assert f"custom_call @{TRITON_CALL}(" in attention and 'name = "ragged_paged_attention"' in attention
+    ops = operand_types(attention)
+    assert ops.count(f"tensor<{num_layers}x{kvh}x{nb}x{bs}x{d}x{mlir}>") == 2, ops
+    assert ops.count(f"tensor<{num_layers}x{kvh}x{nb}x{bs}xf32>") == 2, ops
+    assert write.count("output_operand_alias<") == 2, write[:400]
+    main = next(line for line in module.splitlines() if "func.func public @main" in line)
+    assert main.count("tf.aliasing_output") == 4 or main.count("jax.buffer_donor") == 4, main[:800]

@@ -8,10 +8,11 @@ pytest process has long since done that, so each case runs here:
 SPEC: devices (CPU devices of this process), model, tps (list of tensor_parallel_size to run in turn),
 prompts (token-id lists), max_tokens, attention_backend (a name, or one per tp), download_dir, params (param paths whose per-device
 shard shapes to report; a path may go on into a weight type's fields, e.g. layers/q_proj/kernel/q), and
-optionally quantization, distributed = {port, num_processes, process_id} and LoRA: loras (a list of
-[name, id, path]) with lora_of_prompt (per prompt an index into loras, or null), max_lora_rank.
+optionally quantization, kv_cache_dtype, distributed = {port, num_processes, process_id} and LoRA: loras
+(a list of [name, id, path]) with lora_of_prompt (per prompt an index into loras, or null), max_lora_rank.
 OUT: {"tokens": {tp: [[ids] per prompt]}, "shards": {tp: {path: [[shape] per local device]}},
-      "kv_shards": {tp: [[shape] per local device]}, "num_kv_heads": {tp: n}, "global_devices": n,
+      "kv_shards": {tp: [[shape] per local device]} (K pages; "kv_scale_shards" the same for an 8-bit
+      cache's K scales), "num_kv_heads": {tp: n}, "global_devices": n,
       "lora_shards": {tp: {module path: [[a shard shapes], [b shard shapes]]}} (LoRA only)}.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def main(spec_path: str, out_path: str) -> None:
         llm = LLM(spec["model"], tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4,
                   max_num_batched_tokens=64, enforce_eager=True,
                   attention_backend=backend[i] if isinstance(backend, list) else backend,
-                  download_dir=spec["download_dir"], quantization=spec.get("quantization"), **lora_kw)
+                  download_dir=spec["download_dir"], quantization=spec.get("quantization"),
+                  kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), **lora_kw)
         outs = llm.generate(spec["prompts"], params, use_tqdm=False, lora_request=lora_of)
         engine = llm.llm_engine
         pure = nnx.to_pure_dict(engine.runner.state)
@@ -58,7 +60,10 @@ def main(spec_path: str, out_path: str) -> None:
         key = str(tp)
         out["tokens"][key] = [o.outputs[0].token_ids for o in outs]
         out["shards"][key] = shards
-        out["kv_shards"][key] = [list(s.data.shape) for s in engine.runner.kv_cache[0].addressable_shards]
+        k_leaves = jax.tree_util.tree_leaves(engine.runner.kv_cache[0])   # pages (+ an 8-bit cache's scales)
+        out["kv_shards"][key] = [list(s.data.shape) for s in k_leaves[0].addressable_shards]
+        if len(k_leaves) > 1:
+            out.setdefault("kv_scale_shards", {})[key] = [list(s.data.shape) for s in k_leaves[1].addressable_shards]
         out["num_kv_heads"][key] = engine.model_config.num_kv_heads
         if engine.runner.lora is not None:     # per LoRA target: [a shard shapes, b shard shapes]
             out.setdefault("lora_shards", {})[key] = {

@@ -15,7 +15,8 @@ import functools
 
 import jax
 
-from jaxpaged.backends.base import Backend, kv_bytes_per_block
+from jaxpaged.backends.base import Backend
+from jaxpaged.backends.kv_storage import kv_bytes_per_block
 
 BACKENDS = ("native", "pallas", "jnp")
 

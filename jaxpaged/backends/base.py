@@ -1,6 +1,7 @@
 """Backend: what every kernel backend provides (storage choices + the attention kernels).
 
-Storage: the KV cache holds `kv_storage_dtype(name)` arrays [L, KVH, NB, BS, D]; the params go
+Storage: the KV cache holds `kv_storage_dtype(name)` arrays [L, KVH, NB, BS, D] (an int8 / fp8 cache:
+`kv_storage.QuantizedPages`, 8-bit pages + f32 scales per row, `kv_cache_shapes`); the params go
 through `lay_out_params` once at load (backends/layout.py: bf16 bit patterns on XLA:CPU, vocabulary
 tables in f32 there, packed weights where a backend has its own matmul). Kernels: `write_kv` puts a
 step's new K/V rows into the pages, `attend` runs ragged paged attention over them; both follow
@@ -8,15 +9,15 @@ pallas_kernels' contracts.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from jaxpaged.backends.kv_storage import (QuantizedPages, attend_args, cache_shapes, is_quantized,
+                                          kv_bytes_per_block, write_quantized)
 
+__all__ = ["Backend", "kv_bytes_per_block"]
 
-def kv_bytes_per_block(cfg, block_size: int, dtype: str) -> int:
-    """Bytes of one KV block over all layers, K and V. dtype: the KV cache's dtype name."""
-    itemsize = 2 if dtype == "bfloat16" else 4
-    return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 
 
 class Backend:
@@ -35,8 +36,16 @@ class Backend:
         return "float32" if platform == "cpu" else model_dtype
 
     def kv_storage_dtype(self, name: str):
-        """The cache arrays' dtype for a KV dtype name."""
+        """The cache arrays' dtype for a KV dtype name (an 8-bit cache: its pages'). fp8 on XLA:CPU is
+        held as uint8 bit patterns (XLA:CPU widens a float8 scatter around the whole cache)."""
+        if name == "fp8_e4m3":
+            return jnp.uint8 if jax.default_backend() == "cpu" else jnp.float8_e4m3fn
         return _DTYPES[name]
+
+    def kv_cache_shapes(self, shape: tuple[int, ...], name: str):
+        """(k, v) ShapeDtypeStructs of the cache: arrays of pages `shape` [L, KVH, NB, BS, D], or
+        QuantizedPages (pages + scales [L, KVH, NB, BS] f32) for an int8 / fp8 cache."""
+        return cache_shapes(shape, self.kv_storage_dtype(name), is_quantized(name))
 
     def packs_weights(self, dtype: str, mesh) -> bool:
         """Whether this backend multiplies by its own packed weights (native CPU matmuls)."""
@@ -47,20 +56,26 @@ class Backend:
 
     # ---- kernels ------------------------------------------------------------------------------
     def write_kv(self, k, v, kv_cache, layer, meta):
-        """k, v [T, KVH, D] -> kv_cache with row t written at slot meta.slot_mapping[t] of `layer`."""
+        """k, v [T, KVH, D] -> kv_cache with row t written at slot meta.slot_mapping[t] of `layer`
+        (quantized first, a scale per row, for an int8 / fp8 cache)."""
         k_pages, v_pages = kv_cache
         write = self._write_fn()
+        if isinstance(k_pages, QuantizedPages):
+            return write_quantized(write, k, v, kv_cache, layer, meta)
         return write(k_pages, v_pages, k.astype(k_pages.dtype), v.astype(v_pages.dtype),
                      meta.slot_mapping, layer=layer)
 
     def attend(self, q, kv_cache, layer, meta, opts):
         """q [T, NH, D] -> [T, NH, D]: each row over its sequence's pages (causal, GQA). The kernels
-        take q in the cache's dtype (a wider cache than the model: f32 pages on CPU)."""
-        k_pages, v_pages = kv_cache
+        take q in the cache's dtype (a wider cache than the model: f32 pages on CPU); over an int8 /
+        fp8 cache q keeps its dtype and the kernels dequantize the pages as they read them."""
+        k_pages, v_pages, scales = attend_args(kv_cache)
         attend = self._attend_fn()
-        return attend(q.astype(k_pages.dtype), k_pages, v_pages, meta.block_tables, meta.seq_lens,
+        if not scales:
+            q = q.astype(k_pages.dtype)
+        return attend(q, k_pages, v_pages, meta.block_tables, meta.seq_lens,
                       meta.query_start, sm_scale=opts.sm_scale, sliding_window=opts.sliding_window,
-                      layer=layer)
+                      layer=layer, **scales)
 
     def _write_fn(self):
         raise NotImplementedError

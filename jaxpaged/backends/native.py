@@ -2,9 +2,10 @@
 
 Storage it chooses: a bf16 KV cache is held as its uint16 bit patterns (XLA:CPU scatters uint16
 rows in place; a bf16 scatter is widened to f32 around the whole cache), which the attention
-kernel reads as bf16; "auto" keeps the model's dtype. Weight matmuls run on weights packed once at
-load (`Packed`: AVX-512 f32 panels, AMX bf16 tiles) where this CPU has the instructions for the
-dtype and the engine runs on one device (`packs_weights`); XLA's dot elsewhere.
+kernel reads as bf16 (an fp8 one as uint8 e4m3 bits, the same way); "auto" keeps the model's dtype.
+An int8 / fp8 cache is read by the kernel's 8-bit path (rows times their scales). Weight matmuls run
+on weights packed once at load (`Packed`: AVX-512 f32 panels, AMX bf16 tiles) where this CPU has the
+instructions for the dtype and the engine runs on one device (`packs_weights`); XLA's dot elsewhere.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.backends.base import Backend
+from jaxpaged.backends.kv_storage import QuantizedPages, attend_args, write_quantized
 from jaxpaged.weights import Weight
 
 
@@ -76,16 +78,19 @@ class NativeBackend(Backend):
         # XLA's row scatter (the interpreted Pallas write is element-wise, ~10x slower on CPU)
         from pallas_kernels import kv_cache_write_reference
         k_pages, v_pages = kv_cache
+        if isinstance(k_pages, QuantizedPages):
+            return write_quantized(kv_cache_write_reference, k, v, kv_cache, layer, meta)
         return kv_cache_write_reference(k_pages, v_pages, _to_storage(k, k_pages.dtype),
                                         _to_storage(v, v_pages.dtype), meta.slot_mapping, layer=layer)
 
     def attend(self, q, kv_cache, layer, meta, opts):
         from cpu_kernels import ragged_paged_attention_cpu
-        k_pages, v_pages = kv_cache
-        q = q.astype(jnp.bfloat16 if k_pages.dtype == jnp.uint16 else k_pages.dtype)
+        k_pages, v_pages, scales = attend_args(kv_cache)
+        if not scales:       # an int8 / fp8 cache takes q in any float dtype
+            q = q.astype(jnp.bfloat16 if k_pages.dtype == jnp.uint16 else k_pages.dtype)
         return ragged_paged_attention_cpu(q, k_pages, v_pages, meta.block_tables, meta.seq_lens,
                                           meta.query_start, sm_scale=opts.sm_scale,
-                                          sliding_window=opts.sliding_window, layer=layer)
+                                          sliding_window=opts.sliding_window, layer=layer, **scales)
 
 
 def _to_storage(x, storage_dtype):

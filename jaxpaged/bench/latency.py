@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from jaxpaged.engine_config import ATTENTION_BACKENDS
+from jaxpaged.kv_dtypes import KV_CACHE_DTYPE_CHOICES
 
 
 def add_args(p) -> None:
@@ -44,6 +45,8 @@ def add_args(p) -> None:
                    help="attention kernels (auto: native C++ on CPU, else Pallas)")
     p.add_argument("--quantization", default=None, choices=("int8", "gguf"),
                    help="jaxpaged: weight quantization (EngineConfig.quantization)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                   help="jaxpaged: KV cache dtype (EngineConfig.kv_cache_dtype; int8 / fp8: 8-bit K/V + scales)")
     p.add_argument("--flops", action="store_true", help="measure the matmul FLOP ceiling (f32, bf16)")
     p.add_argument("--breakdown", action="store_true", help="device-step variants on the captured steps")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per variant / matmul")
@@ -293,7 +296,7 @@ def run(args) -> dict:
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs or max(max(sizes), 2),
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               attention_backend=args.attention_backend, native_matmul=args.native_matmul,
-              quantization=args.quantization, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
     print(f"engine start (load, no warmup: shapes compile on first use) {time.perf_counter() - t0:.1f} s; "
           f"buckets T={llm.llm_engine.runner.buckets.token_buckets} B={llm.llm_engine.runner.buckets.seq_buckets}")
     cfg = llm.llm_engine.model_config

@@ -23,6 +23,10 @@ def add_args(p) -> None:
     p.add_argument("--text", default=DEFAULT_TEXT, help="a UTF-8 text file")
     p.add_argument("--window", type=int, default=512, help="tokens per scored window")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--quantization", default=None, choices=("int8", "gguf"),
+                   help="weight quantization of every run (a --config may override it)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="KV cache dtype of every run (e.g. int8, fp8; "
+                   "a --config may override it: --config '' --config kv_cache_dtype=int8 compares the two)")
     p.add_argument("--config", action="append", default=None,
                    help="engine settings of one run, e.g. 'quantization=int8' or 'kv_cache_dtype=bfloat16'; "
                         "repeat for several runs side by side (default: one run with the model as is)")
@@ -85,7 +89,8 @@ def run(args) -> None:
         t0 = time.perf_counter()
         engine_args = dict(dtype=args.dtype, max_model_len=max(args.window + 8, 128),
                            max_num_batched_tokens=max(args.window, 64), enforce_eager=True,
-                           download_dir=args.download_dir)
+                           download_dir=args.download_dir, quantization=args.quantization,
+                           kv_cache_dtype=args.kv_cache_dtype)
         llm = LLM(args.model, **{**engine_args, **extra})
         ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
         ppl, n = perplexity(llm, ids, args.window)

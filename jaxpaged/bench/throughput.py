@@ -18,6 +18,7 @@ import time
 
 from jaxpaged.bench import workload
 from jaxpaged.engine_config import ATTENTION_BACKENDS
+from jaxpaged.kv_dtypes import KV_CACHE_DTYPE_CHOICES
 
 BACKENDS = ("jaxpaged", "hf", "vllm")
 
@@ -36,6 +37,8 @@ def add_args(p) -> None:
                    help="jaxpaged: attention kernels (auto: native C++ on CPU, else Pallas)")
     p.add_argument("--quantization", default=None, choices=("int8", "gguf"),
                    help="jaxpaged: weight quantization (EngineConfig.quantization)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                   help="jaxpaged: KV cache dtype (EngineConfig.kv_cache_dtype; int8 / fp8: 8-bit K/V + scales)")
     p.add_argument("--enforce-eager", action="store_true", help="jaxpaged: no warmup (compiles inside the run)")
     p.add_argument("--download-dir", default=None, help="jaxpaged converted-params cache")
     p.add_argument("--profile", action="store_true", help="jaxpaged: host/device split of every step")
@@ -55,7 +58,7 @@ def run_jaxpaged(args, requests) -> dict:
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               attention_backend=args.attention_backend, native_matmul=args.native_matmul,
-              quantization=args.quantization, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, enforce_eager=True, seed=args.seed, download_dir=args.download_dir)
     load_s = time.perf_counter() - t0
     engine = llm.llm_engine
     runner = engine.runner
