@@ -194,3 +194,19 @@ def test_server_serves_with_an_int8_kv_cache(tiny_llama, tmp_path_factory, capsy
     with pytest.raises(SystemExit):
         parse_args(["--kv-cache-dtype", "int4"])
     assert "kv_cache_dtype: expected one of" in capsys.readouterr().err
+
+
+def test_perplexity_bench_compares_kv_cache_dtypes(tiny_llama, tmp_path, capsys):
+    """bench perplexity side by side: the f32 cache and --config kv_cache_dtype=int8 (D + 4 = 20 bytes
+    a row instead of 64 at head_dim 16); the int8 cache's perplexity within 1% of the f32 one's."""
+    from jaxpaged.bench.__main__ import main
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    main(["perplexity", "--model", tiny_llama, "--text", str(text), "--window", "32", "--kv-cache-dtype", "float32",
+          "--config", "", "--config", "kv_cache_dtype=int8", "--download-dir", str(tmp_path / "cache")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if " ppl " in line]
+    assert len(lines) == 2 and "KV float32" in lines[0] and "KV int8" in lines[1]
+    per_token = [int(line.split(" B/token")[0].rsplit(" ", 1)[1]) for line in lines]
+    assert per_token[0] * 20 == per_token[1] * 64
+    delta = float(lines[1].split("(")[1].split("%")[0])
+    assert abs(delta) < 1.0

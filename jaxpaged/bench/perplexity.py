@@ -94,11 +94,14 @@ def run(args) -> None:
         llm = LLM(args.model, **{**engine_args, **extra})
         ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
         ppl, n = perplexity(llm, ids, args.window)
-        rows.append((spec or "(as is)", ppl, n, time.perf_counter() - t0, linear_weight_bytes(llm)))
+        engine = llm.llm_engine       # KV cache dtype and bytes per cached token (all layers, K and V)
+        kv = f"KV {engine.kv_cache_dtype} {engine.kv_plan.bytes_per_block // engine.kv_plan.block_size} B/token"
+        rows.append((spec or "(as is)", ppl, n, time.perf_counter() - t0, linear_weight_bytes(llm), kv))
+        del engine
         del llm
     base = rows[0][1]
     print(f"perplexity of {os.path.basename(args.text)} ({rows[0][2]} scored tokens, windows of {args.window}), "
           f"{args.model} {args.dtype}")
-    for spec, ppl, n, secs, nbytes in rows:
+    for spec, ppl, n, secs, nbytes, kv in rows:
         print(f"  {spec:<36} ppl {ppl:9.4f}  ({100 * (ppl / base - 1):+6.2f}% vs first)  "
-              f"Linear weights {nbytes / 2**20:7.1f} MiB ({nbytes / rows[0][4]:.2f}x)  {secs:6.1f} s")
+              f"Linear weights {nbytes / 2**20:7.1f} MiB ({nbytes / rows[0][4]:.2f}x)  {kv}  {secs:6.1f} s")
