@@ -200,3 +200,17 @@ def test_lora_with_ngram_speculative_decoding_equals_peft(llama_setup, tmp_path)
     assert [o.outputs[0].token_ids for o in outs] == [
         peft_greedy(model, r.lora_path if r else None, p, 12) for p, r in zip(prompts, loras)]
     assert sum(o.metrics.spec_num_accepted_tokens for o in outs) > 0      # drafts were verified and kept
+
+
+def test_adapter_removed_mid_request_finishes_with_it(llama_setup):
+    model, adapters, llm = llama_setup
+    engine = llm.llm_engine
+    req = LoRARequest("leaving", 8, adapters["mlp2"])
+    engine.add_request("leaving-0", PROMPTS[4], GREEDY, lora_request=req)
+    engine.step()                                   # prefill with the adapter
+    assert engine.remove_lora(8)                    # new requests can no longer name it ...
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert outs[0].outputs[0].token_ids == peft_greedy(model, adapters["mlp2"], PROMPTS[4], 6)   # ... this one keeps it
+    assert engine.scheduler.block_manager.num_used_blocks == 0
