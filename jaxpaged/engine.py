@@ -53,6 +53,10 @@ class EngineStats(SchedulerStats):
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
     spec_decode_num_accepted_tokens_per_pos: list = dataclasses.field(default_factory=list)
+    # LoRA (enable_lora; vLLM's lora_requests_info labels): adapter names of running / waiting sequences
+    max_lora: int = 0
+    running_lora_adapters: str = ""
+    waiting_lora_adapters: str = ""
 
 
 def _prepare_backend(requested: str) -> None:
@@ -359,4 +363,9 @@ class LLMEngine:
             stats.spec_decode_num_drafts, stats.spec_decode_num_draft_tokens = sd.num_drafts, sd.num_draft_tokens
             stats.spec_decode_num_accepted_tokens = sd.num_accepted_tokens
             stats.spec_decode_num_accepted_tokens_per_pos = list(sd.accepted_per_pos)
+        if self.loras is not None:
+            names = lambda seqs: ",".join(sorted({s.lora.request.lora_name for s in seqs if s.lora is not None}))
+            stats.max_lora = self.config.max_loras
+            stats.running_lora_adapters = names(self.scheduler.running)
+            stats.waiting_lora_adapters = names(self.scheduler.waiting)
         return stats

@@ -88,6 +88,10 @@ class ServerMetrics:
         self.spec_decode_per_pos = Counter("jaxpaged:spec_decode_num_accepted_tokens_per_pos",
                                            "Draft tokens accepted at each draft position.",
                                            ["model_name", "engine", "position"], registry=r)
+        # vLLM's vllm:lora_requests_info: one series (value: the update's time) whose labels name the adapters
+        self.lora_info = Gauge("jaxpaged:lora_requests_info", "Running and waiting LoRA adapters (--enable-lora).",
+                               ["model_name", "engine", "max_lora", "running_lora_adapters",
+                                "waiting_lora_adapters"], registry=r)
         self.engines = [EngineMetrics(self, i) for i in range(num_engines)]
 
     def engine(self, index: int) -> "EngineMetrics":
@@ -116,6 +120,8 @@ class EngineMetrics:
             setattr(self, attr, family.labels(*self._labels))
         self._request_success = server.request_success
         self._spec_per_pos = server.spec_decode_per_pos
+        self._lora_info = server.lora_info
+        self._lora_labels: tuple | None = None
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -141,6 +147,17 @@ class EngineMetrics:
             if queries:
                 self.prefix_cache_hit_rate.set(float(hits or 0) / float(queries))
             self._update_spec_decode(get)
+            self._update_lora(get)
+
+    def _update_lora(self, get) -> None:
+        if not get("max_lora"):
+            return
+        labels = (*self._labels, str(get("max_lora")), get("running_lora_adapters") or "",
+                  get("waiting_lora_adapters") or "")
+        if labels != self._lora_labels and self._lora_labels is not None:
+            self._lora_info.remove(*self._lora_labels)      # one series per engine: the current adapters
+        self._lora_labels = labels
+        self._lora_info.labels(*labels).set_to_current_time()
 
     def _update_spec_decode(self, get) -> None:
         """Acceptance gauges and the per-position counters (deltas of the engine's cumulative list)."""

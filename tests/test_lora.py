@@ -208,6 +208,8 @@ def test_adapter_removed_mid_request_finishes_with_it(llama_setup):
     req = LoRARequest("leaving", 8, adapters["mlp2"])
     engine.add_request("leaving-0", PROMPTS[4], GREEDY, lora_request=req)
     engine.step()                                   # prefill with the adapter
+    stats = engine.get_stats()
+    assert (stats.max_lora, stats.running_lora_adapters, stats.waiting_lora_adapters) == (2, "leaving", "")
     assert engine.remove_lora(8)                    # new requests can no longer name it ...
     outs = []
     while engine.has_unfinished_requests():

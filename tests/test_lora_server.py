@@ -44,6 +44,8 @@ def test_adapters_are_models_and_route_requests(setup):
         # compare through the text: the tiny tokenizer round-trips its own output
         assert resp.json()["choices"][0]["text"] == client.post(
             "/detokenize", json={"tokens": expected}).json()["prompt"]
+    metrics = client.get("/metrics").text
+    assert 'jaxpaged:lora_requests_info{engine="0",max_lora="1",model_name="base",running_lora_adapters=""' in metrics
     chat = client.post("/v1/chat/completions", json={"model": "ad-a", "max_tokens": 3,
                                                       "messages": [{"role": "user", "content": "Hello"}]})
     assert chat.status_code == 200, chat.text
@@ -96,3 +98,12 @@ def test_cli_lora_flags():
     assert args.allow_runtime_lora_updating
     with pytest.raises(Exception, match="name=path"):
         parse_lora_module("no-equals-sign")
+
+
+def test_lora_requests_info_metric_keeps_one_series():
+    from jaxpaged.server.metrics import ServerMetrics
+    m = ServerMetrics("base")
+    m.update_from_stats({"max_lora": 2, "running_lora_adapters": "a,b", "waiting_lora_adapters": "c"})
+    m.update_from_stats({"max_lora": 2, "running_lora_adapters": "c", "waiting_lora_adapters": ""})
+    lines = [x for x in m.render().decode().splitlines() if x.startswith("jaxpaged:lora_requests_info{")]
+    assert len(lines) == 1 and 'running_lora_adapters="c"' in lines[0] and 'max_lora="2"' in lines[0]
