@@ -107,13 +107,16 @@ class BeamSearchState:
         self.finished_beams: list[BeamSearchSequence] = []
         self.done = False
         self._next_beam = 0
+        self.lora = None        # LoRA: the adapter (lora.registry.LoadedLoRA) every beam's Sequence runs with
 
     # ---- what the engine calls --------------------------------------------------------------------
     def first_sequences(self) -> list[Sequence]:
         beam = _Beam(self._new_id(), list(self.prompt_token_ids))
         self.beams.append(beam)
-        return [Sequence(beam.seq_id, self.prompt_token_ids, self.row_params, self.metrics.arrival_time,
-                         request_id=self.request_id)]
+        seq = Sequence(beam.seq_id, self.prompt_token_ids, self.row_params, self.metrics.arrival_time,
+                       request_id=self.request_id)
+        seq.lora = self.lora
+        return [seq]
 
     @property
     def finished(self) -> bool:
@@ -248,8 +251,10 @@ class BeamSearchState:
             scheduler.append_token(child.seq_id, tok)
         else:
             n = len(self.prompt_token_ids)
-            scheduler.add_sequence(Sequence(child.seq_id, self.prompt_token_ids, self.row_params, time.time(),
-                                            request_id=self.request_id, output_token_ids=child.tokens[n:]))
+            seq = Sequence(child.seq_id, self.prompt_token_ids, self.row_params, time.time(),
+                           request_id=self.request_id, output_token_ids=child.tokens[n:])
+            seq.lora = self.lora
+            scheduler.add_sequence(seq)
         return child
 
     def _retire(self, beam: _Beam, scheduler) -> None:

@@ -221,8 +221,6 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         arrival = arrival_time if arrival_time is not None else time.time()
-        if lora_request is not None and isinstance(params, BeamSearchParams):
-            raise ValueError("lora_request: beam search with a LoRA adapter is not supported")
         lora = self._lora_of(lora_request)
         text, ids = processed.prompt, processed.prompt_token_ids
         common = dict(eos_token_ids=self.model_config.eos_token_ids, max_model_len=self.max_model_len,
@@ -232,6 +230,7 @@ class LLMEngine:
             if not eos and getattr(self.tokenizer, "eos_token_id", None) is not None:
                 common["eos_token_ids"] = (self.tokenizer.eos_token_id,)
             state = BeamSearchState(request_id, text, ids, params, arrival, **common)
+            state.lora = lora
             self._waiting_beams.append(state)       # step() starts it when its beams have seats
             self._requests[request_id] = state
             self._prompt_tokens_total += len(ids)

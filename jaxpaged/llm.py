@@ -116,14 +116,16 @@ class LLM:
         return list(tok.encode(text, add_special_tokens=False))
 
     # ---- beam search --------------------------------------------------------------------------------
-    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False,
+                    lora_request=None) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search: one BeamSearchOutput per prompt (best sequences first). Each prompt is an
         engine request with BeamSearchParams (jaxpaged/beam_search.py): beams share KV blocks and the steps
         with any other request in flight."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params: expected BeamSearchParams, got {type(params).__name__}")
         prompts = as_prompt_list(prompts)
-        outs = self._run(self._add_all(prompts, [params] * len(prompts)), use_tqdm, "Beam search")
+        outs = self._run(self._add_all(prompts, [params] * len(prompts), _as_lora_list(lora_request, len(prompts))),
+                         use_tqdm, "Beam search")
         return [to_beam_search_output(o, self.get_tokenizer(), params) for o in outs]
 
 

@@ -216,3 +216,22 @@ def test_adapter_removed_mid_request_finishes_with_it(llama_setup):
         outs += [o for o in engine.step() if o.finished]
     assert outs[0].outputs[0].token_ids == peft_greedy(model, adapters["mlp2"], PROMPTS[4], 6)   # ... this one keeps it
     assert engine.scheduler.block_manager.num_used_blocks == 0
+
+
+def test_beam_search_with_an_adapter_equals_peft_num_beams(llama_setup):
+    import torch
+    from jaxpaged import BeamSearchParams
+    from tests.lora_utils import _peft_model
+    model, adapters, llm = llama_setup
+    prompt, width, n_new = [5, 9, 13, 17], 2, 6
+    outs = llm.beam_search([prompt], BeamSearchParams(beam_width=width, max_tokens=n_new, ignore_eos=True),
+                           lora_request=LoRARequest("all8", 1, adapters["all8"]))
+    ids = torch.tensor([prompt])
+
+    def hf_beams(adapter):
+        with torch.no_grad():
+            return _peft_model(model, adapter).generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=width,
+                num_return_sequences=width, max_new_tokens=n_new, pad_token_id=0, eos_token_id=None).tolist()
+    want = hf_beams(adapters["all8"])
+    assert [s.tokens for s in outs[0].sequences] == want and want != hf_beams(None)
