@@ -67,6 +67,13 @@ bool has_avx512() {
   return ok;
 }
 
+// AVX2 + FMA (no AVX-512): the f32 path runs 6 x 16 register tiles, the bf16 path widens the
+// packed bf16 tiles to f32 in registers (no AMX needed).
+bool has_avx2() {
+  static const bool ok = !portable_only() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
 // AMX needs the CPU bits (CPUID.7.0:EDX bit 22 AMX-BF16, bit 24 AMX-TILE) and Linux's permission
 // for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once.
 bool has_amx() {
@@ -93,6 +100,7 @@ __attribute__((target("avx512f"))) void f32_tile(const float* __restrict x, int6
   const __mmask16 lo = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 hi = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
   __m512 acc[MR][2];
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     acc[r][0] = accumulate ? _mm512_maskz_loadu_ps(lo, y + r * ldy) : _mm512_setzero_ps();
     acc[r][1] = accumulate ? _mm512_maskz_loadu_ps(hi, y + r * ldy + 16) : _mm512_setzero_ps();
@@ -100,12 +108,14 @@ __attribute__((target("avx512f"))) void f32_tile(const float* __restrict x, int6
   for (int64_t i = 0; i < kc; ++i) {
     const __m512 b0 = _mm512_loadu_ps(panel + i * kPanel);
     const __m512 b1 = _mm512_loadu_ps(panel + i * kPanel + 16);
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(x[r * ldx + i]);
       acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     _mm512_mask_storeu_ps(y + r * ldy, lo, acc[r][0]);
     _mm512_mask_storeu_ps(y + r * ldy + 16, hi, acc[r][1]);
@@ -124,6 +134,125 @@ void f32_tile_portable(const float* x, int64_t rows, int64_t k, const float* pan
     for (int64_t i = 0; i < k; ++i)
       for (int64_t c = 0; c < kPanel; ++c) acc[c] += x[r * k + i] * panel[i * kPanel + c];
     std::memcpy(y + r * ldy, acc, cols * sizeof(float));
+  }
+}
+
+// ---- f32 and bf16: AVX2 + FMA register tiles --------------------------------------------------
+
+// Lanes [0, 8) of a 256-bit mask that are < n (n clamped to [0, 8]): masked loads/stores of the
+// last, partly filled column block.
+__attribute__((target("avx2"))) inline __m256i lane_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(n, 0, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// y[r, 0:cols] (+)= x[r, 0:kc] @ half[0:kc] for r < MR, cols <= 16: `half` is 16 columns of an
+// f32 panel (rows kPanel floats apart). MR x 2 ymm accumulators (12 for MR = 6) + 2 panel vectors
+// + 1 broadcast fit the 16 ymm registers.
+template <int MR>
+__attribute__((target("avx2,fma"))) void f32_tile_avx2(const float* __restrict x, int64_t ldx, int64_t kc,
+                                                       const float* __restrict half, float* __restrict y,
+                                                       int64_t ldy, int64_t cols, bool accumulate) {
+  // (every loop over the rows is unrolled: GCC 12 otherwise keeps the accumulator arrays in
+  // memory and stores all of them on every k)
+  __m256 acc[MR][2];
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < kc; ++i) {
+    const __m256 b0 = _mm256_loadu_ps(half + i * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(half + i * kPanel + 8);
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * ldx + i);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  const __m256i m0 = lane_mask(cols), m1 = lane_mask(cols - 8);
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    __m256 s0 = acc[r][0], s1 = acc[r][1];
+    if (accumulate) {
+      s0 = _mm256_add_ps(s0, _mm256_maskload_ps(y + r * ldy, m0));
+      s1 = _mm256_add_ps(s1, _mm256_maskload_ps(y + r * ldy + 8, m1));
+    }
+    _mm256_maskstore_ps(y + r * ldy, m0, s0);
+    _mm256_maskstore_ps(y + r * ldy + 8, m1, s1);
+  }
+}
+
+// One row (a decode step's matmul) against a whole panel (cols <= 32), all of K in one pass: the
+// panel streams once, 128 contiguous bytes per k; even and odd k accumulate apart (8 chains of one
+// FMA per k pair, so the FMA latency stays hidden behind the loads).
+__attribute__((target("avx2,fma"))) void f32_row_avx2(const float* __restrict x, int64_t k,
+                                                      const float* __restrict panel, float* __restrict y,
+                                                      int64_t cols) {
+  __m256 e[4], o[4];
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) e[c] = o[c] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 1 < k; i += 2) {
+    const __m256 a = _mm256_broadcast_ss(x + i), b = _mm256_broadcast_ss(x + i + 1);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      e[c] = _mm256_fmadd_ps(a, _mm256_loadu_ps(panel + i * kPanel + 8 * c), e[c]);
+      o[c] = _mm256_fmadd_ps(b, _mm256_loadu_ps(panel + (i + 1) * kPanel + 8 * c), o[c]);
+    }
+  }
+  if (i < k) {   // odd K: the last k
+    const __m256 a = _mm256_broadcast_ss(x + i);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) e[c] = _mm256_fmadd_ps(a, _mm256_loadu_ps(panel + i * kPanel + 8 * c), e[c]);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) _mm256_maskstore_ps(y + 8 * c, lane_mask(cols - 8 * c), _mm256_add_ps(e[c], o[c]));
+}
+
+constexpr F32Tile kF32TilesAvx2[7] = {nullptr, f32_tile_avx2<1>, f32_tile_avx2<2>, f32_tile_avx2<3>,
+                                      f32_tile_avx2<4>, f32_tile_avx2<5>, f32_tile_avx2<6>};
+
+// y[r, 0:cols] (+)= x[r, 2q0 : 2(q0 + qc)] @ W for r < MR, cols <= 16, W one packed bf16 tile
+// column (16 columns): as the AMX tiles lay it out, k-pair q (rows 2q, 2q + 1) is 32 uint16 at
+// tc + 32q, element 2c + e = W[2q + e][c]. A 32-bit lane c of a 256-bit load holds column c's two
+// rows: its high half (masked) is W[2q + 1][c] as f32, its low half shifted up is W[2q][c].
+// x: f32 rows (ldx apart, zero-padded to Kp). Even and odd rows accumulate apart (4 x MR chains:
+// one FMA each per k-pair, so the FMA latency is hidden at one row).
+template <int MR>
+__attribute__((target("avx2,fma"))) void bf16_tile_avx2(const float* __restrict x, int64_t ldx, int64_t q0,
+                                                        int64_t qc, const uint16_t* __restrict tc,
+                                                        float* __restrict y, int64_t ldy, int64_t cols,
+                                                        bool accumulate) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 even[MR][2], odd[MR][2];
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) even[r][0] = even[r][1] = odd[r][0] = odd[r][1] = _mm256_setzero_ps();
+  for (int64_t q = q0; q < q0 + qc; ++q) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tc + 32 * q));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tc + 32 * q + 16));
+    const __m256 lo0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+    const __m256 hi0 = _mm256_castsi256_ps(_mm256_and_si256(w0, high));
+    const __m256 lo1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+    const __m256 hi1 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a0 = _mm256_broadcast_ss(x + r * ldx + 2 * q);
+      const __m256 a1 = _mm256_broadcast_ss(x + r * ldx + 2 * q + 1);
+      even[r][0] = _mm256_fmadd_ps(a0, lo0, even[r][0]);
+      even[r][1] = _mm256_fmadd_ps(a0, lo1, even[r][1]);
+      odd[r][0] = _mm256_fmadd_ps(a1, hi0, odd[r][0]);
+      odd[r][1] = _mm256_fmadd_ps(a1, hi1, odd[r][1]);
+    }
+  }
+  const __m256i m0 = lane_mask(cols), m1 = lane_mask(cols - 8);
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    __m256 s0 = _mm256_add_ps(even[r][0], odd[r][0]), s1 = _mm256_add_ps(even[r][1], odd[r][1]);
+    if (accumulate) {
+      s0 = _mm256_add_ps(s0, _mm256_maskload_ps(y + r * ldy, m0));
+      s1 = _mm256_add_ps(s1, _mm256_maskload_ps(y + r * ldy + 8, m1));
+    }
+    _mm256_maskstore_ps(y + r * ldy, m0, s0);
+    _mm256_maskstore_ps(y + r * ldy + 8, m1, s1);
   }
 }
 
@@ -220,9 +349,44 @@ struct Problem {
   const uint16_t* xb = nullptr;    // bf16 path: x [M, K]; rows below `direct` are read in place
   int64_t direct = 0;              //   (whole 32-row blocks, and only when K == Kp)
   const uint16_t* tail = nullptr;  //   rows [direct, M): a zero-padded copy, Kp wide, whole blocks
+  const float* xf = nullptr;       // bf16 path on AVX2: x as f32 [M, Kp] (zero-padded past K)
   const void* w = nullptr;         // this layer's packed weight
   float* out = nullptr;            // [M, N]
 };
+
+// AVX2: a unit's rows [0, rows) x one panel (cols <= 32 real columns), K in chunks that keep the
+// panel's chunk in L1; 6-row tiles over each 16-column half of the panel.
+void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const float* panel, float* y,
+                       int64_t cols) {
+  if (rows == 1) return f32_row_avx2(x, p.k, panel, y, cols);
+  for (int64_t k0 = 0; k0 < p.k; k0 += kF32Chunk) {
+    const int64_t kc = std::min(kF32Chunk, p.k - k0);
+    for (int64_t r = 0; r < rows; r += 6) {
+      const int64_t mr = std::min<int64_t>(6, rows - r);
+      for (int64_t h = 0; h < 2 && 16 * h < cols; ++h)
+        kF32TilesAvx2[mr](x + r * p.k + k0, p.k, kc, panel + k0 * kPanel + 16 * h, y + r * p.n + 16 * h, p.n,
+                          std::min<int64_t>(16, cols - 16 * h), k0 > 0);
+    }
+  }
+}
+
+// AVX2, bf16 weights: rows [r0, r0 + rows) of the f32 copy of x against tile columns w0 | w1 (32
+// output columns, cols real); k-pairs in chunks of 128 (8 KB of each tile column in L1).
+void run_bf16_rows_avx2(const Problem& p, int64_t r0, int64_t rows, const uint16_t* w0, const uint16_t* w1,
+                        float* y, int64_t cols) {
+  constexpr int64_t kPairChunk = 128;
+  for (int64_t q0 = 0; q0 < p.kp / 2; q0 += kPairChunk) {
+    const int64_t qc = std::min(kPairChunk, p.kp / 2 - q0);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const float* x = p.xf + (r0 + r) * p.kp;
+      for (int64_t h = 0; h < 2 && 16 * h < cols; ++h) {
+        const int64_t c = std::min<int64_t>(16, cols - 16 * h);
+        if (rows - r >= 2) bf16_tile_avx2<2>(x, p.kp, q0, qc, h ? w1 : w0, y + r * p.n + 16 * h, p.n, c, q0 > 0);
+        else bf16_tile_avx2<1>(x, p.kp, q0, qc, h ? w1 : w0, y + r * p.n + 16 * h, p.n, c, q0 > 0);
+      }
+    }
+  }
+}
 
 // Unit u = (row block u / panels, panel u % panels): consecutive units share x rows.
 void run_f32_unit(const Problem& p, int64_t u) {
@@ -231,6 +395,7 @@ void run_f32_unit(const Problem& p, int64_t u) {
   const float* panel = static_cast<const float*>(p.w) + j * p.k * kPanel;
   float* y = p.out + r0 * p.n + j * kPanel;
   const float* x = p.x + r0 * p.k;
+  if (!has_avx512() && has_avx2()) return run_f32_rows_avx2(p, x, rows, panel, y, cols);
   if (!has_avx512()) return f32_tile_portable(x, rows, p.k, panel, y, p.n, cols);
   // K in chunks: a chunk of the panel (kF32Chunk x 32) and of 8 x rows stay in L1 while the
   // row tiles go by; each later chunk adds to the tile's output.
@@ -250,6 +415,8 @@ void run_bf16_unit(const Problem& p, int64_t u, bool amx) {
   const int64_t rows = std::min(p.row_block, p.m - r0), cols = std::min(kPanel, p.n - j * kPanel);
   const int64_t tile_col = (p.kp / 32) * 512;   // bf16 elements per 16-column tile column
   const uint16_t* w0 = static_cast<const uint16_t*>(p.w) + (2 * j) * tile_col;
+  if (!amx && p.xf != nullptr)
+    return run_bf16_rows_avx2(p, r0, rows, w0, w0 + tile_col, p.out + r0 * p.n + j * kPanel, cols);
   const bool in_place = r0 < p.direct;
   const uint16_t* xs = in_place ? p.xb + r0 * p.k : p.tail + (r0 - p.direct) * p.kp;
   const int64_t ld = in_place ? p.k : p.kp;
@@ -296,6 +463,15 @@ const uint16_t* padded_tail(const uint16_t* x, int64_t from, int64_t m, int64_t 
   return buf.data();
 }
 
+// x [M, K] bf16 bits -> f32 [M, Kp], zero past K (the AVX2 bf16 path reads k-pairs up to Kp).
+const float* widened(const uint16_t* x, int64_t m, int64_t k, int64_t kp) {
+  thread_local std::vector<float> buf;   // grows to the largest x, then reused
+  buf.assign(m * kp, 0.f);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < k; ++i) buf[r * kp + i] = bf16_to_f32(x[r * k + i]);
+  return buf.data();
+}
+
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
                   ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
@@ -337,8 +513,12 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   if (bf16) {
     p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * layer_elems;
     p.xb = static_cast<const uint16_t*>(x.untyped_data());
-    p.direct = p.k == p.kp ? p.m / kRowBlockBf16 * kRowBlockBf16 : 0;
-    if (p.direct < p.m) p.tail = padded_tail(p.xb, p.direct, p.m, p.k, p.kp);
+    if (!has_amx() && has_avx2()) {
+      p.xf = widened(p.xb, p.m, p.k, p.kp);
+    } else {
+      p.direct = p.k == p.kp ? p.m / kRowBlockBf16 * kRowBlockBf16 : 0;
+      if (p.direct < p.m) p.tail = padded_tail(p.xb, p.direct, p.m, p.k, p.kp);
+    }
   } else {
     p.w = static_cast<const float*>(w.untyped_data()) + l * layer_elems;
     p.x = static_cast<const float*>(x.untyped_data());
@@ -354,9 +534,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
 
 }  // namespace
 
-// Bit 0: the f32 path uses AVX-512; bit 1: the bf16 path uses AMX. (matmul.py reads this to
-// decide whether packed matmuls beat XLA's dot on this CPU.)
-extern "C" int jaxpaged_matmul_caps() { return (has_avx512() ? 1 : 0) | (has_amx() ? 2 : 0); }
+// Bit 0: the f32 path uses AVX-512; bit 1: the bf16 path uses AMX; bit 2: without those, both
+// paths use AVX2 + FMA. (matmul.py reads this to decide whether packed matmuls beat XLA's dot.)
+extern "C" int jaxpaged_matmul_caps() {
+  return (has_avx512() ? 1 : 0) | (has_amx() ? 2 : 0) | (has_avx2() ? 4 : 0);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpagedMatmul, Matmul,
                               ffi::Ffi::Bind()

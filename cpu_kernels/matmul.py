@@ -4,7 +4,7 @@ stacked weight, the weight laid out once at load time in the order the kernel's 
 `PackedWeight` carries the packed array (a pytree node; `layer` is set per scan iteration, see
 models/layers.scan_layers) and `packed_matmul` runs it. f32 weights -> [L, Np/32, K, 32] f32;
 bf16 weights -> [L, Np/16, Kp/32, 16, 32] uint16 (AMX B tiles). `worthwhile(dtype)` says whether the
-native path beats XLA's dot on this CPU (AVX-512 for f32, AMX for bf16).
+native path beats XLA's dot on this CPU (AVX-512 for f32, AMX for bf16, AVX2 + FMA for both).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ _packs = 0             # weights packed by this process (pack_count())
 
 @functools.cache
 def caps() -> int:
-    """Bit 0: f32 matmuls run on AVX-512; bit 1: bf16 ones on AMX (this CPU, this process)."""
+    """Bit 0: f32 matmuls run on AVX-512; bit 1: bf16 ones on AMX; bit 2: without those, both run on
+    AVX2 + FMA register tiles (this CPU, this process)."""
     fn = load().jaxpaged_matmul_caps
     fn.restype = ctypes.c_int
     return int(fn())
@@ -35,9 +36,9 @@ def worthwhile(dtype) -> bool:
     """Whether packed native matmuls are the fast path for weights of `dtype` here."""
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
-        return bool(caps() & 1)
+        return bool(caps() & 0b101)
     if dtype == jnp.bfloat16:
-        return bool(caps() & 2)
+        return bool(caps() & 0b110)
     return False
 
 

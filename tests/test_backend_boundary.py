@@ -117,7 +117,7 @@ def test_resolving_a_backend_builds_nothing():
             "print('ok')\n")
     env = {"JAXPAGED_CACHE": "/nonexistent/never-written", "JAX_PLATFORMS": "cpu",
            "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
                        cwd=str(ROOT))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
     from jaxpaged.backends import resolve_backend

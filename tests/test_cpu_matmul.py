@@ -16,7 +16,8 @@ from jaxpaged import SamplingParams
 from tests.engine_utils import make_llm
 
 # (M, K, N): decode- and prefill-sized rows; K and N off the 32-multiples (padding), one-row panels
-SHAPES = [(1, 64, 40), (5, 96, 70), (16, 32, 32), (33, 576, 200), (70, 100, 33), (130, 64, 96)]
+SHAPES = [(1, 64, 40), (1, 77, 50), (5, 96, 70), (7, 33, 17), (16, 32, 32), (33, 576, 200), (70, 100, 33),
+          (130, 64, 96)]
 
 
 def _reference(x, w):
@@ -138,6 +139,7 @@ def test_native_matmul_off_without_the_native_backend(tiny_llama, tmp_path_facto
 def test_caps_reports_this_cpu():
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     assert bool(caps() & 1) == (" avx512f" in flags)
+    assert bool(caps() & 4) == (" avx2" in flags and " fma" in flags)
     if " amx_bf16" not in flags:
         assert not caps() & 2
 
