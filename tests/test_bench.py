@@ -64,6 +64,14 @@ def test_kernel_quick(capsys):
     assert "attention native" in text          # the CPU kernel beside the Pallas one
 
 
+def test_matmul_table(capsys):
+    main(["matmul", "--shapes", "64x40", "--rows", "1,5", "--repeats", "1", "--calls", "1"])
+    text = capsys.readouterr().out
+    assert "caps()" in text
+    rows = [line for line in text.splitlines() if line.startswith("| float") or line.startswith("| bfloat")]
+    assert len(rows) == 4 and all(line.endswith("x |") for line in rows)     # 2 dtypes x 2 row counts
+
+
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     from jaxpaged.bench.plot import plot_serve

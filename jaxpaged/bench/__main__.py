@@ -1,10 +1,11 @@
-"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,startup,gpu-check,structured,perplexity,memory,lora,spec} [options]; --help on each.
+"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,matmul,startup,gpu-check,structured,perplexity,memory,lora,spec} [options]; --help on each.
 
   throughput  offline requests/s and tok/s, side by side with transformers / vLLM (--backend jaxpaged,hf,vllm)
   latency     one batch size: per-step time, host vs device split, FLOP ceiling, device-step breakdown
   serve       against a running server: Poisson arrivals or fixed concurrency; TTFT, TPOT, ITL, E2E
   load        against a running server: N concurrent streams, some aborted; answered/aborted/errors, KV freed, RSS
   kernel      the attention kernels against their jnp references
+  matmul      the native packed weight matmul against XLA's dot on a model's weight shapes
   startup     cold start (empty caches) vs warm start (converted params and compilations cached)
   gpu-check   on a GPU: the GPU tests, attention bandwidth (% of HBM peak), end-to-end throughput -> one report
   structured  a B=64 decode step with every row under a JSON schema vs none (mask overhead)
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "startup", "gpu-check", "structured",
+COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "matmul", "startup", "gpu-check", "structured",
             "perplexity", "memory", "lora", "spec")
 
 
