@@ -198,6 +198,8 @@ class ModelRunner:
                                            seq_lora_slots=[] if self.lora is not None else None)
                 self._run(inputs, self._sampling([], r), num_logprobs=None, use_penalties=False,
                           prompt_logprobs=None, num_logits_rows=0)
+        if self.lora is not None:
+            self.lora.warmup()          # the adapter slot fill (else compiled at the first adapter's load)
         # Dispatch is asynchronous: wait for the warmup steps to finish here, or the first real step
         # waits for all of them (measured: a 3.4 s first step after an f32 SmolLM2 warmup).
         jax.block_until_ready(self.kv_cache)

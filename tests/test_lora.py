@@ -235,3 +235,11 @@ def test_beam_search_with_an_adapter_equals_peft_num_beams(llama_setup):
                 num_return_sequences=width, max_new_tokens=n_new, pad_token_id=0, eos_token_id=None).tolist()
     want = hf_beams(adapters["all8"])
     assert [s.tokens for s in outs[0].sequences] == want and want != hf_beams(None)
+
+
+def test_warmup_compiles_the_slot_fill_too(tiny_model_factory, tmp_path):
+    llm = LLM(tiny_model_factory("llama"), enable_lora=True, max_loras=2, max_lora_rank=4, max_model_len=32,
+              max_num_seqs=4, max_num_batched_tokens=16, download_dir=str(tmp_path / "cache"))
+    runner = llm.llm_engine.runner
+    assert runner.lora.num_compiled() == 1 and not runner.lora.stacks["layers/q_proj"][0].any()
+    assert runner.lora.lru.resident() == []

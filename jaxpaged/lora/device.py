@@ -11,8 +11,11 @@ XLA all-reduces like the base matmul's).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpaged.config import ModelConfig
@@ -59,7 +62,8 @@ class LoRADeviceSlots:
         out_shardings = None
         if mesh is not None:
             out_shardings = {p: (NamedSharding(mesh, a), NamedSharding(mesh, b)) for p, (a, b) in self._specs.items()}
-        self._set = jax.jit(_set_slot, donate_argnums=(0,), out_shardings=out_shardings)
+        # a fresh partial: jit caches are per callable, so num_compiled() counts this instance's own
+        self._set = jax.jit(functools.partial(_set_slot), donate_argnums=(0,), out_shardings=out_shardings)
 
     def _split_specs(self, axis, d_in: int, d_out: int) -> tuple[P, P]:
         """(a spec [L, K, S, R], b spec [L, S, R, N]) following the base kernel's split axis."""
@@ -94,16 +98,25 @@ class LoRADeviceSlots:
         for key, lora in wanted.items():
             slot, load = self.lru.acquire(key, set(wanted))
             if load:
-                self._load(slot, lora)
+                self._load(slot, lora.arrays)
             slot_of[key] = slot
         return [slot_of[s.seq.lora.key] if s.seq.lora is not None else 0 for s in scheduled]
 
-    def _load(self, slot: int, lora) -> None:
-        arrays = lora.arrays
+    def warmup(self) -> None:
+        """Compiles the slot fill (with zeros into slot 1, which holds nothing yet)."""
+        if self.lru.resident():
+            return
+        zeros = {p: (np.zeros((a.shape[0], a.shape[1], a.shape[3]), a.dtype), np.zeros((b.shape[0],) + b.shape[2:], b.dtype))
+                 for p, (a, b) in self.stacks.items()}
+        self._load(1, zeros)
+
+    def _load(self, slot: int, host_arrays: dict) -> None:
+        """host_arrays {path: (a [L, K, R], b [L, R, N])} into slot `slot` of every stack."""
+        arrays = host_arrays
         if self.mesh is not None:
             from jaxpaged.sharding import _put_global
             arrays = {}
-            for p, (a, b) in lora.arrays.items():
+            for p, (a, b) in host_arrays.items():
                 a_spec, b_spec = self._specs[p]
                 arrays[p] = (_put_global(a, NamedSharding(self.mesh, _without(a_spec, 2))),   # [L, K, R]
                              _put_global(b, NamedSharding(self.mesh, _without(b_spec, 1))))   # [L, R, N]
