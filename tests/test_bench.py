@@ -130,8 +130,9 @@ def test_memory_breakdown(tiny_llama, tmp_path, capsys):
 
 def test_spec_copy_and_random_workloads_run(tiny_llama, tmp_path, capsys):
     out = tmp_path / "spec.jsonl"
-    common = ["--model", tiny_llama, "--batch-sizes", "1,2", "--max-model-len", "1024", "--max-num-batched-tokens",
-              "64", "--enforce-eager", "--download-dir", str(tmp_path), "--output-json", str(out)]
+    common = ["--model", tiny_llama, "--batch-sizes", "1,2", "--rounds", "2", "--max-model-len", "1024",
+              "--max-num-batched-tokens", "64", "--enforce-eager", "--download-dir", str(tmp_path),
+              "--output-json", str(out)]
     main(["spec", "--workload", "copy", "--max-tokens", "8"] + common)
     main(["spec", "--workload", "random", "--input-len-range", "4:12", "--output-len-range", "6", "--ignore-eos"]
          + common)
@@ -139,4 +140,4 @@ def test_spec_copy_and_random_workloads_run(tiny_llama, tmp_path, capsys):
     assert "B=1 " in text and "B=2 " in text and "identical outputs: True" in text
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["workload"], r["batch_size"]) for r in rows] == [("copy", 1), ("copy", 2), ("random", 1), ("random", 2)]
-    assert all(r["identical"] for r in rows) and rows[-1]["output_tokens"] == 12
+    assert all(r["identical"] for r in rows) and rows[-1]["output_tokens"] == 24 and rows[-1]["num_requests"] == 4

@@ -344,3 +344,26 @@ def test_verification_rows_equal_to_seq_bucket(tiny_llama, tmp_path_factory, pai
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     _same(base, spec, prompts, params)
     assert spec.llm_engine.get_stats().spec_decode_num_accepted_tokens > 0
+
+
+def test_server_speculates_and_exports_metrics(tiny_llama, pair):
+    import httpx
+
+    from tests.server_utils import ServerProcess
+    base, _ = pair
+    prompt = TEXT[:160]
+    expected = base.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].text
+    proc = ServerProcess(["--model", tiny_llama, "--enforce-eager", "--max-model-len", "256", "--block-size", "8",
+                          "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--speculative-config",
+                          '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, '
+                          '"prompt_lookup_min": 1}'])
+    try:
+        body = {"model": tiny_llama, "prompt": prompt, "max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+        r = httpx.post(proc.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+        m = proc.metrics()
+        assert m["jaxpaged:spec_decode_num_accepted_tokens_total"] > 0
+        assert 0 < m["jaxpaged:spec_decode_draft_acceptance_rate"] <= 1
+    finally:
+        proc.stop()

@@ -4,9 +4,9 @@
     python -m jaxpaged.bench spec --workload random --batch-sizes 1,4,16,64 --ignore-eos
 
 Two engines of the same model (one with `--speculative-config`, default n-gram k = 4, lookup 4..2),
-both warmed up before anything is timed (start-up reported apart). For each batch size B: B requests
-(or `--num-prompts`) go in together with max_num_seqs = the largest B, so B sequences decode at once;
-greedy. Prints output tok/s of each, the speedup, the acceptance rate, the mean tokens per
+both warmed up before anything is timed (start-up reported apart). For each batch size B:
+`--num-prompts` requests (default B x `--rounds`) run B at a time (a group of B goes in together and
+finishes before the next), so B sequences decode at once; greedy. Prints output tok/s of each, the speedup, the acceptance rate, the mean tokens per
 verification, and whether the outputs are identical (they must be: greedy).
 
 Workloads: `copy` (outputs that repeat the prompt: chat prompts asking the model to repeat or lightly
@@ -33,7 +33,9 @@ def add_args(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--workload", default="copy", choices=("copy", "random"))
     p.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated B")
-    p.add_argument("--num-prompts", type=int, default=None, help="requests per batch size (default: B)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="requests per batch size, run B at a time (default: B x --rounds)")
+    p.add_argument("--rounds", type=int, default=1, help="groups of B requests per batch size (default: 1)")
     p.add_argument("--speculative-config", default=DEFAULT_SPEC, help="JSON, vLLM's speculative_config")
     p.add_argument("--max-tokens", type=int, default=256, help="copy workload: max_tokens of each request")
     p.add_argument("--input-len-range", default="32:512", help="random workload: prompt tokens N or LO:HI")
@@ -84,12 +86,15 @@ def _engine(args, max_num_seqs: int, spec):
     return llm, time.perf_counter() - t0
 
 
-def _timed(llm, reqs, ignore_eos: bool):
+def _timed(llm, reqs, ignore_eos: bool, batch: int):
     from jaxpaged import SamplingParams
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=ignore_eos) for _, m in reqs]
     stats0 = llm.llm_engine.get_stats()
+    outs = []
     t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p, _ in reqs], params, use_tqdm=False)
+    for i in range(0, len(reqs), batch):          # B at a time
+        group = reqs[i: i + batch]
+        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=ignore_eos) for _, m in group]
+        outs += llm.generate([{"prompt_token_ids": p} for p, _ in group], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     stats1 = llm.llm_engine.get_stats()
     drafts = stats1.spec_decode_num_drafts - stats0.spec_decode_num_drafts
@@ -115,9 +120,9 @@ def run(args) -> list[dict]:
           f"load average {os.getloadavg()[0]:.2f}")
     rows = []
     for b in sizes:
-        reqs = _requests(args, tok, vocab, args.num_prompts or b)
-        a = _timed(base, reqs, args.ignore_eos)
-        s = _timed(fast, reqs, args.ignore_eos)
+        reqs = _requests(args, tok, vocab, args.num_prompts or b * args.rounds)
+        a = _timed(base, reqs, args.ignore_eos, b)
+        s = _timed(fast, reqs, args.ignore_eos, b)
         ta, ts = a["output_tokens"] / a["elapsed_s"], s["output_tokens"] / s["elapsed_s"]
         row = dict(batch_size=b, workload=args.workload, num_requests=len(reqs), tok_s_base=ta, tok_s_spec=ts,
                    speedup=ts / ta, acceptance_rate=s["acceptance_rate"],

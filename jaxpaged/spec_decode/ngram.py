@@ -11,7 +11,7 @@ import numpy as np
 
 
 def propose_ngram(token_ids, k: int, n_max: int, n_min: int) -> list[int]:
-    """Up to k draft tokens continuing `token_ids` (a list of ints), [] when nothing matches.
+    """Up to k draft tokens continuing `token_ids` (a list of ints or an int array), [] when nothing matches.
 
     Index arithmetic: with L tokens and suffix s = tokens[L-n:], a match starts at i when
     tokens[i:i+n] == s and i + n <= L - 1 (an EARLIER occurrence, the suffix itself excluded, with a

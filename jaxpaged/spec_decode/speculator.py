@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from jaxpaged.request_state import RequestState
 from jaxpaged.sampler import SamplingRow
 from jaxpaged.spec_decode.config import SpeculativeConfig
@@ -46,6 +48,45 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)   # [k]: drafts accepted at position i
+
+
+class _Count:
+    """A drafted row's output tokens where only their number is read (no penalties: the count is the
+    seed offset and the min_tokens test), so no list of the whole output is copied per row."""
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _TokenArrays:
+    """Each running sequence's tokens as a growing numpy array (tokens only ever append), so the
+    n-gram lookup does not convert the whole list every step."""
+
+    def __init__(self):
+        self._bufs: dict[str, tuple[np.ndarray, int]] = {}
+
+    def get(self, seq) -> np.ndarray:
+        toks = seq.all_token_ids
+        n_new = len(toks)
+        buf, n = self._bufs.get(seq.seq_id, (None, 0))
+        if buf is None or buf.shape[0] < n_new:
+            grown = np.empty(max(256, 2 * n_new), np.int64)
+            if buf is not None:
+                grown[:n] = buf[:n]
+            buf = grown
+        if n_new > n:
+            buf[n:n_new] = toks[n:n_new]
+        self._bufs[seq.seq_id] = (buf, n_new)
+        return buf[:n_new]
+
+    def keep_only(self, running) -> None:
+        if len(self._bufs) > len(running):
+            live = {s.seq_id for s in running}
+            self._bufs = {k: v for k, v in self._bufs.items() if k in live}
 
 
 def num_accepted(drafts: list[int], sampled) -> int:
@@ -68,6 +109,7 @@ class Speculator:
         self.max_model_len = max_model_len
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * self.k)
         self._drafting: list = []           # sequences given drafts in the last propose()
+        self._tokens = _TokenArrays()
 
     # ---- before schedule() ----------------------------------------------------------------------
     def propose(self, running: list, requests: dict) -> int:
@@ -98,12 +140,14 @@ class Speculator:
         """The draft model's tables of sequences no longer running go back (finished, aborted, preempted)."""
         if self.draft is not None:
             self.draft.drop_stale(running)
+        else:
+            self._tokens.keep_only(running)
 
     def _propose(self, cands: list, running: list) -> list[list[int]]:
         if self.draft is not None:
             return self.draft.propose(cands, running)
         cfg = self.config
-        return [propose_ngram(seq.all_token_ids, k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+        return [propose_ngram(self._tokens.get(seq), k, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
                 for seq, k in cands]
 
     def _room(self, seq, state) -> int:
@@ -137,10 +181,11 @@ class Speculator:
             base = st.sampling_row(s.seq)
             rows.append(base)
             drafts = s.seq.spec_token_ids[: s.num_spec_tokens]
-            out = list(base.output_token_ids)
-            for j, d in enumerate(drafts):
-                out = out + [d]
-                grammar = DraftGrammar(base.grammar, drafts[: j + 1]) if base.grammar is not None else None
+            n_out = len(base.output_token_ids)
+            for j in range(1, len(drafts) + 1):
+                # penalties read the tokens themselves; otherwise only their count matters
+                out = list(base.output_token_ids) + drafts[:j] if base.params.uses_penalties else _Count(n_out + j)
+                grammar = DraftGrammar(base.grammar, drafts[:j]) if base.grammar is not None else None
                 rows.append(SamplingRow(base.params, base.prompt_token_ids, out, grammar))
         return rows, first
 
