@@ -237,9 +237,17 @@ def test_beam_search_with_an_adapter_equals_peft_num_beams(llama_setup):
     assert [s.tokens for s in outs[0].sequences] == want and want != hf_beams(None)
 
 
-def test_warmup_compiles_the_slot_fill_too(tiny_model_factory, tmp_path):
-    llm = LLM(tiny_model_factory("llama"), enable_lora=True, max_loras=2, max_lora_rank=4, max_model_len=32,
+def test_after_warmup_adapters_compile_nothing(llama_setup, tmp_path):
+    model, adapters, _ = llama_setup
+    llm = LLM(model, enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=32,
               max_num_seqs=4, max_num_batched_tokens=16, download_dir=str(tmp_path / "cache"))
     runner = llm.llm_engine.runner
     assert runner.lora.num_compiled() == 1 and not runner.lora.stacks["layers/q_proj"][0].any()
     assert runner.lora.lru.resident() == []
+    compiled = runner.num_compiled()
+    reqs = _requests(adapters)
+    loras = [reqs["all8"], None, reqs["qv4"], reqs["mlp2"]]       # three adapters through two slots
+    outs = llm.generate(PROMPTS[:4], GREEDY, lora_request=loras, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [
+        peft_greedy(model, r.lora_path if r else None, p, 6) for p, r in zip(PROMPTS[:4], loras)]
+    assert (runner.num_compiled(), runner.lora.num_compiled()) == (compiled, 1)
