@@ -17,13 +17,12 @@ import os
 from dataclasses import dataclass
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.requests import Request
+from pydantic import BaseModel, ConfigDict
 from starlette.responses import PlainTextResponse
 
 from jaxpaged.lora.request import LoRARequest
 
-from .errors import OpenAIError, invalid_request, pydantic_errors_to_openai
+from .errors import OpenAIError, invalid_request
 from .protocol import ModelCard
 
 RUNTIME_UPDATING_ENV = "JAXPAGED_ALLOW_RUNTIME_LORA_UPDATING"
@@ -121,29 +120,16 @@ class LoRAServing:
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
 
-async def _body(raw: Request, model: type[BaseModel]) -> BaseModel:
-    try:
-        data = json.loads(await raw.body())
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise invalid_request("the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise invalid_request("the request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise pydantic_errors_to_openai(exc.errors()) from None
-
-
 def install_lora_routes(app: FastAPI, lora: LoRAServing) -> None:
     """The runtime loading routes (only installed when runtime updating is allowed)."""
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
-    async def load_lora_adapter(raw: Request) -> PlainTextResponse:
-        return PlainTextResponse(await lora.load(await _body(raw, LoadLoRAAdapterRequest)))
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        return PlainTextResponse(await lora.load(body))
 
     @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
-    async def unload_lora_adapter(raw: Request) -> PlainTextResponse:
-        return PlainTextResponse(await lora.unload(await _body(raw, UnloadLoRAAdapterRequest)))
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        return PlainTextResponse(await lora.unload(body))
 
 
 def make_lora_serving(async_engine, names: list[str], modules: list[LoRAModulePath]) -> LoRAServing | None:

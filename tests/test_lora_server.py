@@ -1,6 +1,8 @@
 """LoRA over HTTP (server/lora.py): adapters as models, routing by `model`, runtime load/unload, OpenAI errors."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -73,6 +75,10 @@ def test_runtime_load_and_unload(setup):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path"
     missing = client.post("/v1/load_lora_adapter", json={"lora_name": "ad-c"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "lora_path"
+    extra = client.post("/v1/load_lora_adapter", json={"lora_name": "ad-c", "lora_path": b, "bogus": 1})
+    assert extra.status_code == 400 and extra.json()["error"]["param"] == "bogus"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "lora_path" in json.dumps(paths["/v1/load_lora_adapter"]) or "LoadLoRAAdapterRequest" in json.dumps(paths)
     assert client.post("/v1/unload_lora_adapter", json={"lora_name": "ad-b"}).status_code == 200
     assert _complete(client, "ad-b").status_code == 404
     gone = client.post("/v1/unload_lora_adapter", json={"lora_name": "ad-b"})
