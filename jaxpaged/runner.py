@@ -144,7 +144,9 @@ class ModelRunner:
             from jaxpaged.convert.packed_cache import PackedCache
             packed_cache = PackedCache(params_cache_entry, self.backend.pack_flavour(config.dtype))
         graphdef, self.state = lay_out_params(graphdef, state, self.backend, platform=jax.default_backend(),
-                                              pack=self.native_matmul, packed_cache=packed_cache)
+                                              pack=self.native_matmul, packed_cache=packed_cache,
+                                              native_blocks=(config.native_matmul and config.quantization == "gguf"
+                                                             and self.backend.reads_blocks(mesh)))
         self.packed_cache = packed_cache        # its hits / misses: what this start read / packed
         self.dtype = self.backend.kv_storage_dtype(kv_dtype)   # the cache pages' dtype
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,

@@ -101,6 +101,27 @@ def test_gguf_block_decode_equals_the_gguf_library(qtype):
     np.testing.assert_allclose(np.asarray(w.matmul(a)), np.asarray(a) @ ref.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_native_block_matmul_equals_the_jnp_one(qtype):
+    """cpu_kernels' GGUF block matmul on a stacked [L, N, RB] weight: each layer read in place (a traced
+    layer under jit), rows past `rows` zero, equal to GGUFBlocks' dequantize-then-dot."""
+    import gguf
+
+    from cpu_kernels.gguf_matmul import gguf_matmul
+    from jaxpaged.gguf_blocks import GGUFBlocks
+    rng = np.random.default_rng(5)
+    raw = np.stack([gguf.quants.quantize(rng.standard_normal((40, 96)).astype(np.float32) * (i + 1),
+                                         gguf.GGMLQuantizationType[qtype]) for i in range(2)])
+    blocks = jnp.asarray(raw)                                                        # [2, 40, RB]
+    a = jnp.asarray(rng.standard_normal((5, 96)), jnp.float32)
+    run = jax.jit(lambda a, layer: gguf_matmul(a, blocks, qtype=qtype, layer=layer, rows=jnp.int32(3)))
+    for layer in (0, 1):
+        out = np.asarray(run(a, jnp.int32(layer)))
+        ref = np.asarray(GGUFBlocks(blocks[layer], qtype).matmul(a))
+        np.testing.assert_allclose(out[:3], ref[:3], rtol=1e-5, atol=1e-4)
+        assert out.shape == (5, 40) and not out[3:].any()
+
+
 def test_gguf_blocks_kept_through_the_engine(smollm2_gguf, tmp_path):
     from jaxpaged import LLM
     from jaxpaged.gguf_blocks import GGUFBlocks
@@ -111,6 +132,10 @@ def test_gguf_blocks_kept_through_the_engine(smollm2_gguf, tmp_path):
     is_b = lambda x: isinstance(x, GGUFBlocks)
     blocks = [x for x in jax.tree_util.tree_leaves(kept.llm_engine.runner.state, is_leaf=is_b) if is_b(x)]
     assert len(blocks) == 7 and {b.qtype for b in blocks} == {"Q4_1"}
+    if kept.llm_engine.runner.attention_backend == "native":     # read by the native block matmul
+        from jaxpaged.backends.native import NativeBlocks
+        is_n = lambda x: isinstance(x, NativeBlocks)
+        assert len([x for x in jax.tree_util.tree_leaves(kept.llm_engine.runner.state, is_leaf=is_n) if is_n(x)]) == 7
     # memory: the file's Q4_1 bytes, 20 per 32 weights, <= 0.2x of float32 (the issue's bar)
     linear_f32 = sum(4 * int(np.prod(b.shape)) for b in blocks)
     assert sum(b.nbytes() for b in blocks) <= 0.2 * linear_f32

@@ -51,6 +51,13 @@ class Backend:
         """Whether this backend multiplies by its own packed weights (native CPU matmuls)."""
         return False
 
+    def reads_blocks(self, mesh) -> bool:
+        """Whether this backend multiplies GGUF blocks with its own kernel (`blocks(w)`)."""
+        return False
+
+    def blocks(self, w):
+        raise NotImplementedError(f"the {self.name} backend has no GGUF block kernel")
+
     def pack(self, w, *, stacked: bool):
         raise NotImplementedError(f"the {self.name} backend has no packed weights")
 

@@ -2,8 +2,9 @@
 
 `EngineConfig.kv_cache_dtype` names what the cache holds (jaxpaged/kv_dtypes.py). The 8-bit ones
 are quantized per (token, KV head) at write (pallas_kernels/kv_quant.py): K and V each become a
-`QuantizedPages` (8-bit pages [L, KVH, NB, BS, D] + f32 scales [L, KVH, NB, BS]), so one token of one head costs D + 4 bytes instead of 2D (bf16) or 4D (f32). The kv_cache the model code
-passes through stays (k, v): each is an array or a `QuantizedPages`, opaque to the model; block
+`QuantizedPages` (8-bit pages [L, KVH, NB, BS, D] + f32 scales [L, KVH, NB, BS]), so one token of
+one head costs D + 4 bytes instead of 2D (bf16) or 4D (f32). The kv_cache the model code passes
+through stays (k, v): each is an array or a `QuantizedPages`, opaque to the model; block
 copies and the KV-head sharding act on every leaf (all of them carry [L, KVH, NB, BS, ...]).
 """
 from __future__ import annotations

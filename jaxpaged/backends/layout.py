@@ -17,16 +17,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpaged.gguf_blocks import GGUFBlocks
 from jaxpaged.models.layers import Embed, Linear
 from jaxpaged.weights import BF16Bits, TiedEmbedding
 
 
-def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool, packed_cache=None):
+def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool, packed_cache=None,
+                   native_blocks: bool = False):
     """(graphdef, State) -> (graphdef, State) with every param in the backend's storage form.
     pack: Linear kernels and the LM head go to the backend's packed form (backend.pack). Params
     that arrive as a weight type already (quantized by the converter) are kept as they are.
     packed_cache: a convert.packed_cache.PackedCache of the params' cache entry for this backend's
-    flavour: packed forms are read from it, and the ones it lacks are packed and added to it."""
+    flavour: packed forms are read from it, and the ones it lacks are packed and added to it.
+    native_blocks: stacked GGUF blocks go to the backend's block kernel (backend.blocks)."""
     model = nnx.merge(graphdef, state)
     cpu = platform == "cpu"
     packer = _Packer(backend, packed_cache) if pack else None
@@ -37,6 +40,9 @@ def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool, packe
             if isinstance(param, nnx.Param) and isinstance(param.get_value(), jax.Array):
                 key = "/".join(map(str, (*path, name)))
                 param.set_value(_stored(module, name, param.get_value(), packer, key, cpu))
+            elif native_blocks and isinstance(param, nnx.Param) and isinstance(param.get_value(), GGUFBlocks) \
+                    and param.get_value().data.ndim == 3:
+                param.set_value(backend.blocks(param.get_value()))
     if packed_cache is not None and pack:
         packed_cache.commit()
     return nnx.split(model)

@@ -36,6 +36,49 @@ class Packed(Weight):
         return Packed(self.packed.at_layer(layer, rows))
 
 
+# steps of at most this many rows (decodes, small batches) read GGUF blocks with the native kernel;
+# longer ones (prefill chunks) dequantize the layer once and run XLA's dot (its blocked GEMM wins there)
+BLOCK_KERNEL_MAX_ROWS = 64
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class NativeBlocks(Weight):
+    """GGUF blocks (gguf_blocks.GGUFBlocks, stacked [L, N, RB]) multiplied by cpu_kernels' block
+    matmul, which reads its layer in place (not sliced by the scan): the blocks are never expanded
+    to an f32 [N, K] array for few-row steps."""
+    blocks: object                     # gguf_blocks.GGUFBlocks, stacked
+    layer: jax.Array | None = None
+    rows: jax.Array | None = None
+    sliced_by_scan = False
+
+    def at_layer(self, layer, rows=None) -> "NativeBlocks":
+        return NativeBlocks(self.blocks, layer, rows)
+
+    def _layer_blocks(self):
+        from jaxpaged.gguf_blocks import GGUFBlocks
+        data = self.blocks.data if self.layer is None else jax.lax.dynamic_index_in_dim(
+            self.blocks.data, self.layer, 0, keepdims=False)
+        return GGUFBlocks(data, self.blocks.qtype)
+
+    def value(self):
+        return self._layer_blocks().value()
+
+    def matmul(self, x, rows=None):
+        if x.shape[0] > BLOCK_KERNEL_MAX_ROWS:
+            return self._layer_blocks().matmul(x)
+        from cpu_kernels.gguf_matmul import gguf_matmul
+        rows = self.rows if rows is None else rows
+        return gguf_matmul(x, self.blocks.data, qtype=self.blocks.qtype, layer=self.layer, rows=rows)
+
+    @property
+    def shape(self):
+        return self.blocks.shape
+
+    def nbytes(self) -> int:
+        return self.blocks.nbytes()
+
+
 class NativeBackend(Backend):
     name = "native"
 
@@ -56,6 +99,13 @@ class NativeBackend(Backend):
     def packs_weights(self, dtype: str, mesh) -> bool:
         from cpu_kernels.matmul import worthwhile
         return mesh is None and worthwhile(jnp.dtype(dtype))
+
+    def reads_blocks(self, mesh) -> bool:
+        """GGUF blocks (quantization="gguf", one device) go to the native block matmul (NativeBlocks)."""
+        return mesh is None
+
+    def blocks(self, w) -> NativeBlocks:
+        return NativeBlocks(w)
 
     def pack(self, w, *, stacked: bool) -> Packed:
         from cpu_kernels.matmul import pack
