@@ -79,3 +79,21 @@ def test_kv_cache_write_on_gpu(num_layers, dtype):
     ref = kv_cache_write_reference(k, v, k_new, v_new, slots, layer=layer)
     for a, r in zip(out, ref):
         np.testing.assert_array_equal(_without_null_block(a), _without_null_block(r))
+
+
+@pytest.mark.parametrize("storage", [jnp.int8, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32), (80, 16)])
+def test_8bit_cache_on_gpu(storage, head_dim, block_size):
+    """An int8 / e4m3 cache with row scales (kv_cache_dtype="int8" / "fp8"): the Triton kernel on the GPU
+    equals the reference over the same 8-bit pages (bf16 queries; 8-bit caches always run Triton)."""
+    from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+    from pallas_kernels.kv_quant import quantize_kv
+    dec = [int(n) for n in np.random.default_rng(2).integers(1, 900, 24)]
+    x = make_batch([300, 40] + [1] * len(dec), [700, 40] + dec, num_heads=8, num_kv_heads=2,
+                   head_dim=head_dim, block_size=block_size, dtype=jnp.bfloat16)
+    (k, ks), (v, vs) = (quantize_kv(jnp.nan_to_num(x[n].astype(jnp.float32)), storage) for n in ("k", "v"))
+    args = (x["q"], k, v, x["block_tables"], x["seq_lens"], x["query_start"])
+    kw = dict(sm_scale=head_dim ** -0.5, k_scales=ks, v_scales=vs)
+    out = ragged_paged_attention(*args, interpret=False, **kw)
+    ref = ragged_paged_attention_reference(*args, **kw)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=0)
