@@ -251,3 +251,16 @@ def test_after_warmup_adapters_compile_nothing(llama_setup, tmp_path):
     assert [o.outputs[0].token_ids for o in outs] == [
         peft_greedy(model, r.lora_path if r else None, p, 6) for p, r in zip(PROMPTS[:4], loras)]
     assert (runner.num_compiled(), runner.lora.num_compiled()) == (compiled, 1)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])      # q/k/v bias; q/k norms with head_dim 16
+def test_other_llama_family_models_equal_peft(tiny_model_factory, tmp_path, kind):
+    model = tiny_model_factory(kind)
+    a = make_adapter(model, str(tmp_path / "a"), r=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "up_proj"),
+                     seed=31)
+    llm = LLM(model, enable_lora=True, max_loras=1, max_lora_rank=4, enforce_eager=True, max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32, download_dir=str(tmp_path / "cache"))
+    loras = [LoRARequest("a", 1, a), None]
+    outs = llm.generate(PROMPTS[:2], GREEDY, lora_request=loras, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [
+        peft_greedy(model, r.lora_path if r else None, p, 6) for p, r in zip(PROMPTS[:2], loras)]
