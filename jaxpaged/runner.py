@@ -94,6 +94,11 @@ def _sample_impl(num_logprobs, use_penalties, logits, sampling):
     return sample(logits, sampling, num_logprobs=num_logprobs, use_penalties=use_penalties)
 
 
+def _signature(tree) -> tuple:
+    """Shapes and dtypes of a pytree's leaves: with the static arguments, what selects an executable."""
+    return tuple((np.shape(x), str(getattr(x, "dtype", type(x).__name__))) for x in jax.tree_util.tree_leaves(tree))
+
+
 def _copy_blocks_impl(kv_cache, src, dst):
     """Every leaf of kv_cache (pages [L, KVH, NB, BS, D]; an 8-bit cache's scales [L, KVH, NB, BS]):
     block dst[i] <- block src[i] in every layer and head."""
@@ -171,6 +176,8 @@ class ModelRunner:
         # a fresh partial per runner: jit caches are per callable, so this runner's count is its own
         self._sample = jax.jit(functools.partial(_sample_impl), static_argnums=(0, 1))
         self._copy = jax.jit(constrain_kv(_copy_blocks_impl, mesh), donate_argnums=(0,))
+        self._executables: set[tuple] = set()     # (kind, static args, input shapes) compiled so far
+        self._mesh = mesh
 
     @property
     def attention_backend(self) -> str:
@@ -182,29 +189,42 @@ class ModelRunner:
         and variant). After warmup: len(buckets.pairs()) + len(buckets.seq_buckets), plus with
         speculative decoding the verification variant: len(pairs) more forwards and a sampler per
         row count min(T, B * (1 + k)) that is not already a B bucket."""
-        return self._forward._cache_size() + self._sample._cache_size()
+        return len(self._executables)
 
     def warmup(self, progress: bool = True) -> None:
-        """Compiles the step for every (T, B) in the bucket table (default sampling variant)."""
+        """Compiles the step for every (T, B) in the bucket table (default sampling variant), ahead of
+        time: `jit(...).lower(...).compile()` fills the jitted functions' caches (the first real call
+        of a shape compiles nothing) without running a step, and reads the persistent compilation
+        cache when it has the executable (a warm start). Running each bucket once, as warmup did
+        before, cost the padded rows' matmuls of 27 steps (~10 full 512-token steps)."""
         from tqdm.auto import tqdm
         pairs = self.buckets.pairs()
         for t, b in tqdm(pairs, desc="Compiling step buckets", disable=not progress):
             inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
                                        num_tokens_padded=t, num_seqs_padded=b,
                                        seq_lora_slots=[] if self.lora is not None else None)
-            self._run(inputs, self._sampling([], b), num_logprobs=None, use_penalties=False, prompt_logprobs=None)
+            self._compile_step(inputs, self._sampling([], b))
             if self.spec_rows:
                 r = self._verification_rows(t, b)
                 inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
                                            num_tokens_padded=t, num_seqs_padded=b, num_logits_rows=r,
                                            seq_lora_slots=[] if self.lora is not None else None)
-                self._run(inputs, self._sampling([], r), num_logprobs=None, use_penalties=False,
-                          prompt_logprobs=None, num_logits_rows=0)
+                self._compile_step(inputs, self._sampling([], r), num_logits_rows=0)
         if self.lora is not None:
             self.lora.warmup()          # the adapter slot fill (else compiled at the first adapter's load)
-        # Dispatch is asynchronous: wait for the warmup steps to finish here, or the first real step
-        # waits for all of them (measured: a 3.4 s first step after an f32 SmolLM2 warmup).
-        jax.block_until_ready(self.kv_cache)
+            jax.block_until_ready(self.lora.stacks)
+
+    def _compile_step(self, inputs: StepInputs, sampling, num_logits_rows: int | None = None) -> None:
+        """Compiles (does not run) the forward and the greedy no-logprobs sampler for these shapes."""
+        arrays, lora = self._step_args(inputs, None, num_logits_rows)
+        forward = self._forward.lower(None, self.state, self.kv_cache, arrays, lora).compile()
+        self._executables.add(("forward", None, _signature(arrays)))
+        rows = len(sampling.temperature)
+        # the logits as the forward hands them over (its output sharding: replicated under a mesh)
+        logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32,
+                                      sharding=forward.output_shardings[1] if self._mesh is not None else None)
+        self._sample.lower(None, False, logits, sampling).compile()
+        self._executables.add(("sample", None, False, rows, _signature(sampling)))
 
     # ---- one step -------------------------------------------------------------------------------
     def execute(self, scheduled, block_copies, sampling_rows, prompt_logprobs: bool = False) -> StepResult:
@@ -271,6 +291,16 @@ class ModelRunner:
 
     def _run(self, inputs: StepInputs, sampling, *, num_logprobs, use_penalties: bool, prompt_logprobs,
              num_logits_rows: int | None = None):
+        arrays, lora = self._step_args(inputs, prompt_logprobs, num_logits_rows)
+        # the executables this runner has: a new key here is a compile (num_compiled; jit's own cache
+        # does not count the ones warmup compiled ahead of time until their first call)
+        self._executables.add(("forward", prompt_logprobs, _signature(arrays)))
+        self._executables.add(("sample", num_logprobs, use_penalties, len(sampling.temperature), _signature(sampling)))
+        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays, lora)
+        return self._sample(num_logprobs, use_penalties, logits, sampling), prompt_out
+
+    def _step_args(self, inputs: StepInputs, prompt_logprobs, num_logits_rows):
+        """(arrays, lora): the forward's inputs dict and LoRA stacks for this step."""
         names = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start",
                  "logits_indices") + (("next_token_ids",) if prompt_logprobs is not None else ())
         names += ("lora_slots",) if self.lora is not None else ()
@@ -278,9 +308,7 @@ class ModelRunner:
         if num_logits_rows is not None:
             # the verification variant (a different input structure: its own executables)
             arrays["num_logits_rows"] = np.int32(num_logits_rows)
-        lora = self.lora.stacks if self.lora is not None else None
-        self.kv_cache, logits, prompt_out = self._forward(prompt_logprobs, self.state, self.kv_cache, arrays, lora)
-        return self._sample(num_logprobs, use_penalties, logits, sampling), prompt_out
+        return arrays, (self.lora.stacks if self.lora is not None else None)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         size = next((c for c in COPY_BUCKETS if c >= len(copies)), None)

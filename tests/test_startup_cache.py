@@ -79,3 +79,21 @@ def test_warm_start_compiles_nothing(tiny_llama, tmp_path):
     warm = _start(tiny_llama, str(tmp_path))
     assert warm["misses"] == 0, warm
     assert warm["hits"] >= warm["compiled"] == cold["compiled"]
+
+
+def test_warmup_compiles_ahead_of_time_and_steps_compile_nothing(tiny_llama, tmp_path):
+    """warmup() compiles every bucket without running it; the steps afterwards find every executable
+    in jit's own caches: no compile request reaches XLA or the persistent cache."""
+    from jaxpaged.compilation_cache import cache_stats
+    llm = LLM(tiny_llama, download_dir=str(tmp_path), compilation_cache_dir=str(tmp_path / "xla"), max_num_seqs=4,
+              max_num_batched_tokens=32, max_model_len=64)
+    runner = llm.llm_engine.runner
+    assert runner.num_compiled() == len(runner.buckets.pairs()) + len(runner.buckets.seq_buckets)
+    before = cache_stats()
+    prompts = ["Hello there", "a b c d e f g h i j k l m n o p q r s t u v w x y z", "x", "one two three"]
+    params = [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=9, seed=3),
+              SamplingParams(temperature=1.0, max_tokens=5), SamplingParams(temperature=0.5, min_p=0.1, max_tokens=7)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 9, 5, 7] or all(o.outputs[0].token_ids for o in outs)
+    assert cache_stats() == before
+    assert runner.num_compiled() == len(runner.buckets.pairs()) + len(runner.buckets.seq_buckets)
