@@ -48,6 +48,15 @@ def test_throughput_sampled_mode(tiny_llama, tmp_path, capsys):
     assert "hf        FAILED" in capsys.readouterr().out
 
 
+def test_startup_reports_cache_counts(tiny_llama, capsys):
+    import os
+    # the session's temporary cache root (its cpu_kernels build is shared: no g++ run here)
+    main(["startup", "--model", tiny_llama, "--warm-only", "--cache-dir", os.environ["JAXPAGED_CACHE"],
+          "--enforce-eager", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "64"])
+    text = capsys.readouterr().out
+    assert "warm  total" in text and "XLA cache" in text and "weights packed" in text
+
+
 def test_latency_prints_split(tiny_llama, tmp_path, capsys):
     main(["latency", "--model", tiny_llama, "--batch-sizes", "1,3", "--input-len", "5", "--output-len", "6",
           "--skip", "1", "--max-num-batched-tokens", "32", "--max-model-len", "64",

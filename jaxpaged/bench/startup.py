@@ -9,7 +9,9 @@ Python process. Offline it builds LLM(...) with warmup (every step shape in the 
 short generate, reporting import, load (convert or cache hit, packing), compile (warmup) and first-request
 times, the executables compiled, the persistent compilation cache's hits and misses, and the weights packed
 vs read from the packed cache. `--server` starts the server and reports the time to /health 200 and to the
-first completion (its progress bars go to this terminal's stderr).
+first completion (its progress bars go to this terminal's stderr). `--enforce-eager` starts without warmup:
+the shapes are traced, and read from the persistent compilation cache when warm, at their first step (a
+shorter start; the first steps of each new shape pay that instead).
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ from jaxpaged.compilation_cache import cache_stats
 import cpu_kernels.matmul as matmul
 t1 = time.perf_counter()
 cfg = json.loads(sys.argv[1])
+eager = cfg.pop("eager")
 llm = LLM(cfg.pop("model"), enforce_eager=True, **cfg)
 t2 = time.perf_counter()
 runner = llm.llm_engine.runner
-runner.warmup(progress=False)
+if not eager:
+    runner.warmup(progress=False)
 t3 = time.perf_counter()
 llm.generate([[100, 200, 300]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
 t4 = time.perf_counter()
@@ -52,6 +56,9 @@ def add_args(p) -> None:
     p.add_argument("--cache-dir", default=None, help="cache root to use (default: a fresh temporary dir)")
     p.add_argument("--warm-only", action="store_true", help="one start with the given (existing) cache")
     p.add_argument("--server", action="store_true", help="start `python -m jaxpaged.server` instead of LLM(...)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no warmup: each step shape is traced (and read from the persistent cache, or compiled) "
+                        "at its first step, i.e. lazily")
 
 
 def _env(cache_dir: str) -> dict:
@@ -62,7 +69,7 @@ def _env(cache_dir: str) -> dict:
 def start_once(args, cache_dir: str) -> dict:
     cfg = dict(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-               download_dir=cache_dir, compilation_cache_dir=os.path.join(cache_dir, "xla"))
+               download_dir=cache_dir, compilation_cache_dir=os.path.join(cache_dir, "xla"), eager=args.enforce_eager)
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True,
                           env=_env(cache_dir))
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -85,7 +92,7 @@ def serve_once(args, cache_dir: str, timeout: float = 900) -> dict:
     cmd = [sys.executable, "-m", "jaxpaged.server", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(args.max_model_len),
-           "--disable-uvicorn-access-log"]
+           "--disable-uvicorn-access-log"] + (["--enforce-eager"] if args.enforce_eager else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=_env(cache_dir), stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
