@@ -72,20 +72,38 @@ struct Problem {
   int qtype;
 };
 
-// Work item i: output columns [i * kRowsPerItem, ...) for every real row of x.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+inline vf loadu(const float* src) { return *reinterpret_cast<const vf_unaligned*>(src); }
+
+// Work item i: output columns [i * kRowsPerItem, ...) for every real row of x. The item's weight rows
+// are dequantized once into buf [kRowsPerItem, K]; each x row then runs kRowsPerItem dot products at
+// once, one vector accumulator each (independent FMA chains; K is a multiple of 32, so of kLanes).
 void run_item(const Problem& p, int64_t item, std::vector<float>& buf) {
   const int64_t n0 = item * kRowsPerItem, cols = std::min<int64_t>(kRowsPerItem, p.n - n0);
-  buf.resize(static_cast<size_t>(kRowsPerItem * p.k));
+  buf.assign(static_cast<size_t>(kRowsPerItem * p.k), 0.f);      // rows past N stay 0 (never stored)
   for (int64_t c = 0; c < cols; ++c)
     dequantize_row(p.w + (n0 + c) * p.row_bytes, p.k / kBlock, p.qtype, buf.data() + c * p.k);
+  const float* w = buf.data();
   for (int64_t r = 0; r < p.m; ++r) {
     const float* xr = p.x + r * p.k;
+    vf acc[kRowsPerItem] = {};
+    for (int64_t e = 0; e < p.k; e += kLanes) {
+      const vf xv = loadu(xr + e);
+#pragma GCC unroll 8
+      for (int c = 0; c < kRowsPerItem; ++c) acc[c] += xv * loadu(w + c * p.k + e);
+    }
     for (int64_t c = 0; c < cols; ++c) {
-      const float* wc = buf.data() + c * p.k;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t e = 0; e < p.k; ++e) acc += xr[e] * wc[e];
-      p.out[r * p.n + n0 + c] = acc;
+      float sum = 0.f;
+      for (int i = 0; i < kLanes; ++i) sum += acc[c][i];
+      p.out[r * p.n + n0 + c] = sum;
     }
   }
 }
