@@ -66,7 +66,8 @@ class DraftModelProposer:
             self.runner.warmup(progress=progress)
         self.block_manager = BlockManager(num_blocks, config.block_size, enable_prefix_caching=False)
         self.max_tokens = config.max_num_batched_tokens
-        self._fed: dict[str, tuple[int, list[int]]] = {}   # seq id -> (real tokens computed, drafts fed after them)
+        # seq id -> (the Sequence, real tokens computed, drafts fed after them)
+        self._fed: dict[str, tuple[object, int, list[int]]] = {}
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def drop_stale(self, running) -> None:
@@ -78,9 +79,12 @@ class DraftModelProposer:
     def _valid(self, seq) -> int:
         """Positions whose draft K/V hold the sequence's tokens (0 without a table)."""
         fed = self._fed.get(seq.seq_id)
+        if fed is not None and fed[0] is not seq:       # a new sequence under a reused id: start over
+            self._forget(seq.seq_id)
+            fed = None
         if fed is None:
             return 0
-        n_real, tail = fed
+        _, n_real, tail = fed
         toks = seq.all_token_ids
         ok = n_real
         for d in tail:
@@ -139,7 +143,7 @@ class DraftModelProposer:
                 drafts[i].append(int(result.tokens[r]))
         for i in alive:
             seq = cands[i][0]
-            self._fed[seq.seq_id] = (seq.num_tokens, drafts[i][:-1])    # the last draft was never fed
+            self._fed[seq.seq_id] = (seq, seq.num_tokens, drafts[i][:-1])    # the last draft was never fed
         return drafts
 
     def _step_catch_up(self, cands, todo, start, drafts, alive) -> list[int]:

@@ -67,12 +67,14 @@ class _TokenArrays:
     n-gram lookup does not convert the whole list every step."""
 
     def __init__(self):
-        self._bufs: dict[str, tuple[np.ndarray, int]] = {}
+        self._bufs: dict[str, tuple[object, np.ndarray, int]] = {}   # seq id -> (the Sequence, buffer, filled)
 
     def get(self, seq) -> np.ndarray:
         toks = seq.all_token_ids
         n_new = len(toks)
-        buf, n = self._bufs.get(seq.seq_id, (None, 0))
+        owner, buf, n = self._bufs.get(seq.seq_id, (None, None, 0))
+        if owner is not seq:                 # a new sequence under a reused id starts over
+            buf, n = None, 0
         if buf is None or buf.shape[0] < n_new:
             grown = np.empty(max(256, 2 * n_new), np.int64)
             if buf is not None:
@@ -80,11 +82,11 @@ class _TokenArrays:
             buf = grown
         if n_new > n:
             buf[n:n_new] = toks[n:n_new]
-        self._bufs[seq.seq_id] = (buf, n_new)
+        self._bufs[seq.seq_id] = (seq, buf, n_new)
         return buf[:n_new]
 
     def keep_only(self, running) -> None:
-        if len(self._bufs) > len(running):
+        if self._bufs:
             live = {s.seq_id for s in running}
             self._bufs = {k: v for k, v in self._bufs.items() if k in live}
 
