@@ -73,9 +73,10 @@ def abstract_flat(cfg: ModelConfig, dtype: str = "float32") -> dict:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_tensor_consumed_and_every_param_filled(tiny_model_factory, kind):
+def test_every_tensor_consumed_and_every_param_filled(tiny_model_factory, kind, tmp_path):
     path = tiny_model_factory(kind)
-    m = load_model(path, progress=False)
+    # an empty cache root of its own: earlier tests may have cached this tiny model in the session's
+    m = load_model(path, progress=False, cache_dir=str(tmp_path))
     assert m.config.model_type == tiny_models.KINDS[kind][0].replace("Config", "").lower()
     got = flatten(m.params)
     # the layout is exactly the model's (paths, shapes, dtypes) ...
