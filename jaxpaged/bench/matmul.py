@@ -27,6 +27,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _best_ms(fn, args, repeats: int, calls: int) -> float:
+    # Not bench.latency._median_ms (one call per sample): a one-row matmul takes ~0.1 ms, about as
+    # long as a dispatch + block_until_ready round trip, so `calls` calls are queued per sample.
     fn(*args).block_until_ready()                   # compile + warm the caches
     best = float("inf")
     for _ in range(repeats):
