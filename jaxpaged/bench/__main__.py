@@ -2,7 +2,7 @@
 
   throughput  offline requests/s and tok/s, side by side with transformers / vLLM (--backend jaxpaged,hf,vllm)
   latency     one batch size: per-step time, host vs device split, FLOP ceiling, device-step breakdown
-  serve       against a running server: Poisson arrivals or fixed concurrency; TTFT, TPOT, ITL, E2E
+  serve       against a running server (or jaxpaged and vLLM servers it starts): Poisson arrivals; TTFT, TPOT, ITL, E2E
   load        against a running server: N concurrent streams, some aborted; answered/aborted/errors, KV freed, RSS
   kernel      the attention kernels against their jnp references
   matmul      the native packed weight matmul against XLA's dot on a model's weight shapes

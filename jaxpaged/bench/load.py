@@ -21,6 +21,7 @@ of the finished and aborted requests was freed) and the resident memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -231,22 +232,17 @@ def _pct(fraction) -> str:
 
 
 def run(args) -> dict:
-    from jaxpaged.bench.serve import _launch
+    from jaxpaged.bench.serve_launch import launch_jaxpaged
 
     requests = build_load(args.num_requests, parse_range(args.input_len_range), parse_range(args.output_len_range),
                           args.abort_fraction, args.seed)
-    server = None
-    if args.launch:
-        args.model = args.model or "smollm2-135m-instruct"
-        server = _launch(args)
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.launch:     # stopped on the way out, also on an error or Ctrl-C
+            args.model = args.model or "smollm2-135m-instruct"
+            stack.enter_context(launch_jaxpaged(args.model, args.base_url, args.server_args))
         report = asyncio.run(run_load(args.base_url, requests, concurrency=args.concurrency, model=args.model,
                                       endpoint=args.endpoint, timeout=args.timeout, idle_timeout=args.idle_timeout,
                                       api_key=args.api_key))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
     print(format_report(report), flush=True)
     if args.output_json:
         with open(args.output_json, "a") as f:

