@@ -117,6 +117,35 @@ def test_launched_server_group_is_killed_and_log_kept_on_error(tmp_path, capsys)
     os.unlink(server.log_path)
 
 
+def test_sigterm_to_the_bench_stops_the_server(tmp_path):
+    """`timeout` / `kill` on the bench process: the server (its own session) is stopped, not orphaned."""
+    import signal
+    import subprocess
+
+    from tests.server_utils import REPO_ROOT, wait_for
+    port, script, child_file = free_port(), tmp_path / "fake.py", tmp_path / "child.pid"
+    script.write_text(_FAKE)
+    bench = tmp_path / "bench.py"
+    bench.write_text(textwrap.dedent(f"""
+        import sys, time
+        from jaxpaged.bench.serve_launch import LaunchedServer
+        with LaunchedServer([sys.executable, {str(script)!r}, "{port}", {str(child_file)!r}], {{}},
+                            "http://127.0.0.1:{port}", name="fake") as s:
+            print(s.proc.pid, flush=True)
+            time.sleep(600)
+    """))
+    proc = subprocess.Popen([sys.executable, str(bench)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO_ROOT)
+    leader = int(proc.stdout.readline())
+    child = int(child_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    wait_for(lambda: not _alive(leader) and not _alive(child), timeout=30, what="server group gone")
+    err = proc.stderr.read()
+    assert "fake server log kept in" in err
+    os.unlink(err.split("log kept in ")[1].split(";")[0])
+
+
 def test_launched_server_that_dies_at_start_names_its_log(tmp_path, capsys):
     cmd = [sys.executable, "-c", "import sys; print('bad flag --nope'); sys.exit(2)"]
     with pytest.raises(RuntimeError, match="exited with 2 before /health"):

@@ -8,7 +8,7 @@ and `VLLM_CPU_KVCACHE_SPACE` set to the same GiB as jaxpaged's `--kv-cache-memor
 
 `LaunchedServer` is a context manager: the server runs in its own process group (vLLM forks an engine
 core process) with stdout/stderr in a temporary log file; leaving the block, for any reason (an error,
-Ctrl-C), terminates the whole group (SIGTERM, then SIGKILL after a grace period). The log is deleted
+Ctrl-C, a SIGTERM to this process), terminates the whole group (SIGTERM, then SIGKILL after a grace period). The log is deleted
 after a clean run and kept, its path printed, when the server failed to start or the block raised.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -120,6 +121,7 @@ class LaunchedServer:
         fd, self.log_path = tempfile.mkstemp(prefix=f"bench-serve-{self.name}-", suffix=".log")
         env = {**os.environ, **self.env}
         env = {k: v for k, v in env.items() if v is not None}     # None in self.env: unset
+        self._trap_sigterm()
         with os.fdopen(fd, "w") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True, cwd=tempfile.gettempdir())
@@ -127,12 +129,28 @@ class LaunchedServer:
             self._wait_healthy()
         except BaseException:
             self.stop()
+            self._restore_sigterm()
             self._keep_log()
             raise
         return self
 
+    def _trap_sigterm(self) -> None:
+        """The server runs in its own session, so a SIGTERM to this process (`timeout`, `kill`) would
+        orphan it: turn SIGTERM into SystemExit while the server lives, so that __exit__ stops it."""
+        self._old_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            def _exit(signum, frame):
+                raise SystemExit(128 + signum)
+            self._old_sigterm = signal.signal(signal.SIGTERM, _exit)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
     def __exit__(self, exc_type, exc, tb) -> None:
         self.stop()
+        self._restore_sigterm()
         if exc_type is None:
             os.unlink(self.log_path)
         else:
