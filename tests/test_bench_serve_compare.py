@@ -172,3 +172,18 @@ def test_compare_run_with_the_jaxpaged_backend(tiny_llama, tmp_path, capsys):
     rows = [__import__("json").loads(line) for line in out.read_text().splitlines()]
     assert [r["backend"] for r in rows] == ["jaxpaged", "jaxpaged"] and all(r["failed"] == 0 for r in rows)
     assert not _healthy(url)
+
+
+def test_compare_plot_from_json_lines(tmp_path):
+    """`python -m jaxpaged.bench.plot rows.jsonl out.png` on --backend rows draws them side by side."""
+    pytest.importorskip("matplotlib")
+    import json
+    import subprocess
+
+    from tests.server_utils import REPO_ROOT
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(dict(r, e2e_ms=r["ttft_ms"], backend=name)) + "\n"
+                            for name, rs in RESULTS.items() for r in rs))
+    out = tmp_path / "cmp.png"
+    subprocess.run([sys.executable, "-m", "jaxpaged.bench.plot", str(rows), str(out)], check=True, cwd=REPO_ROOT)
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -49,26 +49,26 @@ def plot_serve(rows: list[dict], path: str, title: str = "jaxpaged serve: throug
 
 
 def plot_serve_compare(results: dict[str, list[dict]], path: str,
-                       title: str = "bench serve: latency vs offered load, side by side") -> None:
-    """Three panels (TTFT, TPOT, ITL) against output tok/s, one colour per backend, rates annotated."""
+                       title: str = "bench serve: latency per request rate, side by side") -> None:
+    """TTFT, TPOT, ITL (p50 solid, p99 dashed) and output tok/s against the offered request rate (one tick
+    per rate, inf = all at once), one colour per backend."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
     panels = (("ttft_ms", "TTFT", 1e3, "seconds"), ("tpot_ms", "TPOT", 1.0, "ms"), ("itl_ms", "ITL", 1.0, "ms"))
+    rates = sorted({r["rate"] for rows in results.values() for r in rows})
+    labels = ["inf" if x == float("inf") else f"{x:g}" for x in rates]
     for k, (name, rows) in enumerate(results.items()):
         color = f"C{k}"
-        rows = sorted(rows, key=lambda r: r["output_throughput"])
-        x = [r["output_throughput"] for r in rows]
+        rows = sorted(rows, key=lambda r: r["rate"])
+        x = [rates.index(r["rate"]) for r in rows]
         for ax, (key, label, div, _) in zip(axes, panels):
             for stat, style in (("p50", "-o"), ("p99", "--s")):
-                y = [None if r[key][stat] is None else r[key][stat] / div for r in rows]
+                y = [float("nan") if r[key][stat] is None else r[key][stat] / div for r in rows]
                 ax.plot(x, y, style, color=color, label=f"{name} {stat}")
-            for r, xi in zip(rows, x):
-                if r[key]["p50"] is not None:
-                    rate = "inf" if r["rate"] == float("inf") else f"{r['rate']:g}"
-                    ax.annotate(rate, (xi, r[key]["p50"] / div), fontsize=7, color=color,
-                                textcoords="offset points", xytext=(3, 3))
-    for ax, (_, label, _, unit) in zip(axes, panels):
-        ax.set(xlabel="output tokens/s (points: request rate, req/s)", ylabel=unit, title=label)
+        axes[3].plot(x, [r["output_throughput"] for r in rows], "-o", color=color, label=name)
+    for ax, (_, label, _, unit) in zip(axes, panels + ((None, "output throughput", None, "tokens/s"),)):
+        ax.set(xlabel="request rate (req/s)", ylabel=unit, title=label)
+        ax.set_xticks(range(len(rates)), labels)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
