@@ -139,15 +139,15 @@ class ModelRunner:
         # rows per sequence in a verification step (1 + k); 0 without speculative decoding
         self.spec_rows = 1 + spec.num_speculative_tokens if spec is not None else 0
         self.backend = ready_backend(config.attention_backend)
-        # weight matmuls on the backend's own packed weights (native CPU: AVX-512 f32, AMX bf16)
-        # (not for quantized weights: those multiply through their own type)
-        self.native_matmul = (config.native_matmul and config.quantization is None
+        # weight matmuls on the backend's own packed weights (native CPU: AVX-512 / AVX2 f32, AMX bf16;
+        # int8 weights in the int8 kernel's panels); GGUF blocks multiply through their own type
+        self.native_matmul = (config.native_matmul and config.quantization in (None, "int8")
                               and self.backend.packs_weights(config.dtype, mesh))
         # params in the backend's storage forms (backends/layout.py), decided once here
         packed_cache = None
         if self.native_matmul and params_cache_entry:
             from jaxpaged.convert.packed_cache import PackedCache
-            packed_cache = PackedCache(params_cache_entry, self.backend.pack_flavour(config.dtype))
+            packed_cache = PackedCache(params_cache_entry, self.backend.pack_flavour(config.dtype, config.quantization))
         graphdef, self.state = lay_out_params(graphdef, state, self.backend, platform=jax.default_backend(),
                                               pack=self.native_matmul, packed_cache=packed_cache,
                                               native_blocks=(config.native_matmul and config.quantization == "gguf"

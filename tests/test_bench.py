@@ -74,11 +74,14 @@ def test_kernel_quick(capsys):
 
 
 def test_matmul_table(capsys):
-    main(["matmul", "--shapes", "64x40", "--rows", "1,5", "--repeats", "1", "--calls", "1"])
+    main(["matmul", "--shapes", "64x40", "--rows", "1,5", "--repeats", "1", "--calls", "1", "--quantized",
+          "int8,Q4_1"])
     text = capsys.readouterr().out
     assert "caps()" in text
     rows = [line for line in text.splitlines() if line.startswith("| float") or line.startswith("| bfloat")]
     assert len(rows) == 4 and all(line.endswith("x |") for line in rows)     # 2 dtypes x 2 row counts
+    quantized = [line for line in text.splitlines() if line.startswith(("| int8 ", "| Q4_1 "))]
+    assert len(quantized) == 4 and all(line.endswith("x |") for line in quantized)   # 2 schemes x 2 row counts
 
 
 def test_plot_writes_png(tmp_path):

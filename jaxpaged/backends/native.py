@@ -4,8 +4,9 @@ Storage it chooses: a bf16 KV cache is held as its uint16 bit patterns (XLA:CPU 
 rows in place; a bf16 scatter is widened to f32 around the whole cache), which the attention
 kernel reads as bf16 (an fp8 one as uint8 e4m3 bits, the same way); "auto" keeps the model's dtype.
 An int8 / fp8 cache is read by the kernel's 8-bit path (rows times their scales). Weight matmuls run
-on weights packed once at load (`Packed`: AVX-512 f32 panels, AMX bf16 tiles) where this CPU has the
-instructions for the dtype and the engine runs on one device (`packs_weights`); XLA's dot elsewhere.
+on weights packed once at load (`Packed`: AVX-512 / AVX2 f32 panels, AMX bf16 tiles; `PackedInt8`: int8
+panels with their scales, quantization="int8") where this CPU has the instructions for the dtype and the
+engine runs on one device (`packs_weights`); XLA's dot elsewhere (e.g. under tensor parallelism).
 """
 from __future__ import annotations
 
@@ -34,6 +35,31 @@ class Packed(Weight):
 
     def at_layer(self, layer, rows=None) -> "Packed":
         return Packed(self.packed.at_layer(layer, rows))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class PackedInt8(Weight):
+    """An int8 weight (quantization.Int8Weight: q [(L,) K, N] + per-column scales) in cpu_kernels/
+    int8_matmul's packed layout (scales inside each panel). Not sliced by the layer scan: the kernel
+    reads its layer of the stacked array in place and widens the int8 panels in registers."""
+    packed: object           # cpu_kernels.int8_matmul.PackedInt8Weight
+    sliced_by_scan = False
+
+    def matmul(self, x, rows=None):
+        from cpu_kernels.int8_matmul import int8_matmul
+        w = self.packed if rows is None else self.packed.with_rows(rows)
+        return int8_matmul(x, w)
+
+    def at_layer(self, layer, rows=None) -> "PackedInt8":
+        return PackedInt8(self.packed.at_layer(layer, rows))
+
+    @property
+    def shape(self):
+        return (*self.packed.data.shape[:-2], self.packed.k, self.packed.n)
+
+    def nbytes(self) -> int:
+        return int(self.packed.data.size)          # int8 values + 4 bytes of scale per (padded) column
 
 
 # steps of at most this many rows (decodes, small batches) read GGUF blocks with the native kernel;
@@ -107,20 +133,35 @@ class NativeBackend(Backend):
     def blocks(self, w) -> NativeBlocks:
         return NativeBlocks(w)
 
-    def pack(self, w, *, stacked: bool) -> Packed:
+    def pack(self, w, *, stacked: bool) -> Packed | PackedInt8:
+        """A dense weight -> Packed; an int8 one (quantization.Int8Weight) -> PackedInt8."""
+        from jaxpaged.quantization import Int8Weight
+        if isinstance(w, Int8Weight):
+            from cpu_kernels.int8_matmul import pack_int8
+            return PackedInt8(pack_int8(jax.device_get(w.q), jax.device_get(w.scale), stacked=stacked))
         from cpu_kernels.matmul import pack
         return Packed(pack(w, stacked=stacked))
 
-    def pack_flavour(self, dtype: str) -> str:
-        """The key of this machine's packed layout for weights of `dtype` (convert/packed_cache.py)."""
+    def pack_flavour(self, dtype: str, quantization: str | None = None) -> str:
+        """The key of this machine's packed layout for weights of `dtype` (convert/packed_cache.py), and
+        with int8 weights of the int8 kernel's layout too."""
         from cpu_kernels.matmul import flavour
+        if quantization == "int8":
+            from cpu_kernels.int8_matmul import PACK_FORMAT
+            return f"{flavour(dtype)}-int8p{PACK_FORMAT}"
         return flavour(dtype)
 
-    def packed_to_stored(self, p: Packed):
+    def packed_to_stored(self, p: Packed | PackedInt8):
         """(numpy array, meta) to cache a packed weight; `packed_from_stored` inverts it."""
-        return jax.device_get(p.packed.data), {"k": p.packed.k, "n": p.packed.n}
+        meta = {"k": p.packed.k, "n": p.packed.n}
+        if isinstance(p, PackedInt8):
+            meta["int8"] = True
+        return jax.device_get(p.packed.data), meta
 
-    def packed_from_stored(self, array, meta) -> Packed:
+    def packed_from_stored(self, array, meta) -> Packed | PackedInt8:
+        if meta.get("int8"):
+            from cpu_kernels.int8_matmul import PackedInt8Weight
+            return PackedInt8(PackedInt8Weight(jnp.asarray(array), None, None, int(meta["k"]), int(meta["n"])))
         from cpu_kernels.matmul import PackedWeight
         return Packed(PackedWeight(jnp.asarray(array), None, None, int(meta["k"]), int(meta["n"])))
 

@@ -5,7 +5,7 @@
   serve       against a running server (or jaxpaged and vLLM servers it starts): Poisson arrivals; TTFT, TPOT, ITL, E2E
   load        against a running server: N concurrent streams, some aborted; answered/aborted/errors, KV freed, RSS
   kernel      the attention kernels against their jnp references
-  matmul      the native packed weight matmul against XLA's dot on a model's weight shapes
+  matmul      the native packed weight matmul against XLA's dot on a model's weight shapes; int8 / GGUF kernels too
   startup     cold start (empty caches) vs warm start (converted params and compilations cached)
   gpu-check   on a GPU: the GPU tests, attention bandwidth (% of HBM peak), end-to-end throughput -> one report
   structured  a B=64 decode step with every row under a JSON schema vs none (mask overhead)
