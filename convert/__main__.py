@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jaxpaged.convert",
         description="Convert a Hugging Face directory, a .gguf file or a built-in model (smollm2-135m-instruct) "
-                    "to JAX params and store them in the cache (Orbax), so later loads skip conversion.")
+                    "to JAX params and store them in the cache (one .npy per param), so later loads skip conversion.")
     parser.add_argument("model", help="HF model directory, .gguf file, or built-in name")
     parser.add_argument("--dtype", default="float32", help=f"parameter dtype: {' | '.join(DTYPES)}")
     parser.add_argument("--cache-dir", default=None,

@@ -1,9 +1,10 @@
-"""The converted-params cache: one Orbax checkpoint + config + tokenizer per (source, dtype, format).
+"""The converted-params cache: params + config + tokenizer per (source, dtype, format).
 
 Layout of an entry `<root>/<key>/`:
-  params/              Orbax PyTree checkpoint of the nested param dict (numpy arrays)
+  params/              one .npy per param array, read back memory-mapped (convert/array_store.py;
+                       format 1 entries were Orbax checkpoints: too slow to import and read at start)
   model_config.json    ModelConfig.to_json()
-  tokenizer/           tokenizer.save_pretrained()
+  tokenizer/           tokenizer.save_pretrained(); read back by jaxpaged/tokenizer.py
   source.json          where it came from (for people; not read back)
   COMPLETE             written last: format version, dtype and every param's shape/dtype
 
@@ -15,7 +16,7 @@ edited files (an edit changes the mtime) at the cost of 2 MiB read per file. A c
 
 Writing: into `<root>/.tmp-<key>-<random>`, COMPLETE last, then one atomic rename to `<root>/<key>`;
 a failure removes the temp dir, so a reader never sees half an entry. Reading: an entry without
-COMPLETE, with a different manifest, or whose Orbax restore fails or gives other shapes, is removed
+COMPLETE, with a different manifest, or whose params are missing, truncated or of other shapes, is removed
 and reported as a miss (the caller rebuilds it).
 """
 from __future__ import annotations
@@ -32,10 +33,11 @@ import time
 import numpy as np
 
 from jaxpaged.config import ModelConfig
+from jaxpaged.convert.array_store import load_arrays, save_arrays
 from jaxpaged.convert.loader import flatten, nest, numpy_dtype, param_shapes
 from jaxpaged.convert.resolve import ModelSource
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: params as .npy files (1: an Orbax checkpoint)
 SAMPLE_BYTES = 1 << 20
 STALE_TMP_SECONDS = 24 * 3600
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def _manifest(config: ModelConfig, dtype: str, scheme: str | None = None) -> dic
 
 
 def _to_stored(params: dict) -> dict:
-    """Weight-type leaves (Int8Weight) as their arrays, for Orbax."""
+    """{stored path: array}: weight-type leaves (Int8Weight) as their arrays."""
     from jaxpaged.quantization import Int8Weight
     flat = {}
     for p, x in flatten(params).items():
@@ -108,7 +110,7 @@ def _to_stored(params: dict) -> dict:
             flat[p + "/q"], flat[p + "/scale"] = np.asarray(x.q), np.asarray(x.scale)
         else:
             flat[p] = x
-    return nest(flat)
+    return flat
 
 
 def _from_stored(flat: dict, scheme: str | None) -> dict:
@@ -121,8 +123,7 @@ def _from_stored(flat: dict, scheme: str | None) -> dict:
 
 def _restore(entry: str, dtype: str, scheme: str | None = None):
     """(config, params, tokenizer) of an entry; CorruptEntry when anything is off."""
-    import orbax.checkpoint as ocp
-    from transformers import AutoTokenizer
+    from jaxpaged.tokenizer import load_entry_tokenizer
 
     marker = os.path.join(entry, "COMPLETE")
     if not os.path.isfile(marker):
@@ -136,22 +137,13 @@ def _restore(entry: str, dtype: str, scheme: str | None = None):
         raise CorruptEntry(f"unreadable marker or config ({e})") from None
     if manifest != _manifest(config, dtype, scheme):
         raise CorruptEntry("manifest does not match the config's params")
-    layout = _stored_layout(config, dtype, scheme)
-    restore_args = nest({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in layout})
     try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            os.path.join(entry, "params"), args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    except Exception as e:  # orbax / tensorstore raise many kinds on damaged data
-        raise CorruptEntry(f"Orbax restore failed ({type(e).__name__}: {e})") from None
-    flat = flatten(restored)
-    if set(flat) != set(layout):
-        raise CorruptEntry(f"params differ: {sorted(set(flat) ^ set(layout))}")
-    for p, (shape, target) in layout.items():
-        arr = flat[p]
-        if tuple(arr.shape) != shape or arr.dtype != target:
-            raise CorruptEntry(f"param {p}: {arr.shape} {arr.dtype}, expected {shape} {target}")
+        flat = load_arrays(os.path.join(entry, "params"), _stored_layout(config, dtype, scheme))
+    except (OSError, ValueError) as e:
+        raise CorruptEntry(f"params unreadable ({e})") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.join(entry, "tokenizer"), local_files_only=True)
+        # the Rust tokenizer directly when that is exact (no transformers import: jaxpaged/tokenizer.py)
+        tokenizer = load_entry_tokenizer(os.path.join(entry, "tokenizer"))
     except Exception as e:
         raise CorruptEntry(f"tokenizer unreadable ({type(e).__name__}: {e})") from None
     return config, _from_stored(flat, scheme), tokenizer
@@ -174,15 +166,13 @@ def write_entry(root: str, source: ModelSource, dtype: str, config: ModelConfig,
                 scheme: str | None = None) -> str:
     """Writes an entry atomically; returns its path. An existing complete entry is kept.
     scheme: the quantization the params carry ("int8": Int8Weight kernels), part of the key."""
-    import orbax.checkpoint as ocp
-
     os.makedirs(root, exist_ok=True)
     _remove_stale_tmp(root)
     key = cache_key(source, dtype, scheme)
     final = os.path.join(root, key)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root)
     try:
-        ocp.PyTreeCheckpointer().save(os.path.join(tmp, "params"), _to_stored(params))
+        save_arrays(os.path.join(tmp, "params"), _to_stored(params))
         with open(os.path.join(tmp, "model_config.json"), "w") as f:
             f.write(config.to_json())
         with open(os.path.join(tmp, "source.json"), "w") as f:

@@ -76,7 +76,7 @@ def prepare_params(cfg: ModelConfig, params: dict, n: int) -> tuple[ModelConfig,
       config says KVH * r heads, so every device owns one copy; query head h still reads KV head
       h // (NH / KVH) because (h // (G / r)) // r == h // G. Costs r times the KV cache memory.
     - then the family's `prepare_tp(cfg, params, n)` when it has one (e.g. a fused projection's
-      columns regrouped per shard). The Orbax cache keeps the checkpoint's order.
+      columns regrouped per shard). The params cache keeps the checkpoint's order.
     """
     if n == 1:
         return cfg, params

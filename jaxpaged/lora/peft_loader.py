@@ -11,7 +11,7 @@ Padding the rank with zeros adds nothing to the product; layers or modules the a
 target are all zero. Folding the scale into b leaves no per-slot scale to apply at run time.
 
 Not cached like base params (convert/cache.py): the conversion is a transpose and a copy of a few MB,
-faster than reading an Orbax entry back; the engine keeps each registered adapter in host memory.
+faster than reading a params-cache entry back; the engine keeps each registered adapter in host memory.
 Anything this cannot serve exactly is a ValueError naming the field or tensor.
 """
 from __future__ import annotations

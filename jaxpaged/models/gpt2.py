@@ -84,7 +84,7 @@ TP_SPLIT_AXES = {
 def prepare_tp(cfg: ModelConfig, params: dict, n: int) -> dict:
     """c_attn's columns [q | k | v] become [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (q_i: shard i's heads),
     so a contiguous column split hands each device whole heads of all three; GPT2Blocks reads the
-    projection as [T, N, 3, H / N]. (numpy in and out; the Orbax cache keeps HF's order.)"""
+    projection as [T, N, 3, H / N]. (numpy in and out; the params cache keeps HF's order.)"""
     def regroup(a):
         a = np.asarray(a)
         grouped = a.reshape(*a.shape[:-1], 3, n, cfg.hidden_size // n)   # [..., (q|k|v), shard, cols]

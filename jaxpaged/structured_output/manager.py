@@ -52,11 +52,16 @@ class StructuredOutputManager:
             return fut
 
     def _build_tokenizer(self):
-        import llguidance.hf
+        from jaxpaged.tokenizer import CachedTokenizer
 
         # the model's vocabulary may be padded past the tokenizer's: masks span the model's
-        return llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
-                                            eos_token=self.eos_token_ids or None)
+        tok = self._hf_tokenizer
+        if isinstance(tok, CachedTokenizer):        # its Rust tokenizer as llguidance.hf would pass it
+            from llguidance import LLTokenizer      # (llguidance.hf imports transformers)
+            return LLTokenizer(tok.backend_tokenizer.to_str(), n_vocab=self.vocab_size,
+                               eos_token=self.eos_token_ids or tok.eos_token_id)
+        import llguidance.hf
+        return llguidance.hf.from_tokenizer(tok, n_vocab=self.vocab_size, eos_token=self.eos_token_ids or None)
 
     def _compile(self, spec: StructuredOutputsParams):
         from llguidance import LLMatcher
