@@ -29,10 +29,10 @@ import jaxlib
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("ragged_paged_attention.cc", "matmul.cc", "gguf_matmul.cc",
-                                                     "int8_matmul.cc"))
+                                                     "int8_matmul.cc", "lora_matmul.cc"))
 TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention",
            "jaxpaged_matmul": "JaxpagedMatmul", "jaxpaged_gguf_matmul": "JaxpagedGGUFMatmul",
-           "jaxpaged_int8_matmul": "JaxpagedInt8Matmul"}
+           "jaxpaged_int8_matmul": "JaxpagedInt8Matmul", "jaxpaged_lora_matmul": "JaxpagedLoRAMatmul"}
 # -ffast-math lets GCC call glibc's vector exp/tanh (libmvec) in the softmax loops; the kernel never
 # relies on NaN/inf arithmetic (masking uses a finite -1e30 and skips zero-probability V rows).
 # Compile and link are separate steps: -ffast-math at link time adds crtfastmath.o, whose constructor

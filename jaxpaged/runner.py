@@ -69,7 +69,8 @@ def _forward_impl(graphdef, opts, prompt_logprobs, state, kv_cache, inputs, lora
     Returns (kv_cache, logits [B, V] f32, prompt_out)."""
     model = nnx.merge(graphdef, state)
     if lora is not None:
-        model = attach_lora(model, lora, inputs["lora_slots"])
+        # the backend's multi-LoRA matmul; under tensor parallelism the reference (sharded like the kernels)
+        model = attach_lora(model, lora, inputs["lora_slots"], get_backend(opts.backend if opts.mesh is None else "jnp"))
     meta = AttentionMetadata(inputs["slot_mapping"], inputs["block_tables"], inputs["seq_lens"],
                              inputs["query_start"])
     hidden, kv_cache = model.forward(inputs["token_ids"], inputs["positions"], kv_cache, meta, opts)
@@ -308,7 +309,7 @@ class ModelRunner:
         if num_logits_rows is not None:
             # the verification variant (a different input structure: its own executables)
             arrays["num_logits_rows"] = np.int32(num_logits_rows)
-        return arrays, (self.lora.stacks if self.lora is not None else None)
+        return arrays, (self.lora.step_args() if self.lora is not None else None)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         size = next((c for c in COPY_BUCKETS if c >= len(copies)), None)

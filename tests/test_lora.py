@@ -162,9 +162,9 @@ def test_tensor_parallel_lora_equals_peft(tiny_model_factory, tmp_path, kind, ta
     assert out["tokens"]["2"] == [peft_greedy(model, path, p, 6) for p, path in zip(prompts, (a, None, b))]
     shards = out["lora_shards"]["2"]
     path, d_in, d_out = column                # column-parallel: B split on out, A whole
-    assert shards[path] == [[[2, d_in, 2, 8]] * 2, [[2, 2, 8, d_out // 2]] * 2]
+    assert shards[path] == [[[2, 2, d_in, 8]] * 2, [[2, 2, 8, d_out // 2]] * 2]
     path, d_in, d_out = row                   # row-parallel: A split on in, B whole
-    assert shards[path] == [[[2, d_in // 2, 2, 8]] * 2, [[2, 2, 8, d_out]] * 2]
+    assert shards[path] == [[[2, 2, d_in // 2, 8]] * 2, [[2, 2, 8, d_out]] * 2]
 
 
 def test_bench_lora_runs_on_a_tiny_setting(tiny_llama, tmp_path, capsys):

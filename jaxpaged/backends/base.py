@@ -84,6 +84,13 @@ class Backend:
                       meta.query_start, sm_scale=opts.sm_scale, sliding_window=opts.sliding_window,
                       layer=layer, **scales)
 
+    def lora_matmul(self, y, x, a, b, ranks, slots, layer, rows=None):
+        """y [T, N] + each row's LoRA delta (x [T, K] @ A @ B of the row's adapter slot, slots [T], 0:
+        none) for `layer` of the slot stacks a [L, S, K, R], b [L, S, R, N]; ranks [S] each slot's
+        rank (zero-padded past it). Reference: dense over all slots (jaxpaged/lora/weight.py)."""
+        from jaxpaged.lora.weight import lora_matmul_reference
+        return lora_matmul_reference(y, x, a, b, ranks, slots, layer, rows)
+
     def _write_fn(self):
         raise NotImplementedError
 

@@ -165,6 +165,14 @@ class NativeBackend(Backend):
         from cpu_kernels.matmul import PackedWeight
         return Packed(PackedWeight(jnp.asarray(array), None, None, int(meta["k"]), int(meta["n"])))
 
+    def lora_matmul(self, y, x, a, b, ranks, slots, layer, rows=None):
+        """The native multi-LoRA kernel (cpu_kernels/lora_matmul.cc: only the slots the rows use, at
+        their own ranks, stacks read in place) for f32 stacks on one device; the reference otherwise."""
+        if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+            return super().lora_matmul(y, x, a, b, ranks, slots, layer, rows)
+        from cpu_kernels.lora_matmul import lora_matmul
+        return lora_matmul(y, x, a, b, slots, ranks, layer=layer, rows=rows)
+
     def write_kv(self, k, v, kv_cache, layer, meta):
         # XLA's row scatter (the interpreted Pallas write is element-wise, ~10x slower on CPU)
         from pallas_kernels import kv_cache_write_reference

@@ -1,0 +1,208 @@
+// Multi-LoRA delta for XLA:CPU, as an XLA FFI custom call: each row adds its own adapter's
+// low-rank product to the base matmul's output, for one layer of one LoRA target:
+//
+//   out[t] = y[t] + (x[t] @ A[slot[t]][:, :r]) @ B[slot[t]][:r, :]      r = ranks[slot[t] - 1]
+//
+// Why native: the jnp reference (jaxpaged/lora/weight.py) multiplies every row by every slot's
+// A and B padded to max_lora_rank and masks afterwards, so a step costs max_loras x max_lora_rank
+// whatever its rows use (16 slots at rank 64: ~3x the base matmul's FLOPs), and slicing the layer
+// out of the stacks inside the layer scan copies them. Here the rows are grouped by slot, each
+// group reads its slot's A and B once per tile of kTile rows, only the slot's own rank is computed
+// (zero padding beyond it adds nothing), and the stacked [L, ...] arrays are read in place.
+//
+// Inputs:  y f32 [M, N] (aliased to the output); x f32 [M, K]; a f32 [L, S, K, R]; b f32 [L, S, R, N];
+//          slots s32 [M] (0: a base row, s in 1..S: stack index s - 1); ranks s32 [S] (a slot's
+//          rank for this target, 0: empty or not targeted; clamped to R); layer s32 [1];
+//          rows s32 [1] (x's real rows; the rest are bucket padding and are left as y).
+// Output:  f32 [M, N].
+// Work items: (slot, up to kTile of its rows), shared by the calling thread and XLA's intra-op pool.
+// An item computes xa = x_rows @ A_s [tile, r] in a local buffer, then adds xa @ B_s to its rows:
+// items touch disjoint output rows, so there is no reduction between threads.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+constexpr int kTile = 8;   // rows per item: kTile vector accumulators + one weight load per step
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+inline vf loadu(const float* src) { return *reinterpret_cast<const vf_unaligned*>(src); }
+inline void storeu(float* dst, vf v) { *reinterpret_cast<vf_unaligned*>(dst) = v; }
+
+struct Problem {
+  const float* x;
+  const float* a;             // this layer's [S, K, R]
+  const float* b;             // this layer's [S, R, N]
+  float* out;                 // [M, N], holds y
+  int64_t k, n, r_max;
+  std::vector<int32_t> order; // real adapter rows grouped by slot
+  struct Item { int32_t slot, rank, begin, count; };   // rows order[begin, begin + count)
+  std::vector<Item> items;
+};
+
+// xa [T, rp] = x rows @ A_s[:, :rp] (rp: the rank rounded up to whole vectors where R allows).
+template <int T>
+void down(const Problem& p, const int32_t* rows, const float* a, int64_t rp, float* xa) {
+  const float* xr[T];
+  for (int t = 0; t < T; ++t) xr[t] = p.x + rows[t] * p.k;
+  int64_t j = 0;
+  for (; j + kLanes <= rp; j += kLanes) {
+    vf acc[T] = {};
+    for (int64_t e = 0; e < p.k; ++e) {
+      const vf av = loadu(a + e * p.r_max + j);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) acc[t] += xr[t][e] * av;
+    }
+    for (int t = 0; t < T; ++t) storeu(xa + t * rp + j, acc[t]);
+  }
+  for (; j < rp; ++j)                       // ranks past the last whole vector (R not a multiple)
+    for (int t = 0; t < T; ++t) {
+      float s = 0.f;
+      for (int64_t e = 0; e < p.k; ++e) s += xr[t][e] * a[e * p.r_max + j];
+      xa[t * rp + j] = s;
+    }
+}
+
+// out rows += xa [T, rp] @ B_s[:rp, :].
+template <int T>
+void up(const Problem& p, const int32_t* rows, const float* b, int64_t rp, const float* xa) {
+  float* orow[T];
+  for (int t = 0; t < T; ++t) orow[t] = p.out + rows[t] * p.n;
+  int64_t c = 0;
+  for (; c + kLanes <= p.n; c += kLanes) {
+    vf acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = loadu(orow[t] + c);
+    for (int64_t j = 0; j < rp; ++j) {
+      const vf bv = loadu(b + j * p.n + c);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) acc[t] += xa[t * rp + j] * bv;
+    }
+    for (int t = 0; t < T; ++t) storeu(orow[t] + c, acc[t]);
+  }
+  for (; c < p.n; ++c)                      // columns past the last whole vector
+    for (int t = 0; t < T; ++t) {
+      float s = orow[t][c];
+      for (int64_t j = 0; j < rp; ++j) s += xa[t * rp + j] * b[j * p.n + c];
+      orow[t][c] = s;
+    }
+}
+
+template <int T>
+void run_tile(const Problem& p, const Problem::Item& it, std::vector<float>& xa) {
+  // rp: the rank rounded up to whole vectors (the stacks are zero past a slot's rank) within R
+  const int64_t rounded = (static_cast<int64_t>(it.rank) + kLanes - 1) / kLanes * kLanes;
+  const int64_t rp = rounded <= p.r_max ? rounded : it.rank;
+  xa.resize(static_cast<size_t>(kTile * rp));
+  const int32_t* rows = p.order.data() + it.begin;
+  down<T>(p, rows, p.a + static_cast<int64_t>(it.slot) * p.k * p.r_max, rp, xa.data());
+  up<T>(p, rows, p.b + static_cast<int64_t>(it.slot) * p.r_max * p.n, rp, xa.data());
+}
+
+void run_item(const Problem& p, const Problem::Item& it, std::vector<float>& xa) {
+  switch (it.count) {
+    case 1: return run_tile<1>(p, it, xa);
+    case 2: return run_tile<2>(p, it, xa);
+    case 3: return run_tile<3>(p, it, xa);
+    case 4: return run_tile<4>(p, it, xa);
+    case 5: return run_tile<5>(p, it, xa);
+    case 6: return run_tile<6>(p, it, xa);
+    case 7: return run_tile<7>(p, it, xa);
+    default: return run_tile<kTile>(p, it, xa);
+  }
+}
+
+struct Shared {
+  Problem problem;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void drain() {
+    std::vector<float> xa;
+    const int64_t items = static_cast<int64_t>(problem.items.size());
+    int64_t taken = 0;
+    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1), ++taken)
+      run_item(problem, problem.items[i], xa);
+    done.fetch_add(taken, std::memory_order_release);
+  }
+};
+
+// Groups the real rows by slot (a counting sort) and cuts each group into items of <= kTile rows.
+void plan(Problem& p, const int32_t* slots, const int32_t* ranks, int64_t m, int64_t s) {
+  std::vector<int32_t> count(s + 1, 0), start(s + 1, 0);
+  auto rank_of = [&](int32_t slot) { return std::clamp<int64_t>(ranks[slot - 1], 0, p.r_max); };
+  for (int64_t t = 0; t < m; ++t)
+    if (slots[t] >= 1 && slots[t] <= s && rank_of(slots[t]) > 0) ++count[slots[t]];
+  for (int64_t i = 1; i <= s; ++i) start[i] = (i > 1 ? start[i - 1] + count[i - 1] : 0);
+  p.order.resize(start[s] + count[s]);
+  std::vector<int32_t> fill(start);
+  for (int64_t t = 0; t < m; ++t)
+    if (slots[t] >= 1 && slots[t] <= s && rank_of(slots[t]) > 0) p.order[fill[slots[t]]++] = static_cast<int32_t>(t);
+  for (int64_t i = 1; i <= s; ++i)
+    for (int32_t off = 0; off < count[i]; off += kTile)
+      p.items.push_back({static_cast<int32_t>(i - 1), static_cast<int32_t>(rank_of(i)), start[i] + off,
+                         std::min<int32_t>(kTile, count[i] - off)});
+}
+
+ffi::Error LoRAMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> x,
+                      ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> slots,
+                      ffi::Buffer<ffi::S32> ranks, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  const auto yd = y.dimensions(), xd = x.dimensions(), ad = a.dimensions(), bd = b.dimensions();
+  if (yd.size() != 2 || xd.size() != 2 || ad.size() != 4 || bd.size() != 4 || yd[0] != xd[0] ||
+      ad[0] != bd[0] || ad[1] != bd[1] || ad[2] != xd[1] || ad[3] != bd[2] || bd[3] != yd[1] ||
+      slots.element_count() != static_cast<size_t>(xd[0]) || ranks.element_count() != static_cast<size_t>(ad[1]))
+    return ffi::Error::InvalidArgument("lora_matmul: expected y [M, N], x [M, K], a [L, S, K, R], "
+                                       "b [L, S, R, N], slots [M], ranks [S]");
+  auto shared = std::make_shared<Shared>();
+  Problem& p = shared->problem;
+  const int64_t m = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, ad[0] - 1);
+  const int64_t s = ad[1];
+  p.k = xd[1];
+  p.n = yd[1];
+  p.r_max = ad[3];
+  p.x = x.typed_data();
+  p.a = a.typed_data() + l * s * p.k * p.r_max;
+  p.b = b.typed_data() + l * s * p.r_max * p.n;
+  p.out = out->typed_data();
+  if (p.out != y.typed_data()) std::copy(y.typed_data(), y.typed_data() + xd[0] * p.n, p.out);
+  plan(p, slots.typed_data(), ranks.typed_data(), m, s);
+  const int64_t items = static_cast<int64_t>(p.items.size());
+  if (items == 0) return ffi::Error::Success();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->drain(); });
+  shared->drain();
+  while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpagedLoRAMatmul, LoRAMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // y [M, N] (aliased to out)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // a [L, S, K, R]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b [L, S, R, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // slots [M]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // ranks [S]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // rows (real rows of x)
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // out [M, N]
