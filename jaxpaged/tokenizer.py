@@ -64,7 +64,9 @@ class CachedTokenizer:
         return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None,
-               **kwargs) -> str:
+               spaces_between_special_tokens: bool = True, **kwargs) -> str:
+        # spaces_between_special_tokens: only transformers' slow (Python) tokenizers read it; its fast
+        # ones, which this one stands for, ignore it (tested)
         if kwargs or clean_up_tokenization_spaces:
             return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens,
                                   clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)

@@ -48,6 +48,9 @@ def test_same_as_transformers_on_cache_entries(entry_tokenizers):
         ids = list(range(len(hf)))
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), name
+            for spaces in (True, False):        # the detokenizer passes it
+                assert (ours.decode([1, 5, 2, 7, 2], skip_special_tokens=skip, spaces_between_special_tokens=spaces)
+                        == hf.decode([1, 5, 2, 7, 2], skip_special_tokens=skip, spaces_between_special_tokens=spaces))
             for i in list(range(5)) + [len(hf) - 1]:
                 assert ours.decode([i], skip_special_tokens=skip) == hf.decode([i], skip_special_tokens=skip)
             assert (ours.convert_ids_to_tokens(ids[:50], skip_special_tokens=skip)
@@ -85,12 +88,17 @@ import sys
 from jaxpaged.convert import load_model
 m = load_model(sys.argv[1], cache_dir=sys.argv[2], progress=False)
 m.tokenizer.decode(m.tokenizer.encode("Hello world"))
+from jaxpaged import LLM, SamplingParams
+llm = LLM(sys.argv[1], download_dir=sys.argv[2], enforce_eager=True, max_num_seqs=4, max_num_batched_tokens=32,
+          max_model_len=64)
+llm.generate(["Hello there"], SamplingParams(temperature=0.0, max_tokens=3, stop=["zz"]), use_tqdm=False)
 print("RESULT", m.from_cache, type(m.tokenizer).__name__, "transformers" in sys.modules, "orbax" in sys.modules,
       "torch" in sys.modules)
 """
 
 
 def test_warm_load_imports_neither_transformers_nor_orbax(tiny_llama, tmp_path):
+    """Nor does the engine's use of it: encoding and incremental detokenization of a request."""
     load_model(tiny_llama, cache_dir=str(tmp_path), progress=False, write_cache=True)
     proc = subprocess.run([sys.executable, "-c", _CHILD, tiny_llama, str(tmp_path)], capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
