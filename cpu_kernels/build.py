@@ -33,6 +33,7 @@ SOURCES = tuple(Path(__file__).with_name(n) for n in ("ragged_paged_attention.cc
 TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention",
            "jaxpaged_matmul": "JaxpagedMatmul", "jaxpaged_gguf_matmul": "JaxpagedGGUFMatmul",
            "jaxpaged_int8_matmul": "JaxpagedInt8Matmul", "jaxpaged_lora_matmul": "JaxpagedLoRAMatmul"}
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))     # included by the sources: part of the build key
 # -ffast-math lets GCC call glibc's vector exp/tanh (libmvec) in the softmax loops; the kernel never
 # relies on NaN/inf arithmetic (masking uses a finite -1e30 and skips zero-probability V rows).
 # Compile and link are separate steps: -ffast-math at link time adds crtfastmath.o, whose constructor
@@ -86,7 +87,7 @@ def _cache_dir() -> Path:
 
 def library_path(compiler: str) -> Path:
     key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in SOURCES), " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
+    for part in (*(src.read_bytes() for src in SOURCES + HEADERS), " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
                  jaxlib.__version__.encode(), _cpu_model().encode()):
         key.update(part)
     return _cache_dir() / key.hexdigest()[:16] / "libjaxpaged_cpu_kernels.so"

@@ -14,12 +14,10 @@
 // Q4_1 = d, m (f16), 16 nibble bytes -> d q + m; byte j holds input j (low nibble) and j + 16 (high).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "work_queue.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -86,7 +84,8 @@ inline vf loadu(const float* src) { return *reinterpret_cast<const vf_unaligned*
 // Work item i: output columns [i * kRowsPerItem, ...) for every real row of x. The item's weight rows
 // are dequantized once into buf [kRowsPerItem, K]; each x row then runs kRowsPerItem dot products at
 // once, one vector accumulator each (independent FMA chains; K is a multiple of 32, so of kLanes).
-void run_item(const Problem& p, int64_t item, std::vector<float>& buf) {
+void run_item(const Problem& p, int64_t item) {
+  thread_local std::vector<float> buf;                           // per thread, reused across items and calls
   const int64_t n0 = item * kRowsPerItem, cols = std::min<int64_t>(kRowsPerItem, p.n - n0);
   buf.assign(static_cast<size_t>(kRowsPerItem * p.k), 0.f);      // rows past N stay 0 (never stored)
   for (int64_t c = 0; c < cols; ++c)
@@ -108,20 +107,6 @@ void run_item(const Problem& p, int64_t item, std::vector<float>& buf) {
   }
 }
 
-struct Shared {
-  Problem problem;
-  int64_t items = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void drain() {
-    std::vector<float> buf;
-    int64_t taken = 0;
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1), ++taken) run_item(problem, i, buf);
-    done.fetch_add(taken, std::memory_order_release);
-  }
-};
-
 ffi::Error GGUFMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows, int32_t qtype,
                       ffi::ResultBuffer<ffi::F32> out) {
@@ -130,8 +115,7 @@ ffi::Error GGUFMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || od[0] != xd[0] || od[1] != wd[1] ||
       xd[1] % kBlock != 0 || wd[2] != xd[1] / kBlock * kBlockBytes[qtype])
     return ffi::Error::InvalidArgument("gguf_matmul: expected x [M, K], w [L, N, K / 32 * block bytes], out [M, N]");
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   p.m = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
   p.k = xd[1];
   p.n = wd[1];
@@ -143,11 +127,7 @@ ffi::Error GGUFMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   p.w = w.typed_data() + l * p.n * p.row_bytes;
   std::fill(p.out + p.m * p.n, p.out + xd[0] * p.n, 0.f);      // padding rows: zero, no work
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
-  shared->items = (p.n + kRowsPerItem - 1) / kRowsPerItem;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->drain(); });
-  shared->drain();
-  while (shared->done.load(std::memory_order_acquire) < shared->items) std::this_thread::yield();
+  jaxpaged::run_units(pool, (p.n + kRowsPerItem - 1) / kRowsPerItem, [&p](int64_t i) { run_item(p, i); });
   return ffi::Error::Success();
 }
 

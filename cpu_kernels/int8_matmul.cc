@@ -22,19 +22,17 @@
 //   more rows: 6-row x 16-column register tiles (12 accumulators), K in chunks of 256 (8 KB of
 //   panel in L1 while the row tiles go by), each widened weight vector used by 6 rows.
 // Work units (a block of rows x one panel) are shared by the calling thread and XLA's intra-op
-// pool through an atomic cursor.
+// pool (work_queue.h).
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "work_queue.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -181,7 +179,7 @@ void run_rows_portable(const Problem& p, const float* x, int64_t rows, const int
   }
 }
 
-// ---- work sharing ---------------------------------------------------------------------------
+// ---- work units (shared through work_queue.h) -------------------------------------------------
 
 // Unit u = (row block u / panels, panel u % panels): consecutive units share x rows.
 void run_unit(const Problem& p, int64_t u) {
@@ -193,19 +191,6 @@ void run_unit(const Problem& p, int64_t u) {
   if (has_avx2()) run_rows_avx2(p, x, rows, panel, y, cols);
   else run_rows_portable(p, x, rows, panel, y, cols);
 }
-
-struct Shared {
-  Problem problem;
-  int64_t units = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void drain() {
-    int64_t taken = 0;
-    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1), ++taken) run_unit(problem, u);
-    done.fetch_add(taken, std::memory_order_release);
-  }
-};
 
 // x [M, K] bf16 bits -> f32 [M, K] (a per-thread buffer, grown to the largest x, then reused).
 const float* widened(const uint16_t* x, int64_t m, int64_t k) {
@@ -226,8 +211,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
   const auto xt = x.element_type();
   const bool bf16 = xt == ffi::DataType::BF16 || xt == ffi::DataType::U16;
   if (!bf16 && xt != ffi::DataType::F32) return ffi::Error::InvalidArgument("int8_matmul: x must be f32 or bf16");
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   p.k = xd[1];
   p.n = od[1];
   p.panel_bytes = p.k * kPanel + kScaleBytes;
@@ -243,11 +227,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
   p.w = w.typed_data() + l * p.panels * p.panel_bytes;
   p.x = bf16 ? widened(static_cast<const uint16_t*>(x.untyped_data()), p.m, p.k)
              : static_cast<const float*>(x.untyped_data());
-  shared->units = (p.m + kRowBlock - 1) / kRowBlock * p.panels;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->units) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->drain(); });
-  shared->drain();
-  while (shared->done.load(std::memory_order_acquire) < shared->units) std::this_thread::yield();
+  jaxpaged::run_units(pool, (p.m + kRowBlock - 1) / kRowBlock * p.panels, [&p](int64_t u) { run_unit(p, u); });
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,39 @@
+// Work fan-out for the native kernels: units [0, units) shared by the calling thread and helpers
+// from XLA's intra-op pool through an atomic cursor; returns once every unit has run.
+//
+// Lifetime: a helper the pool starts late (after the last unit was taken) finds the cursor past the
+// end and returns without calling `fn`; the cursor and the counter live in a shared_ptr it holds, so
+// the caller may return before such a helper has run. `fn` is copied into each helper: whatever it
+// refers to by reference is only touched while units remain, i.e. before the caller returns.
+// Per-thread scratch (a dequantization buffer) belongs in a thread_local inside `fn`.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxpaged {
+
+template <typename Fn>
+void run_units(xla::ffi::ThreadPool& pool, int64_t units, Fn fn) {
+  struct Cursor {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto cursor = std::make_shared<Cursor>();
+  auto drain = [cursor, units, fn] {
+    int64_t taken = 0;
+    for (int64_t u = cursor->next.fetch_add(1); u < units; u = cursor->next.fetch_add(1), ++taken) fn(u);
+    cursor->done.fetch_add(taken, std::memory_order_release);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), units) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([drain] { drain(); });   // a copy each (Schedule takes F&&)
+  drain();
+  while (cursor->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
+
+}  // namespace jaxpaged
