@@ -147,3 +147,23 @@ def test_engine_runs_int8_weights_on_the_native_kernel(tiny_llama, tmp_path, mon
     again = LLM(tiny_llama, **kw)
     assert (again.llm_engine.runner.packed_cache.hits, again.llm_engine.runner.packed_cache.misses) == (8, 0)
     assert len(of(again.llm_engine.runner, PackedInt8)) == 7 and tokens(again) == want
+
+
+def test_int8_kernel_under_a_lora_adapter_equals_xla(tiny_llama, tmp_path, monkeypatch):
+    """A LoRA target's base weight may be the packed int8 one: the adapter's delta adds to the native
+    int8 kernel's output (greedy tokens = the same int8 model on XLA's dot, with and without it)."""
+    import cpu_kernels.matmul as mm
+    from jaxpaged.lora import LoRARequest
+    from tests.lora_utils import make_adapter
+    monkeypatch.setattr(mm, "worthwhile", lambda dt: True)
+    adapter = make_adapter(tiny_llama, str(tmp_path / "qv"), r=4, alpha=8, targets=("q_proj", "v_proj"), seed=3)
+    kw = dict(download_dir=str(tmp_path), max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64,
+              enforce_eager=True, quantization="int8", enable_lora=True, max_loras=1, max_lora_rank=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = ["Hello there", "a b c d e f g"]
+    loras = [LoRARequest("qv", 1, adapter), None]
+    run = lambda llm: [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, lora_request=loras,
+                                                                       use_tqdm=False)]
+    native, xla = LLM(tiny_llama, **kw), LLM(tiny_llama, native_matmul=False, **kw)
+    assert native.llm_engine.runner.native_matmul
+    assert run(native) == run(xla)
