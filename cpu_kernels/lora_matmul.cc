@@ -39,7 +39,7 @@ constexpr int kLanes = 8;
 #else
 constexpr int kLanes = 4;
 #endif
-constexpr int kTile = 8;   // rows per item: kTile vector accumulators + one weight load per step
+constexpr int kTile = 6;   // rows per item (a register tile of 6 rows x 2 vectors: 12 accumulators)
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
 inline vf loadu(const float* src) { return *reinterpret_cast<const vf_unaligned*>(src); }
@@ -56,21 +56,39 @@ struct Problem {
   std::vector<Item> items;
 };
 
+// Register tiles: T rows x V vectors of kLanes outputs, T * V = 8 to 12 independent accumulators (a
+// decode step with one or two rows per adapter would otherwise wait on a single FMA chain; a full
+// tile does 12 FMAs per 2 weight loads + 6 broadcasts, within AVX2's 16 registers).
+template <int T>
+constexpr int kVectors = T == 1 ? 8 : T == 2 ? 4 : 2;
+
+// xa[:, j..] = x rows @ A_s[:, j..] in chunks of V vectors while whole chunks fit in rp; returns the
+// first rank column not done.
+template <int T, int V>
+int64_t down_chunks(const Problem& p, const float* const* xr, const float* a, int64_t rp, float* xa, int64_t j) {
+  for (; j + V * kLanes <= rp; j += V * kLanes) {
+    vf acc[T][V] = {};
+    for (int64_t e = 0; e < p.k; ++e) {
+      const float* arow = a + e * p.r_max + j;
+      vf av[V];
+      for (int v = 0; v < V; ++v) av[v] = loadu(arow + v * kLanes);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t)
+        for (int v = 0; v < V; ++v) acc[t][v] += xr[t][e] * av[v];
+    }
+    for (int t = 0; t < T; ++t)
+      for (int v = 0; v < V; ++v) storeu(xa + t * rp + j + v * kLanes, acc[t][v]);
+  }
+  return j;
+}
+
 // xa [T, rp] = x rows @ A_s[:, :rp] (rp: the rank rounded up to whole vectors where R allows).
 template <int T>
 void down(const Problem& p, const int32_t* rows, const float* a, int64_t rp, float* xa) {
   const float* xr[T];
   for (int t = 0; t < T; ++t) xr[t] = p.x + rows[t] * p.k;
-  int64_t j = 0;
-  for (; j + kLanes <= rp; j += kLanes) {
-    vf acc[T] = {};
-    for (int64_t e = 0; e < p.k; ++e) {
-      const vf av = loadu(a + e * p.r_max + j);
-#pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) acc[t] += xr[t][e] * av;
-    }
-    for (int t = 0; t < T; ++t) storeu(xa + t * rp + j, acc[t]);
-  }
+  int64_t j = down_chunks<T, kVectors<T>>(p, xr, a, rp, xa, 0);
+  if (kVectors<T> > 1) j = down_chunks<T, 1>(p, xr, a, rp, xa, j);
   for (; j < rp; ++j)                       // ranks past the last whole vector (R not a multiple)
     for (int t = 0; t < T; ++t) {
       float s = 0.f;
@@ -79,22 +97,34 @@ void down(const Problem& p, const int32_t* rows, const float* a, int64_t rp, flo
     }
 }
 
+// out rows[:, c..] += xa @ B_s[:rp, c..] in chunks of V vectors of columns; returns the first column not done.
+template <int T, int V>
+int64_t up_chunks(const Problem& p, float* const* orow, const float* b, int64_t rp, const float* xa, int64_t c) {
+  for (; c + V * kLanes <= p.n; c += V * kLanes) {
+    vf acc[T][V];
+    for (int t = 0; t < T; ++t)
+      for (int v = 0; v < V; ++v) acc[t][v] = loadu(orow[t] + c + v * kLanes);
+    for (int64_t j = 0; j < rp; ++j) {
+      const float* brow = b + j * p.n + c;
+      vf bv[V];
+      for (int v = 0; v < V; ++v) bv[v] = loadu(brow + v * kLanes);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t)
+        for (int v = 0; v < V; ++v) acc[t][v] += xa[t * rp + j] * bv[v];
+    }
+    for (int t = 0; t < T; ++t)
+      for (int v = 0; v < V; ++v) storeu(orow[t] + c + v * kLanes, acc[t][v]);
+  }
+  return c;
+}
+
 // out rows += xa [T, rp] @ B_s[:rp, :].
 template <int T>
 void up(const Problem& p, const int32_t* rows, const float* b, int64_t rp, const float* xa) {
   float* orow[T];
   for (int t = 0; t < T; ++t) orow[t] = p.out + rows[t] * p.n;
-  int64_t c = 0;
-  for (; c + kLanes <= p.n; c += kLanes) {
-    vf acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = loadu(orow[t] + c);
-    for (int64_t j = 0; j < rp; ++j) {
-      const vf bv = loadu(b + j * p.n + c);
-#pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) acc[t] += xa[t * rp + j] * bv;
-    }
-    for (int t = 0; t < T; ++t) storeu(orow[t] + c, acc[t]);
-  }
+  int64_t c = up_chunks<T, kVectors<T>>(p, orow, b, rp, xa, 0);
+  if (kVectors<T> > 1) c = up_chunks<T, 1>(p, orow, b, rp, xa, c);
   for (; c < p.n; ++c)                      // columns past the last whole vector
     for (int t = 0; t < T; ++t) {
       float s = orow[t][c];
@@ -121,8 +151,6 @@ void run_item(const Problem& p, const Problem::Item& it, std::vector<float>& xa)
     case 3: return run_tile<3>(p, it, xa);
     case 4: return run_tile<4>(p, it, xa);
     case 5: return run_tile<5>(p, it, xa);
-    case 6: return run_tile<6>(p, it, xa);
-    case 7: return run_tile<7>(p, it, xa);
     default: return run_tile<kTile>(p, it, xa);
   }
 }
