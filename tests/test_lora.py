@@ -171,11 +171,14 @@ def test_bench_lora_runs_on_a_tiny_setting(tiny_llama, tmp_path, capsys):
     from jaxpaged.bench.__main__ import main
     out_json = tmp_path / "lora.jsonl"
     main(["lora", "--model", tiny_llama, "--num-prompts", "4", "--input-len-range", "4:12", "--output-len-range",
-          "2:4", "--ranks", "4", "--adapters", "2", "--ignore-eos", "--enforce-eager", "--max-num-seqs", "4",
+          "2:4", "--ranks", "4", "--adapters", "0,2", "--ignore-eos", "--enforce-eager", "--max-num-seqs", "4",
           "--max-num-batched-tokens", "32", "--max-model-len", "64", "--download-dir", str(tmp_path / "c"),
           "--output-json", str(out_json)])
     rows = [json.loads(line) for line in out_json.read_text().splitlines()]
-    assert [(r["case"], r["rank"], r["adapters"]) for r in rows] == [("base", 0, 0), ("lora", 4, 2)]
+    # one LoRA engine per rank serves every adapter count, with max_loras = the largest count
+    assert [(r["case"], r["rank"], r["adapters"]) for r in rows] == [("base", 0, 0), ("lora", 4, 0), ("lora", 4, 2)]
+    assert [r["max_loras"] for r in rows[1:]] == [2, 2] and rows[1]["slot_loads"] == 0
+    rows = [rows[0], rows[2]]
     from jaxpaged.config import ModelConfig
     from jaxpaged.lora.device import stack_bytes
     cfg = ModelConfig.from_hf_config(json.loads(open(os.path.join(tiny_llama, "config.json")).read()))
