@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -67,7 +68,11 @@ def _prepare_backend(requested: str) -> None:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True, **kwargs):
+    def __init__(self, config: EngineConfig | None = None, *, progress: bool = True, background_warmup: bool = False,
+                 **kwargs):
+        """background_warmup (the server's start): compile only the smallest step shape here and the rest
+        of the bucket table in a thread while requests are already served (a shape not compiled yet
+        compiles at its first step); `stop_warmup()` ends it. Default: all of it before returning."""
         from jaxpaged.convert import load_model
         from jaxpaged.models import build_state
 
@@ -99,8 +104,10 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, graphdef, state, num_blocks, self.max_model_len,
                                   self.kv_cache_dtype, mesh=self.mesh, hooks=self.step_hooks,
                                   params_cache_entry=loaded.cache_entry)
+        self.warmup_thread: threading.Thread | None = None
+        self._warmup_stop = threading.Event()
         if not config.enforce_eager:
-            self.runner.warmup(progress=progress)
+            self._warmup(progress, background_warmup)
         self._decode_token = TokenDecoder(self.tokenizer)
         # grammars of structured-output requests (compiled in a thread pool on first use)
         self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
@@ -115,6 +122,29 @@ class LLMEngine:
         self._waiting_beams: collections.deque[BeamSearchState] = collections.deque()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+
+    def _warmup(self, progress: bool, background: bool) -> None:
+        if not background:
+            self.runner.warmup(progress=progress)
+            return
+        pairs = self.runner.buckets.pairs()
+        self.runner.warmup(progress=False, pairs=pairs[:1])        # the smallest shape (and LoRA's) now
+
+        def rest():
+            try:
+                if self.runner.warmup(progress=progress, pairs=pairs[1:], stop=self._warmup_stop):
+                    logger.info("background warmup done: all %d step shapes compiled", len(pairs))
+            except Exception:       # noqa: BLE001 - those shapes then compile at their first step
+                logger.exception("background warmup failed; the remaining shapes compile at first use")
+
+        self.warmup_thread = threading.Thread(target=rest, name="jaxpaged-warmup", daemon=True)
+        self.warmup_thread.start()
+
+    def stop_warmup(self, timeout: float = 60.0) -> None:
+        """Ends a background warmup after the shape it is compiling (before the process exits)."""
+        self._warmup_stop.set()
+        if self.warmup_thread is not None:
+            self.warmup_thread.join(timeout)
 
     def _speculator(self, num_blocks: int, progress: bool) -> Speculator | None:
         """speculative_config -> the Speculator (spec_decode/); the draft_model method loads its draft here."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from dataclasses import dataclass
 
 import jax
@@ -192,28 +193,40 @@ class ModelRunner:
         row count min(T, B * (1 + k)) that is not already a B bucket."""
         return len(self._executables)
 
-    def warmup(self, progress: bool = True) -> None:
-        """Compiles the step for every (T, B) in the bucket table (default sampling variant), ahead of
-        time: `jit(...).lower(...).compile()` fills the jitted functions' caches (the first real call
-        of a shape compiles nothing) without running a step, and reads the persistent compilation
-        cache when it has the executable (a warm start). Running each bucket once, as warmup did
-        before, cost the padded rows' matmuls of 27 steps (~10 full 512-token steps)."""
+    def warmup(self, progress: bool = True, pairs: list[tuple[int, int]] | None = None,
+               stop: threading.Event | None = None) -> bool:
+        """Compiles the step for every (T, B) in `pairs` (default: the whole bucket table; default
+        sampling variant), ahead of time: `jit(...).lower(...).compile()` fills the jitted functions'
+        caches (the first real call of a shape compiles nothing) without running a step, and reads the
+        persistent compilation cache when it has the executable (a warm start). Running each bucket
+        once, as warmup did before, cost the padded rows' matmuls of 27 steps (~10 full 512-token steps).
+
+        stop: a background warmup (LLMEngine's background_warmup) while steps run on another thread:
+        it ends between pairs once set, draws its dummy sampling rows from a private generator (the
+        engine's stream of unseeded draws stays what it would be), and leaves LoRA's warmup to the
+        foreground call. A step whose shape it has not reached yet compiles that shape itself.
+        Returns False when `stop` ended it early."""
         from tqdm.auto import tqdm
-        pairs = self.buckets.pairs()
-        for t, b in tqdm(pairs, desc="Compiling step buckets", disable=not progress):
+        pairs = self.buckets.pairs() if pairs is None else pairs
+        generator = self.generator if stop is None else np.random.default_rng(0)
+        desc = "Compiling step buckets" + (" (in the background)" if stop is not None else "")
+        for t, b in tqdm(pairs, desc=desc, disable=not progress):
+            if stop is not None and stop.is_set():
+                return False
             inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
                                        num_tokens_padded=t, num_seqs_padded=b,
                                        seq_lora_slots=[] if self.lora is not None else None)
-            self._compile_step(inputs, self._sampling([], b))
+            self._compile_step(inputs, self._sampling([], b, generator=generator))
             if self.spec_rows:
                 r = self._verification_rows(t, b)
                 inputs = build_step_inputs([], block_size=self.block_size, table_width=self.table_width,
                                            num_tokens_padded=t, num_seqs_padded=b, num_logits_rows=r,
                                            seq_lora_slots=[] if self.lora is not None else None)
-                self._compile_step(inputs, self._sampling([], r), num_logits_rows=0)
-        if self.lora is not None:
+                self._compile_step(inputs, self._sampling([], r, generator=generator), num_logits_rows=0)
+        if self.lora is not None and stop is None:
             self.lora.warmup()          # the adapter slot fill (else compiled at the first adapter's load)
             jax.block_until_ready(self.lora.stacks)
+        return True
 
     def _compile_step(self, inputs: StepInputs, sampling, num_logits_rows: int | None = None) -> None:
         """Compiles (does not run) the forward and the greedy no-logprobs sampler for these shapes."""
@@ -280,13 +293,14 @@ class ModelRunner:
         token (a few drafting sequences in a wide step do not pay B * (1 + k) sampler rows)."""
         return min(t, b * self.spec_rows)
 
-    def _sampling(self, rows, pad_to: int, use_penalties: bool = False) -> SamplingTensors:
+    def _sampling(self, rows, pad_to: int, use_penalties: bool = False, generator=None) -> SamplingTensors:
         # Fixed widths keep the compiled shapes inside the table: the token history spans
         # max_model_len (penalty variant only), banned ids 16 (more only for unusual stop lists).
         banned = max(16, max((len(r.params.all_stop_token_ids(self.eos_token_ids)) for r in rows
                               if r is not None), default=0))
+        generator = generator if generator is not None else self.generator
         return SamplingTensors.build(
-            rows, pad_to=pad_to, vocab_size=self.model_config.vocab_size, generator=self.generator,
+            rows, pad_to=pad_to, vocab_size=self.model_config.vocab_size, generator=generator,
             eos_token_ids=self.eos_token_ids, history_len=self.table_width * self.block_size if use_penalties else 0,
             banned_width=1 << (banned - 1).bit_length())
 

@@ -28,7 +28,9 @@ def make_engine(config, factory: str | None = None):
     from jaxpaged.compilation_cache import enable_compilation_cache
     from jaxpaged.engine import LLMEngine
     enable_compilation_cache(config)     # process-wide JAX config belongs to the entry point
-    return LLMEngine(config)
+    # /health answers once the smallest step shape is compiled; the rest compile in the background
+    # (a request needing one of them compiles it at its step)
+    return LLMEngine(config, background_warmup=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                                    root_path=args.root_path or "", ssl_keyfile=args.ssl_keyfile,
                                    ssl_certfile=args.ssl_certfile,
                                    access_log=not args.disable_uvicorn_access_log)
-    _Server(server_config, app.state.async_engine).run()
+    try:
+        _Server(server_config, app.state.async_engine).run()
+    finally:        # (uvicorn's re-raised signal exits through _exit_cleanly, from inside run())
+        stop_warmup = getattr(engine, "stop_warmup", None)
+        if stop_warmup is not None:         # no compile may be running while the interpreter exits
+            stop_warmup()
     logger.info("server stopped")
     return 0
 

@@ -57,6 +57,16 @@ def test_startup_reports_cache_counts(tiny_llama, capsys):
     assert "warm  total" in text and "XLA cache" in text and "weights packed" in text
 
 
+def test_startup_server_reports_health_first_answer_and_background_warmup(tiny_llama, capsys):
+    import os
+    import re
+    main(["startup", "--model", tiny_llama, "--server", "--warm-only", "--cache-dir", os.environ["JAXPAGED_CACHE"],
+          "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "64"])
+    text = capsys.readouterr().out
+    assert re.search(r"/health 200 after +[\d.]+ s, first completion after +[\d.]+ s, "
+                     r"background warmup done after +[\d.]+ s", text), text
+
+
 def test_latency_prints_split(tiny_llama, tmp_path, capsys):
     main(["latency", "--model", tiny_llama, "--batch-sizes", "1,3", "--input-len", "5", "--output-len", "6",
           "--skip", "1", "--max-num-batched-tokens", "32", "--max-model-len", "64",

@@ -37,3 +37,45 @@ def test_mixed_workload_after_warmup_compiles_nothing(tiny_llama, tmp_path):
     assert [len(o.outputs[0].token_ids) >= 1 for o in outs] == [True] * 100
     assert runner.num_compiled() == compiled
     assert llm.llm_engine.get_stats().kv_cache_usage == 0.0
+
+
+def test_background_warmup_serves_at_once_and_compiles_the_rest(tiny_llama, tmp_path):
+    """The server's start (LLMEngine(background_warmup=True)): the smallest shape is compiled before the
+    constructor returns, the rest in a thread while requests run (a shape it has not reached compiles
+    at its step); the tokens are those of a fully warmed engine, and afterwards the table is complete."""
+    from jaxpaged.engine import LLMEngine
+    from jaxpaged.engine_config import EngineConfig
+
+    kw = dict(max_model_len=128, block_size=8, max_num_seqs=8, max_num_batched_tokens=64, download_dir=str(tmp_path))
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    prompts = [list(range(3, 3 + n)) for n in (2, 20, 50)]
+    want = [o.outputs[0].token_ids for o in LLM(tiny_llama, **kw).generate(prompts, greedy, use_tqdm=False)]
+
+    engine = LLMEngine(EngineConfig(model=tiny_llama, **kw), progress=False, background_warmup=True)
+    runner = engine.runner
+    full = len(runner.buckets.pairs()) + len(runner.buckets.seq_buckets)
+    assert engine.warmup_thread is not None and runner.num_compiled() >= 2
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": p}, greedy)
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+    assert [got[str(i)] for i in range(len(prompts))] == want
+    engine.warmup_thread.join(300)
+    assert not engine.warmup_thread.is_alive() and runner.num_compiled() == full
+    engine.stop_warmup()                    # after the end: nothing to stop, returns at once
+
+
+def test_background_warmup_stops_when_asked(tiny_llama, tmp_path):
+    from jaxpaged.engine import LLMEngine
+    from jaxpaged.engine_config import EngineConfig
+
+    engine = LLMEngine(EngineConfig(model=tiny_llama, max_model_len=128, block_size=8, max_num_seqs=8,
+                                    max_num_batched_tokens=64, download_dir=str(tmp_path)),
+                       progress=False, background_warmup=True)
+    engine.stop_warmup()
+    assert not engine.warmup_thread.is_alive()
+    out = engine.runner.num_compiled()
+    assert 2 <= out <= len(engine.runner.buckets.pairs()) + len(engine.runner.buckets.seq_buckets)

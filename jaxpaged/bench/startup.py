@@ -8,8 +8,11 @@ build (g++), no compiled executables. Warm is a second start on the same root. E
 Python process. Offline it builds LLM(...) with warmup (every step shape in the bucket table) and runs one
 short generate, reporting import, load (convert or cache hit, packing), compile (warmup) and first-request
 times, the executables compiled, the persistent compilation cache's hits and misses, and the weights packed
-vs read from the packed cache. `--server` starts the server and reports the time to /health 200 and to the
-first completion (its progress bars go to this terminal's stderr). `--enforce-eager` starts without warmup:
+vs read from the packed cache. `--server` starts the server and reports the time to /health 200, to the
+first completion, and to the end of its background warmup (the server compiles the smallest step shape
+before /health answers and the other bucket shapes in a thread while it serves; its log line "background
+warmup done" marks the end; the server's stderr, progress bars included, is passed through to this
+terminal's). `--enforce-eager` starts without warmup:
 the shapes are traced, and read from the persistent compilation cache when warm, at their first step (a
 shorter start; the first steps of each new shape pay that instead).
 """
@@ -21,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 _CHILD = r"""
@@ -94,7 +98,18 @@ def serve_once(args, cache_dir: str, timeout: float = 900) -> dict:
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(args.max_model_len),
            "--disable-uvicorn-access-log"] + (["--enforce-eager"] if args.enforce_eager else [])
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=_env(cache_dir), stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, errors="replace")
+    warmup_done = threading.Event()
+    marks: dict[str, float] = {}
+
+    def relay():        # the server's stderr to ours; notes when its background warmup ends
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if "background warmup done" in line and not warmup_done.is_set():
+                marks["warmup_done_s"] = time.perf_counter() - t0
+                warmup_done.set()
+    threading.Thread(target=relay, daemon=True).start()
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(timeout=60) as client:
@@ -114,6 +129,8 @@ def serve_once(args, cache_dir: str, timeout: float = 900) -> dict:
                                                                 max_tokens=4, temperature=0.0))
             r.raise_for_status()
             first_s = time.perf_counter() - t0
+        if not args.enforce_eager:
+            warmup_done.wait(max(0.0, timeout - (time.perf_counter() - t0)))
     finally:
         proc.terminate()
         try:
@@ -121,12 +138,15 @@ def serve_once(args, cache_dir: str, timeout: float = 900) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return dict(health_s=health_s, first_completion_s=first_s)
+    return dict(health_s=health_s, first_completion_s=first_s, warmup_done_s=marks.get("warmup_done_s"))
 
 
 def _fmt(name, r):
     if "health_s" in r:
-        return f"{name:<5} server: /health 200 after {r['health_s']:6.1f} s, first completion after {r['first_completion_s']:6.1f} s"
+        done = r.get("warmup_done_s")
+        return (f"{name:<5} server: /health 200 after {r['health_s']:6.1f} s, first completion after "
+                f"{r['first_completion_s']:6.1f} s, background warmup done after "
+                + (f"{done:6.1f} s" if done is not None else "- (none)"))
     return (f"{name:<5} total {r['total_s']:6.1f} s  (import {r['import_s']:.1f}, load {r['load_s']:.1f}, "
             f"compile {r['compile_s']:.1f}, first request {r['first_request_s']:.2f}); "
             f"{r['compiled']} executables, XLA cache {r['xla_cache']['hits']} hits / {r['xla_cache']['misses']} "
