@@ -106,8 +106,11 @@ class LLMEngine:
                                   params_cache_entry=loaded.cache_entry)
         self.warmup_thread: threading.Thread | None = None
         self._warmup_stop = threading.Event()
+        self.warmup_done = threading.Event()    # set once no warmup is pending (not when stop_warmup cut it short)
         if not config.enforce_eager:
             self._warmup(progress, background_warmup)
+        else:
+            self.warmup_done.set()
         self._decode_token = TokenDecoder(self.tokenizer)
         # grammars of structured-output requests (compiled in a thread pool on first use)
         self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
@@ -126,6 +129,7 @@ class LLMEngine:
     def _warmup(self, progress: bool, background: bool) -> None:
         if not background:
             self.runner.warmup(progress=progress)
+            self.warmup_done.set()
             return
         pairs = self.runner.buckets.pairs()
         self.runner.warmup(progress=False, pairs=pairs[:1])        # the smallest shape (and LoRA's) now
@@ -134,6 +138,7 @@ class LLMEngine:
             try:
                 if self.runner.warmup(progress=progress, pairs=pairs[1:], stop=self._warmup_stop):
                     logger.info("background warmup done: all %d step shapes compiled", len(pairs))
+                    self.warmup_done.set()
             except Exception:       # noqa: BLE001 - those shapes then compile at their first step
                 logger.exception("background warmup failed; the remaining shapes compile at first use")
 

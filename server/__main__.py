@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import uvicorn
 from fastapi.middleware.cors import CORSMiddleware
@@ -30,7 +31,23 @@ def make_engine(config, factory: str | None = None):
     enable_compilation_cache(config)     # process-wide JAX config belongs to the entry point
     # /health answers once the smallest step shape is compiled; the rest compile in the background
     # (a request needing one of them compiles it at its step)
-    return LLMEngine(config, background_warmup=True)
+    engine = LLMEngine(config, background_warmup=True)
+    threading.Thread(target=_preload_chat_tokenizer, args=(engine,), name="jaxpaged-tokenizer", daemon=True).start()
+    return engine
+
+
+def _preload_chat_tokenizer(engine) -> None:
+    """A cache entry's tokenizer (jaxpaged/tokenizer.py) loads transformers for chat templates at their
+    first use: load it once the background warmup is over, so the first chat request does not wait for
+    the import (nor slow the start)."""
+    from jaxpaged.tokenizer import CachedTokenizer
+
+    engine.warmup_done.wait()           # never set when the server stops first: then nothing is loaded
+    if isinstance(engine.tokenizer, CachedTokenizer):
+        try:
+            engine.tokenizer.hf
+        except Exception:       # noqa: BLE001 - the first chat request then reports it
+            logger.exception("could not load transformers' tokenizer for chat templates")
 
 
 def main(argv: list[str] | None = None) -> int:

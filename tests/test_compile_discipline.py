@@ -64,8 +64,14 @@ def test_background_warmup_serves_at_once_and_compiles_the_rest(tiny_llama, tmp_
                 got[out.request_id] = out.outputs[0].token_ids
     assert [got[str(i)] for i in range(len(prompts))] == want
     engine.warmup_thread.join(300)
-    assert not engine.warmup_thread.is_alive() and runner.num_compiled() == full
+    assert not engine.warmup_thread.is_alive() and runner.num_compiled() == full and engine.warmup_done.is_set()
     engine.stop_warmup()                    # after the end: nothing to stop, returns at once
+    # the server then loads transformers' tokenizer for chat templates (the entry's tokenizer is a CachedTokenizer)
+    from jaxpaged.server.__main__ import _preload_chat_tokenizer
+    from jaxpaged.tokenizer import CachedTokenizer
+    assert isinstance(engine.tokenizer, CachedTokenizer) and engine.tokenizer._hf is None
+    _preload_chat_tokenizer(engine)
+    assert engine.tokenizer._hf is not None
 
 
 def test_background_warmup_stops_when_asked(tiny_llama, tmp_path):
@@ -77,5 +83,7 @@ def test_background_warmup_stops_when_asked(tiny_llama, tmp_path):
                        progress=False, background_warmup=True)
     engine.stop_warmup()
     assert not engine.warmup_thread.is_alive()
+    assert engine.warmup_done.is_set() == (engine.runner.num_compiled() == len(engine.runner.buckets.pairs())
+                                           + len(engine.runner.buckets.seq_buckets))
     out = engine.runner.num_compiled()
     assert 2 <= out <= len(engine.runner.buckets.pairs()) + len(engine.runner.buckets.seq_buckets)
