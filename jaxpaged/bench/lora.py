@@ -139,7 +139,7 @@ def _report(row: dict, base: dict, output_json: str | None) -> None:
     base_tps = base["output_tokens"] / base["elapsed_s"]
     name = ("base model (LoRA off)" if row["case"] == "base" else
             f"rank {row['rank']:>3}, {row['adapters']:>2} adapters ({row['max_loras']} slots)")
-    print(f"{name:<24} {tps:9.1f} output tok/s  {tps / base_tps:5.2f}x base  "
+    print(f"{name:<36} {tps:9.1f} output tok/s  {tps / base_tps:5.2f}x base  "
           f"adapter slot {row['slot_bytes'] / 2**20:7.2f} MiB  ({row['slot_loads']} slot loads, "
           f"{row['output_tokens']} tokens in {row['elapsed_s']:.1f} s)", flush=True)
     if output_json:
