@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "work_queue.h"
 
 namespace ffi = xla::ffi;
 
@@ -155,21 +156,6 @@ void run_item(const Problem& p, const Problem::Item& it, std::vector<float>& xa)
   }
 }
 
-struct Shared {
-  Problem problem;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void drain() {
-    std::vector<float> xa;
-    const int64_t items = static_cast<int64_t>(problem.items.size());
-    int64_t taken = 0;
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1), ++taken)
-      run_item(problem, problem.items[i], xa);
-    done.fetch_add(taken, std::memory_order_release);
-  }
-};
-
 // Groups the real rows by slot (a counting sort) and cuts each group into items of <= kTile rows.
 void plan(Problem& p, const int32_t* slots, const int32_t* ranks, int64_t m, int64_t s) {
   std::vector<int32_t> count(s + 1, 0), start(s + 1, 0);
@@ -197,8 +183,7 @@ ffi::Error LoRAMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer
       slots.element_count() != static_cast<size_t>(xd[0]) || ranks.element_count() != static_cast<size_t>(ad[1]))
     return ffi::Error::InvalidArgument("lora_matmul: expected y [M, N], x [M, K], a [L, S, K, R], "
                                        "b [L, S, R, N], slots [M], ranks [S]");
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   const int64_t m = std::clamp<int64_t>(rows.typed_data()[0], 0, xd[0]);
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, ad[0] - 1);
   const int64_t s = ad[1];
@@ -211,12 +196,10 @@ ffi::Error LoRAMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer
   p.out = out->typed_data();
   if (p.out != y.typed_data()) std::copy(y.typed_data(), y.typed_data() + xd[0] * p.n, p.out);
   plan(p, slots.typed_data(), ranks.typed_data(), m, s);
-  const int64_t items = static_cast<int64_t>(p.items.size());
-  if (items == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->drain(); });
-  shared->drain();
-  while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  jaxpaged::run_units(pool, static_cast<int64_t>(p.items.size()), [&p](int64_t i) {
+    thread_local std::vector<float> xa;   // x rows @ A of one item, per thread
+    run_item(p, p.items[i], xa);
+  });
   return ffi::Error::Success();
 }
 

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "work_queue.h"
 
 namespace ffi = xla::ffi;
 
@@ -434,25 +435,6 @@ void run_bf16_unit(const Problem& p, int64_t u, bool amx) {
     std::memcpy(p.out + (r0 + r) * p.n + j * kPanel, c + r * kPanel, cols * sizeof(float));
 }
 
-struct Shared {
-  Problem problem;
-  int64_t units = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void drain() {
-    const bool amx = problem.bf16 && has_amx();
-    if (amx) amx_configure();   // tile configuration is per thread
-    int64_t taken = 0;
-    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1), ++taken) {
-      if (problem.bf16) run_bf16_unit(problem, u, amx);
-      else run_f32_unit(problem, u);
-    }
-    if (amx) amx_release();
-    done.fetch_add(taken, std::memory_order_release);
-  }
-};
-
 // Rows [from, m) of x [M, K] -> a zero-padded copy [rows rounded up to 32, Kp] (AMX tiles read
 // whole 16-row strips and 32-column steps).
 const uint16_t* padded_tail(const uint16_t* x, int64_t from, int64_t m, int64_t k, int64_t kp) {
@@ -479,8 +461,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
     return ffi::Error::InvalidArgument("matmul: expected x [M, K] and out [M, N]");
   const auto wt = w.element_type(), xt = x.element_type();
   const bool bf16 = wt == ffi::DataType::U16 || wt == ffi::DataType::BF16;
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   p.bf16 = bf16;
   p.m = xd[0];
   p.k = xd[1];
@@ -524,11 +505,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
     p.x = static_cast<const float*>(x.untyped_data());
   }
   const int64_t row_blocks = (p.m + p.row_block - 1) / p.row_block;
-  shared->units = row_blocks * p.panels;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->units) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->drain(); });
-  shared->drain();
-  while (shared->done.load(std::memory_order_acquire) < shared->units) std::this_thread::yield();
+  const bool amx = p.bf16 && has_amx();   // the tile configuration is per thread
+  jaxpaged::run_units(
+      pool, row_blocks * p.panels,
+      [&p, amx](int64_t u) { p.bf16 ? run_bf16_unit(p, u, amx) : run_f32_unit(p, u); },
+      [amx] { if (amx) amx_configure(); }, [amx] { if (amx) amx_release(); });
   return ffi::Error::Success();
 }
 

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "work_queue.h"
 
 namespace ffi = xla::ffi;
 
@@ -958,31 +959,20 @@ void run_item(const Problem& p, const WorkItem& item, Scratch& scratch) {
   }
 }
 
-// Work shared by the calling thread and pool tasks through an atomic cursor. Tasks that start
-// after the work is gone find nothing to do; the caller waits only for items taken.
+// The cache's element type (pages as f32, bf16 bits, int8, or e4m3 bits). Work items are shared by
+// the calling thread and XLA's pool through work_queue.h.
 enum class CacheType { kF32, kBF16, kInt8, kE4M3 };
 
-struct Shared {
-  Problem problem;
-  CacheType type = CacheType::kF32;
-  std::vector<WorkItem> items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void drain() {
-    Scratch scratch;
-    const int64_t n = static_cast<int64_t>(items.size());
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      switch (type) {
-        case CacheType::kBF16: run_item<uint16_t>(problem, items[i], scratch); break;
-        case CacheType::kInt8: run_item<int8_t>(problem, items[i], scratch); break;
-        case CacheType::kE4M3: run_item<uint8_t>(problem, items[i], scratch); break;
-        default: run_item<float>(problem, items[i], scratch);
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
+// One work item with the cache's element type.
+void run_typed(const Problem& p, CacheType type, const WorkItem& item) {
+  thread_local Scratch scratch;   // grows to the largest item, then reused
+  switch (type) {
+    case CacheType::kBF16: run_item<uint16_t>(p, item, scratch); break;
+    case CacheType::kInt8: run_item<int8_t>(p, item, scratch); break;
+    case CacheType::kE4M3: run_item<uint8_t>(p, item, scratch); break;
+    default: run_item<float>(p, item, scratch);
   }
-};
+}
 
 ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                                 ffi::AnyBuffer v, ffi::Buffer<ffi::S32> bt,
@@ -1016,8 +1006,8 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   if (bs != 8 && bs != 16 && bs != 32 && bs != 64)
     return ffi::Error::InvalidArgument("ragged_paged_attention: block_size must be 8, 16, 32 or 64");
 
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
+  std::vector<WorkItem> items;
   p.q = q.typed_data();
   p.k = k.untyped_data();
   p.v = v.untyped_data();
@@ -1037,7 +1027,6 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   p.sm_scale = sm_scale;
   p.soft_cap = soft_cap;
   p.window = window;
-  shared->type = type;
 
   const int64_t num_tokens = qd[0], num_seqs = bd[0];
   const int64_t row = p.num_heads * p.head_dim;
@@ -1055,17 +1044,14 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
     const int64_t rows = q_len * group;
     for (int64_t h = 0; h < p.num_kv_heads; ++h)
       for (int64_t r0 = (rows - 1) / kTileRows * kTileRows; r0 >= 0; r0 -= kTileRows)
-        shared->items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), static_cast<int32_t>(r0),
+        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), static_cast<int32_t>(r0),
                                  static_cast<int32_t>(std::min<int64_t>(kTileRows, rows - r0))});
   }
-  std::stable_sort(shared->items.begin(), shared->items.end(),
+  std::stable_sort(items.begin(), items.end(),
                    [&](const WorkItem& a, const WorkItem& b) { return p.lens[a.seq] > p.lens[b.seq]; });
 
-  const int64_t n = static_cast<int64_t>(shared->items.size());
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->drain(); });
-  shared->drain();
-  while (shared->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  jaxpaged::run_units(pool, static_cast<int64_t>(items.size()),
+                      [&p, &items, type](int64_t i) { run_typed(p, type, items[i]); });
   return ffi::Error::Success();
 }
 

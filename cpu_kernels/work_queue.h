@@ -18,22 +18,34 @@
 
 namespace jaxpaged {
 
-template <typename Fn>
-void run_units(xla::ffi::ThreadPool& pool, int64_t units, Fn fn) {
+// `enter()` / `leave()` run on each thread that drains, around its units (per-thread state such as
+// the AMX tile configuration); the plain overload has none.
+template <typename Fn, typename Enter, typename Leave>
+void run_units(xla::ffi::ThreadPool& pool, int64_t units, Fn fn, Enter enter, Leave leave) {
   struct Cursor {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
   };
+  if (units <= 0) return;
   auto cursor = std::make_shared<Cursor>();
-  auto drain = [cursor, units, fn] {
+  auto drain = [cursor, units, fn, enter, leave] {
+    int64_t u = cursor->next.fetch_add(1);
+    if (u >= units) return;   // a late helper: nothing left, and the caller may be gone
+    enter();
     int64_t taken = 0;
-    for (int64_t u = cursor->next.fetch_add(1); u < units; u = cursor->next.fetch_add(1), ++taken) fn(u);
+    for (; u < units; u = cursor->next.fetch_add(1), ++taken) fn(u);
+    leave();
     cursor->done.fetch_add(taken, std::memory_order_release);
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), units) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([drain] { drain(); });   // a copy each (Schedule takes F&&)
   drain();
   while (cursor->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
+
+template <typename Fn>
+void run_units(xla::ffi::ThreadPool& pool, int64_t units, Fn fn) {
+  run_units(pool, units, fn, [] {}, [] {});
 }
 
 }  // namespace jaxpaged
