@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "vec.h"
 #include "work_queue.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -70,16 +71,9 @@ struct Problem {
   int qtype;
 };
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
-inline vf loadu(const float* src) { return *reinterpret_cast<const vf_unaligned*>(src); }
+using jaxpaged::kLanes;
+using jaxpaged::loadu;
+using jaxpaged::vf;
 
 // Work item i: output columns [i * kRowsPerItem, ...) for every real row of x. The item's weight rows
 // are dequantized once into buf [kRowsPerItem, K]; each x row then runs kRowsPerItem dot products at

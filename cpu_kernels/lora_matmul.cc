@@ -27,24 +27,18 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "vec.h"
 #include "work_queue.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
+using jaxpaged::kLanes;
+using jaxpaged::loadu;
+using jaxpaged::storeu;
+using jaxpaged::vf;
 constexpr int kTile = 6;   // rows per item (a register tile of 6 rows x 2 vectors: 12 accumulators)
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
-inline vf loadu(const float* src) { return *reinterpret_cast<const vf_unaligned*>(src); }
-inline void storeu(float* dst, vf v) { *reinterpret_cast<vf_unaligned*>(dst) = v; }
 
 struct Problem {
   const float* x;

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "vec.h"
 #include "work_queue.h"
 
 namespace ffi = xla::ffi;
@@ -244,27 +245,20 @@ constexpr int kDirectRows = 8;          // items of up to this many rows take at
 // scores and P.V are register-blocked outer products that broadcast K / V elements (K is read
 // row-wise, never transposed). GCC vector extensions keep this plain C++: they lower to zmm under
 // AVX-512 and to narrower registers elsewhere.
+using jaxpaged::kLanes;   // vec.h: 16 lanes (zmm) under AVX-512, 8 (ymm) under AVX, else 4
+using jaxpaged::loadu;
+using jaxpaged::splat;
+using jaxpaged::storeu;
+using jaxpaged::vf;
+using jaxpaged::vi;
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;              // one zmm register
 constexpr int kAccRegs = 16;            // accumulators per register block (of 32 registers)
-#elif defined(__AVX__)
-constexpr int kLanes = 8;               // one ymm register
-constexpr int kAccRegs = 8;             // (of 16 registers)
 #else
-constexpr int kLanes = 4;               // one xmm register
-constexpr int kAccRegs = 8;
+constexpr int kAccRegs = 8;             // (of 16 registers)
 #endif
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 constexpr int kTileVecs = 4;                       // row vectors per item, at most
 constexpr int kTileRows = kTileVecs * kLanes;      // rows per work item
 
-// Unaligned, aliasing-safe views of memory as vectors (memcpy into a vf goes through the stack).
-typedef float vf_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
-inline vf loadu(const float* src) { return *reinterpret_cast<const vf_unaligned*>(src); }
-inline void storeu(float* dst, vf x) { *reinterpret_cast<vf_unaligned*>(dst) = x; }
-
-inline vf splat(float x) { return vf{} + x; }
 inline vi splat_i(int32_t x) { return vi{} + x; }
 
 // Largest power of two <= n (n >= 1): register-block sizes that divide the power-of-two page size.
