@@ -44,7 +44,8 @@ class EngineConfig:
     # "auto": "native" (cpu_kernels, C++) on CPU when it builds, else "pallas"; "jnp": the references
     attention_backend: str = "auto"
     # with the native backend: weight matmuls through cpu_kernels/matmul (weights packed at load) where
-    # this CPU has the instructions for the dtype (AVX-512 f32, AMX bf16); False: XLA's dot
+    # this CPU has the instructions for the dtype (AVX-512 f32, AMX bf16); with Pallas on GPU: int8 / GGUF
+    # weights through its Triton kernels (backends/pallas.py); False: XLA's dot
     native_matmul: bool = True
     # "auto": what the attention backend prefers for the model's dtype (jaxpaged/backends); "float32",
     # "bfloat16"; "int8" or "fp8" (= "fp8_e4m3"): K/V quantized at write with a scale per (token, KV head),

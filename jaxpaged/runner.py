@@ -142,7 +142,8 @@ class ModelRunner:
         self.spec_rows = 1 + spec.num_speculative_tokens if spec is not None else 0
         self.backend = ready_backend(config.attention_backend)
         # weight matmuls on the backend's own packed weights (native CPU: AVX-512 / AVX2 f32, AMX bf16;
-        # int8 weights in the int8 kernel's panels); GGUF blocks multiply through their own type
+        # int8 weights in the int8 kernel's panels); GGUF blocks multiply through their own type. Pallas on
+        # GPU: int8 weights and GGUF blocks go to its Triton kernels (backends/pallas.py)
         self.native_matmul = (config.native_matmul and config.quantization in (None, "int8")
                               and self.backend.packs_weights(config.dtype, mesh))
         # params in the backend's storage forms (backends/layout.py), decided once here
@@ -153,7 +154,9 @@ class ModelRunner:
         graphdef, self.state = lay_out_params(graphdef, state, self.backend, platform=jax.default_backend(),
                                               pack=self.native_matmul, packed_cache=packed_cache,
                                               native_blocks=(config.native_matmul and config.quantization == "gguf"
-                                                             and self.backend.reads_blocks(mesh)))
+                                                             and self.backend.reads_blocks(mesh)),
+                                              int8_kernel=(config.native_matmul and config.quantization == "int8"
+                                                           and not self.native_matmul and self.backend.int8_kernel(mesh)))
         self.packed_cache = packed_cache        # its hits / misses: what this start read / packed
         self.dtype = self.backend.kv_storage_dtype(kv_dtype)   # the cache pages' dtype
         shape = (model_config.num_layers, model_config.num_kv_heads, num_blocks, self.block_size,

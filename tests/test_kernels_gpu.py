@@ -97,3 +97,39 @@ def test_8bit_cache_on_gpu(storage, head_dim, block_size):
     out = ragged_paged_attention(*args, interpret=False, **kw)
     ref = ragged_paged_attention_reference(*args, **kw)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (5, 1536, 576), (64, 200, 77), (300, 4096, 1000)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_matmul_on_gpu(m, k, n, dtype):
+    """The int8-weight matmul (pallas_kernels/int8_matmul.py, Triton) compiled on the GPU, on a stacked
+    weight read at layer 1, against the exact (f64, host) value of (x @ q) * scale."""
+    from pallas_kernels.int8_matmul import int8_matmul, pad_weight
+    from jaxpaged.quantization import quantize_int8
+    rng = np.random.default_rng(m + k)
+    w = quantize_int8(rng.standard_normal((2, k, n)).astype(np.float32) * 0.05)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    q, scale = pad_weight(jnp.asarray(w.q), jnp.asarray(w.scale))
+    out = np.asarray(int8_matmul(x, q, scale, jnp.int32(1), n=n, interpret=False))
+    ref = (np.asarray(x, np.float64) @ w.q[1].astype(np.float64)) * w.scale[1]
+    assert out.shape == (m, n) and out.dtype == np.float32
+    # exact products (bf16 / f32 times int8), f32 accumulation: only rounding of the sums differs
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (5, 1536, 577), (64, 4096, 1000)])
+def test_gguf_matmul_on_gpu(qtype, m, k, n):
+    """The GGUF block matmul (pallas_kernels/gguf_matmul.py, Triton) compiled on the GPU, on stacked
+    blocks read at layer 1, against the exact (f64, host) product with gguf's own dequantization."""
+    import gguf
+    from pallas_kernels.gguf_matmul import gguf_matmul
+    rng = np.random.default_rng(m + n)
+    raw = np.stack([gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05,
+                                         gguf.GGMLQuantizationType[qtype]) for _ in range(2)])
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    out = np.asarray(gguf_matmul(x, jnp.asarray(raw), jnp.int32(1), qtype=qtype, interpret=False))
+    w = gguf.quants.dequantize(raw[1], gguf.GGMLQuantizationType[qtype]).astype(np.float64)      # [N, K]
+    ref = np.asarray(x, np.float64) @ w.T
+    assert out.shape == (m, n) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())

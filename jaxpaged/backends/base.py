@@ -61,6 +61,14 @@ class Backend:
     def pack(self, w, *, stacked: bool):
         raise NotImplementedError(f"the {self.name} backend has no packed weights")
 
+    def int8_kernel(self, mesh) -> bool:
+        """Whether stacked int8 weights (quantization.Int8Weight) go to this backend's own int8 matmul
+        (`int8_weight(w)`) rather than XLA's dot; a backend that packs weights does it in `pack`."""
+        return False
+
+    def int8_weight(self, w):
+        raise NotImplementedError(f"the {self.name} backend has no int8 matmul kernel")
+
     # ---- kernels ------------------------------------------------------------------------------
     def write_kv(self, k, v, kv_cache, layer, meta):
         """k, v [T, KVH, D] -> kv_cache with row t written at slot meta.slot_mapping[t] of `layer`

@@ -5,6 +5,8 @@ Rules, by the layer type that owns the param (models/layers.py):
     LM head packed (`backend.pack`); a tied embedding keeps its table for the lookup and gains the
     packed head beside it (weights.TiedEmbedding); stacked int8 kernels (quantization.Int8Weight,
     quantized by the converter) go to the backend's packed int8 form the same way;
+  - a backend with an int8 kernel but no packed weights (`backend.int8_kernel`: Pallas on GPU) gets
+    every stacked int8 kernel in its own form (`backend.int8_weight`);
   - on XLA:CPU, without packed weights, vocabulary-sized tables (embedding, LM head) of a bf16
     model are held in f32: XLA CPU's bf16 dot of a few rows against [H, V] ran at ~3 GB/s
     (SmolLM2's head: 32-43 ms at B=4..64), the f32 one in 8-18 ms;
@@ -25,14 +27,16 @@ from jaxpaged.weights import BF16Bits, TiedEmbedding
 
 
 def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool, packed_cache=None,
-                   native_blocks: bool = False):
+                   native_blocks: bool = False, int8_kernel: bool = False):
     """(graphdef, State) -> (graphdef, State) with every param in the backend's storage form.
     pack: Linear kernels and the LM head go to the backend's packed form (backend.pack), stacked int8
     kernels (quantization.Int8Weight) to its packed int8 form. Other params that arrive as a weight
     type already (GGUF blocks) are kept as they are.
     packed_cache: a convert.packed_cache.PackedCache of the params' cache entry for this backend's
     flavour: packed forms are read from it, and the ones it lacks are packed and added to it.
-    native_blocks: stacked GGUF blocks go to the backend's block kernel (backend.blocks)."""
+    native_blocks: stacked GGUF blocks go to the backend's block kernel (backend.blocks).
+    int8_kernel: stacked int8 kernels go to the backend's int8 matmul (backend.int8_weight; a backend
+    without packed weights, e.g. Pallas on GPU)."""
     model = nnx.merge(graphdef, state)
     cpu = platform == "cpu"
     packer = _Packer(backend, packed_cache) if pack else None
@@ -47,6 +51,9 @@ def lay_out_params(graphdef, state, backend, *, platform: str, pack: bool, packe
                     and param.get_value().q.ndim == 3:           # stacked int8 [L, K, N]: the int8 kernel's panels
                 key = "/".join(map(str, (*path, name)))
                 param.set_value(packer(param.get_value(), True, key))
+            elif int8_kernel and isinstance(param, nnx.Param) and isinstance(param.get_value(), Int8Weight) \
+                    and param.get_value().q.ndim == 3:
+                param.set_value(backend.int8_weight(param.get_value()))
             elif native_blocks and isinstance(param, nnx.Param) and isinstance(param.get_value(), GGUFBlocks) \
                     and param.get_value().data.ndim == 3:
                 param.set_value(backend.blocks(param.get_value()))

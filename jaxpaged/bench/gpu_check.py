@@ -2,8 +2,8 @@
 
     python -m jaxpaged.bench gpu-check --out gpu_check.md
 
-1. the GPU tests (tests/test_kernels_gpu.py: compiled kernels against the jnp references; and the
-   CUDA lowering tests), via pytest;
+1. the GPU tests (tests/test_kernels_gpu.py: compiled kernels against the jnp references, the int8
+   weight matmul among them; and the CUDA lowering tests), via pytest;
 2. attention kernel bandwidth: decode at batch 1/8/64 x context 1k/8k/32k and two prefill chunks,
    Llama-3-8B heads in bf16: median time, GB/s of the bytes the kernel must move
    (pallas_kernels.gpu_estimate) and % of the device's HBM peak, next to the paper estimate; on
@@ -51,7 +51,8 @@ def require_gpu():
 def run_tests() -> dict:
     """The GPU test files of the source checkout this package runs from."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    files = ["tests/test_kernels_gpu.py", "tests/test_kernels_gpu_lowering.py"]
+    files = ["tests/test_kernels_gpu.py", "tests/test_kernels_gpu_lowering.py",
+             "tests/test_weight_kernels_gpu_lowering.py"]
     if not all(os.path.exists(os.path.join(root, f)) for f in files):
         return dict(ok=False, returncode=None, seconds=0.0, tail=f"{files} not found under {root}: run from a checkout")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
