@@ -188,7 +188,7 @@ def _kernel(info_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_
             plgpu.barrier_wait(v_free.at[lax.rem(i, stages)])
 
 
-def _call(info, block_tables, layer_arr, q_all, k5, v5, *, t: GpuTiling, sm_scale, soft_cap, window, interpret):
+def kernel_call(info, block_tables, layer_arr, q_all, k5, v5, *, t: GpuTiling, sm_scale, soft_cap, window, interpret):
     kvh, num_progs = q_all.shape[0], q_all.shape[1]
     bs, d = k5.shape[3], k5.shape[4]
     dtype = k5.dtype
@@ -232,10 +232,19 @@ def ragged_paged_attention_mosaic(q, k5, v5, block_tables, seq_lens, query_start
                                   soft_cap, window, t: GpuTiling, interpret: bool = False, max_query_len=None):
     """q [T, NH, D]; k5/v5 [L, KVH, NB, BS, D] (bf16/f16); returns [T, NH, D] (contract of
     ragged_paged_attention; inputs validated, `supports` checked by the caller)."""
+    num_blocks = num_prefill_blocks(q.shape[0], block_tables.shape[0], t, max_query_len)
+    info, q_all = kernel_inputs(q, seq_lens, query_start, k5.shape[1], t=t, window=window, num_blocks=num_blocks)
+    acc, m, l = kernel_call(info, block_tables, layer_arr, q_all, k5, v5, t=t, sm_scale=sm_scale, soft_cap=soft_cap,
+                      window=window, interpret=interpret)
+    return _gather_outputs(acc, m, l, query_start, q.shape, num_blocks, t, q.dtype)
+
+
+def kernel_inputs(q, seq_lens, query_start, num_kv_heads, *, t: GpuTiling, window, num_blocks):
+    """(program table [P, 7] i32, queries [KVH, P, 64, D]) of the flat batch; a function of its own
+    so that `bench gpu-check` can time the kernel without this XLA prologue."""
     num_tokens, nh, d = q.shape
-    kvh, batch = k5.shape[1], block_tables.shape[0]
+    kvh, batch = num_kv_heads, seq_lens.shape[0]
     g, gp = nh // kvh, t.group
-    num_blocks = num_prefill_blocks(num_tokens, batch, t, max_query_len)
     q4 = jnp.pad(q.reshape(num_tokens, kvh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))   # [T, KVH, Gp, D]
     blk_seq, blk_tile = _prefill_blocks(query_start, num_blocks, t)
     q_len = query_start[1:] - query_start[:-1]
@@ -251,16 +260,20 @@ def ragged_paged_attention_mosaic(q, k5, v5, block_tables, seq_lens, query_start
     q_dec = _decode_queries(q4, query_start, t).reshape(kvh, batch, 1, ROWS, d)
     q_dec = jnp.broadcast_to(q_dec, (kvh, batch, t.kv_splits, ROWS, d)).reshape(kvh, -1, ROWS, d)
     q_all = jnp.concatenate([q_pf, q_dec], axis=1)                                         # [KVH, P, 64, D]
-    info = _program_table(query_start, seq_lens, blk_seq, blk_tile, num_blocks, t, window)
+    return _program_table(query_start, seq_lens, blk_seq, blk_tile, num_blocks, t, window), q_all
 
-    acc, m, l = _call(info, block_tables, layer_arr, q_all, k5, v5, t=t, sm_scale=sm_scale, soft_cap=soft_cap,
-                      window=window, interpret=interpret)
 
+def _gather_outputs(acc, m, l, query_start, q_shape, num_blocks, t: GpuTiling, dtype):
+    """The kernel's partials -> [T, NH, D]: prefill blocks normalised, decode segments combined."""
+    num_tokens, nh, d = q_shape
+    kvh, batch, gp = acc.shape[0], query_start.shape[0] - 1, t.group
+    g = nh // kvh
+    q_len = query_start[1:] - query_start[:-1]
     # prefill: normalise each block; token -> (block, row) inverts _prefill_blocks' numbering
     o_pf = (acc[:, :num_blocks] / jnp.where(l[:, :num_blocks] == 0, 1.0, l[:, :num_blocks])[..., None])
     o_pf = o_pf.reshape(kvh, num_blocks * t.q_block, gp, d)
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right"), 0, batch - 1).astype(jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right", method="compare_all"), 0, batch - 1).astype(jnp.int32)
     jt = tok - query_start[seq]
     n_blk = jnp.where(q_len > t.decode_tokens, (q_len + t.q_block - 1) // t.q_block, 0)
     ends = jnp.cumsum(n_blk)
@@ -273,4 +286,4 @@ def ragged_paged_attention_mosaic(q, k5, v5, block_tables, seq_lens, query_start
     out_dec = dec[:, seq * t.decode_tokens + jnp.clip(jt, 0, t.decode_tokens - 1)]
     is_dec = (q_len[seq] <= t.decode_tokens)[None, :, None, None]
     out = jnp.where(is_dec, out_dec, out_pf)[:, :, :g].transpose(1, 0, 2, 3).reshape(num_tokens, nh, d)
-    return jnp.where((tok < query_start[-1])[:, None, None], out, 0).astype(q.dtype)
+    return jnp.where((tok < query_start[-1])[:, None, None], out, 0).astype(dtype)

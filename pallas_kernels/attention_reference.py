@@ -93,7 +93,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens
     g = nh // kvh
 
     tok = jnp.arange(t, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right"), 0, b - 1).astype(jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right", method="compare_all"), 0, b - 1).astype(jnp.int32)
     valid = tok < query_start[-1]
     q_len = query_start[seq + 1] - query_start[seq]
     pos = seq_lens[seq] - q_len + (tok - query_start[seq])       # absolute position of each query

@@ -197,8 +197,11 @@ def _kernel(layer_ref, bt_ref, lens_ref, qs_ref, blk_seq_ref, blk_tile_ref, q_re
         ld_ref[h, r] = l
         return carry
 
-    n_prefill = jnp.where((p < num_blocks) & (blk_seq_ref[jnp.minimum(p, max(num_blocks - 1, 0))] >= 0), 1, 0)
-    n_decode = jnp.where((p >= num_blocks) & (p < num_blocks + num_seqs * t.kv_splits), 1, 0)
+    # Trip counts 0 or 1 from clamped integer arithmetic, not jnp.where(cond, 1, 0): jax 0.11's Triton
+    # lowering types a select of two literals like its predicate (i1), which scf.for rejects on the GPU.
+    one_if_pos = lambda x: jnp.minimum(jnp.maximum(x, 0), 1)                      # x > 0 -> 1, else 0
+    n_prefill = one_if_pos(num_blocks - p) * one_if_pos(blk_seq_ref[jnp.minimum(p, max(num_blocks - 1, 0))] + 1)
+    n_decode = one_if_pos(p - num_blocks + 1) * one_if_pos(num_blocks + num_seqs * t.kv_splits - p)
     lax.fori_loop(0, n_prefill, prefill, 0)     # trip count 0 or 1: a branch Triton and the interpreter both take
     lax.fori_loop(0, n_decode, decode, 0)
 
@@ -214,8 +217,10 @@ def _prefill_blocks(query_start, num_blocks, t: GpuTiling):
     q_len = query_start[1:] - query_start[:-1]                               # [B]
     n = jnp.where(q_len > t.decode_tokens, (q_len + t.q_block - 1) // t.q_block, 0)
     ends = jnp.cumsum(n)                                                     # [B] exclusive block ends
+    # searchsorted as one broadcast compare (method="compare_all"): the default binary search is a
+    # while loop, and on a GPU every iteration of an XLA while loop waits for the host
     i = jnp.arange(max(num_blocks, 1), dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right"), q_len.shape[0] - 1).astype(jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, i, side="right", method="compare_all"), q_len.shape[0] - 1).astype(jnp.int32)
     used = i < ends[-1]
     tile = ends[seq] - 1 - i                                                 # reversed within the sequence
     return jnp.where(used, seq, -1).astype(jnp.int32), jnp.where(used, tile, 0).astype(jnp.int32)
@@ -288,7 +293,7 @@ def ragged_paged_attention_gpu(q, k5, v5, block_tables, seq_lens, query_start, l
     # decode rows: partials combined, then each decode token picks its sequence's row block
     dec = _combine(od, md, ld, batch, t).reshape(kvh, batch * t.decode_tokens, gp, dp)
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right"), 0, batch - 1).astype(jnp.int32)
+    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right", method="compare_all"), 0, batch - 1).astype(jnp.int32)
     j = tok - query_start[seq]
     q_len = query_start[seq + 1] - query_start[seq]
     out_dec = dec[:, seq * t.decode_tokens + jnp.clip(j, 0, t.decode_tokens - 1)].transpose(1, 0, 2, 3)

@@ -192,3 +192,27 @@ def test_8bit_cache_step_lowers_with_scales_in_place(storage, mlir, model, bs):
     assert write.count("output_operand_alias<") == 2, write[:400]
     main = next(line for line in module.splitlines() if "func.func public @main" in line)
     assert main.count("tf.aliasing_output") == 4 or main.count("jax.buffer_donor") == 4, main[:800]
+
+
+@pytest.mark.parametrize("dtype,soft_cap,window,scales", [
+    (jnp.bfloat16, None, None, False), (jnp.float32, 30.0, 37, False), (jnp.bfloat16, None, None, True)])
+def test_triton_attention_module_verifies(dtype, soft_cap, window, scales, monkeypatch, capsys):
+    """The Triton module the GPU compiles must pass MLIR verification. Pallas prints it with
+    `debug=True`: in MLIR's custom form when it verifies, in the generic form ("scf.for"(...),
+    %x = "arith...") when it does not. (jax 0.11 typed a select of two literals as i1, which made
+    an scf.for's bounds mismatch: found on an H200, where the compile then failed.)"""
+    from jax.experimental import pallas as pl
+    from pallas_kernels.attention_triton import gpu_tiling, ragged_paged_attention_gpu
+
+    pallas_call = pl.pallas_call
+    monkeypatch.setattr(pl, "pallas_call", lambda *a, **k: pallas_call(*a, **{**k, "debug": True}))
+    t = gpu_tiling(8, 2, 64, 4, 256)
+    cache = S((1, 2, 17, 16, 64), jnp.int8 if scales else dtype)
+    args = [S((64, 8, 64), dtype), cache, cache, S((4, 16), jnp.int32), S((4,), jnp.int32), S((5,), jnp.int32),
+            S((1,), jnp.int32)] + [S((1, 2, 17, 16), jnp.float32)] * (2 if scales else 0)
+    export_for_cuda(lambda *a: ragged_paged_attention_gpu(*a, sm_scale=0.125, soft_cap=soft_cap, window=window,
+                                                          t=t, interpret=False), *args)
+    out = capsys.readouterr().out
+    assert "The Triton module for pallas_call" in out
+    generic = [line for line in out.splitlines() if '"scf.for"' in line or '= "arith.' in line]
+    assert not generic, generic[:3]

@@ -1,4 +1,4 @@
-"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,matmul,startup,gpu-check,structured,perplexity,memory,lora,spec} [options]; --help on each.
+"""python -m jaxpaged.bench {throughput,latency,serve,load,kernel,matmul,startup,gpu-check,random-model,structured,perplexity,memory,lora,spec} [options]; --help on each.
 
   throughput  offline requests/s and tok/s, side by side with transformers / vLLM (--backend jaxpaged,hf,vllm)
   latency     one batch size: per-step time, host vs device split, FLOP ceiling, device-step breakdown
@@ -8,6 +8,7 @@
   matmul      the native packed weight matmul against XLA's dot on a model's weight shapes; int8 / GGUF kernels too
   startup     cold start (empty caches) vs warm start (converted params and compilations cached)
   gpu-check   on a GPU: the GPU tests, attention bandwidth (% of HBM peak), end-to-end throughput -> one report
+  random-model  a random-weight HF Llama checkpoint of a real model's shape (benchmarks without the weights)
   structured  a B=64 decode step with every row under a JSON schema vs none (mask overhead)
   perplexity  perplexity of a fixed English text from prompt log-probs (dense vs int8, ... side by side)
   memory      where an engine's resident memory goes: runtime, params, KV pool, compiled steps
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "matmul", "startup", "gpu-check", "structured",
+COMMANDS = ("throughput", "latency", "serve", "load", "kernel", "matmul", "startup", "gpu-check", "random-model", "structured",
             "perplexity", "memory", "lora", "spec")
 
 
