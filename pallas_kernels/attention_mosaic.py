@@ -44,10 +44,16 @@ def supports(dtype, head_dim: int, block_size: int, group: int) -> bool:
             and CHUNK % block_size == 0 and block_size % 8 == 0 and group <= ROWS)
 
 
-def mosaic_tiling(num_heads: int, num_kv_heads: int, head_dim: int, splits: int) -> GpuTiling:
+def mosaic_tiling(num_heads: int, num_kv_heads: int, head_dim: int, splits: int, stages: int = 3,
+                  compute_wgs: int = 1) -> GpuTiling:
+    """stages: SMEM ring slots (K and V chunks in flight); compute_wgs: 1 or 2 consumer warpgroups
+    (stages must be a multiple of it: each slot belongs to one consumer)."""
+    if compute_wgs not in (1, 2) or stages % compute_wgs or stages < compute_wgs:
+        raise ValueError(f"mosaic tiling: compute_wgs {compute_wgs} must be 1 or 2 and divide stages {stages}")
     gp = pl.next_power_of_2(num_heads // num_kv_heads)
     return GpuTiling(q_block=ROWS // gp, decode_tokens=ROWS // gp, kv_chunk=CHUNK, kv_splits=splits,
-                     group=gp, head_dim=head_dim, num_warps=4, num_stages=3, kernel="mosaic")
+                     group=gp, head_dim=head_dim, num_warps=4, num_stages=stages, kernel="mosaic",
+                     compute_wgs=compute_wgs)
 
 
 def _program_table(query_start, seq_lens, blk_seq, blk_tile, num_blocks, t: GpuTiling, window):
@@ -86,17 +92,19 @@ def _kernel(info_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_
     # q_ref [KVH, P, 64, D]; k_ref / v_ref [L, KVH, NB, BS, D] (GMEM, read by TMA page by page)
     # acc_ref [KVH, P, 64, D] f32; m_ref / l_ref [KVH, P, 64] f32 (unnormalised partials; acc rows
     #   past the program's real query rows are never written)
-    (q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem), (q_bar, k_bars, v_bars), (k_free, v_free) = scoped
+    # Warpgroups 0 .. CW-1 compute (CW = t.compute_wgs), warpgroup CW copies. Consumer c takes chunks
+    # c, c + CW, ...; chunk i lives in ring slot i % stages, so with stages % CW == 0 every slot has
+    # one consumer and each thread's barrier phases advance in order.
+    (q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem), (q_bar, k_bars, v_bars, done_bar), (k_free, v_free) = scoped
     p, h, wg = lax.axis_index("p"), lax.axis_index("h"), lax.axis_index("wg")
     b, c_lo, c_hi = info_ref[p, 0], info_ref[p, 1], info_ref[p, 2]
     qpos0, lo, seq_len, real_rows = info_ref[p, 3], info_ref[p, 4], info_ref[p, 5], info_ref[p, 6]
     n = jnp.maximum(c_hi - c_lo, 0)
-    stages, chunk, pages = t.num_stages, t.kv_chunk, t.kv_chunk // block_size
+    cw, stages, chunk, pages = t.compute_wgs, t.num_stages, t.kv_chunk, t.kv_chunk // block_size
     max_blocks = bt_ref.shape[1]
 
-    @pl.when(wg == 0)
-    def _compute_wg():
-        plgpu.copy_gmem_to_smem(q_ref.at[h, p], q_smem, q_bar)
+    def consume(c):
+        """Consumer c's online softmax over its chunks: (acc [64, D], m [64] in log2 units, l [64])."""
         plgpu.barrier_wait(q_bar)
         m = plgpu.layout_cast(jnp.full((ROWS,), _MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -105,9 +113,11 @@ def _kernel(info_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_
         row = plgpu.broadcasted_iota(jnp.int32, (ROWS, chunk), 0, layout=plgpu.Layout.WGMMA)
         col = plgpu.broadcasted_iota(jnp.int32, (ROWS, chunk), 1, layout=plgpu.Layout.WGMMA)
         q_pos = qpos0 + lax.shift_right_logical(row, shift)          # the Gp rows of a token share it
+        p_buf = p_smem.at[c]
 
-        def step(i, carry):
+        def step(j, carry):
             acc, m, l = carry
+            i = c + j * cw                                           # chunk index in [0, n)
             slot = lax.rem(i, stages)
             plgpu.barrier_wait(k_bars.at[slot])
 
@@ -129,17 +139,20 @@ def _kernel(info_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_
             l = l * alpha + probs.sum(axis=1)
             plgpu.barrier_wait(v_bars.at[slot])
 
-            p_smem[...] = probs.astype(p_smem.dtype)      # P through SMEM: wgmma's A operand
+            p_buf[...] = probs.astype(p_buf.dtype)        # P through SMEM: wgmma's A operand
             plgpu.commit_smem()
 
             def pv_scope(r):
-                plgpu.wgmma(r, p_smem, v_smem.at[slot])
+                plgpu.wgmma(r, p_buf, v_smem.at[slot])
                 return r[...]
             pv = pl.run_scoped(pv_scope, plgpu.ACC((ROWS, t.head_dim), jnp.float32))
             plgpu.barrier_arrive(v_free.at[slot])
             return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
 
-        acc, m, l = lax.fori_loop(0, n, step, (acc, m, l))
+        mine = lax.div(jnp.maximum(n - c, 0) + cw - 1, cw)          # chunks c, c + cw, ... below n
+        return lax.fori_loop(0, mine, step, (acc, m, l))
+
+    def store(acc, m, l):
         o_smem[...] = acc
         m_smem[...] = m * (1.0 / _LOG2E)        # the loop keeps m in log2 units; partials are natural-log
         l_smem[...] = l
@@ -156,7 +169,32 @@ def _kernel(info_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_
         plgpu.copy_smem_to_gmem(l_smem, l_ref.at[h, p])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 1)
+    @pl.when(wg == 0)
+    def _first_consumer():
+        plgpu.copy_gmem_to_smem(q_ref.at[h, p], q_smem, q_bar)
+        acc, m, l = consume(0)
+        if cw == 2:                             # merge the second consumer's partials (through SMEM)
+            plgpu.barrier_wait(done_bar)
+            acc2 = plgpu.load(o_smem, layout=plgpu.Layout.WGMMA)
+            m2 = plgpu.load(m_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+            l2 = plgpu.load(l_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+            m_all = jnp.maximum(m, m2)
+            a1, a2 = jnp.exp2(m - m_all), jnp.exp2(m2 - m_all)
+            acc = (acc * lax.broadcast_in_dim(a1, acc.shape, [0]) + acc2 * lax.broadcast_in_dim(a2, acc.shape, [0]))
+            m, l = m_all, l * a1 + l2 * a2
+        store(acc, m, l)
+
+    if cw == 2:
+        @pl.when(wg == 1)
+        def _second_consumer():
+            acc, m, l = consume(1)
+            o_smem[...] = acc                   # m stays in log2 units here: the merge reads it as such
+            m_smem[...] = m
+            l_smem[...] = l
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(done_bar)
+
+    @pl.when(wg == cw)
     def _memory_wg():
         layer = layer_ref[0]
         first = bt_ref[b, jnp.minimum(lax.div(lo, block_size), max_blocks - 1)]   # the first page in [lo, seq_len)
@@ -202,13 +240,14 @@ def kernel_call(info, block_tables, layer_arr, q_all, k5, v5, *, t: GpuTiling, s
             (plgpu.SMEM((ROWS, d), dtype, transforms=swizzle),
              plgpu.SMEM((t.num_stages, t.kv_chunk, d), dtype, transforms=swizzle),
              plgpu.SMEM((t.num_stages, t.kv_chunk, d), dtype, transforms=swizzle),
-             plgpu.SMEM((ROWS, t.kv_chunk), dtype, transforms=swizzle),
+             plgpu.SMEM((t.compute_wgs, ROWS, t.kv_chunk), dtype, transforms=swizzle),   # P, per consumer
              plgpu.SMEM((ROWS, d), jnp.float32),
              plgpu.SMEM((ROWS,), jnp.float32),
              plgpu.SMEM((ROWS,), jnp.float32)),
             (plgpu.Barrier(),
              plgpu.Barrier(num_arrivals=pages, num_barriers=t.num_stages),   # one arrival per page copy
-             plgpu.Barrier(num_arrivals=pages, num_barriers=t.num_stages)),
+             plgpu.Barrier(num_arrivals=pages, num_barriers=t.num_stages),
+             plgpu.Barrier()),                                               # second consumer done
             (plgpu.Barrier(num_barriers=t.num_stages), plgpu.Barrier(num_barriers=t.num_stages)),
             collective_axes="wg",
         )
@@ -220,7 +259,7 @@ def kernel_call(info, block_tables, layer_arr, q_all, k5, v5, *, t: GpuTiling, s
                   jax.ShapeDtypeStruct((kvh, num_progs, ROWS), jnp.float32)),
         grid=(num_progs, kvh),
         grid_names=("p", "h"),
-        num_threads=2,
+        num_threads=t.compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,   # CPU simulation (threads, barriers, TMA)

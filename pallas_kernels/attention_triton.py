@@ -43,6 +43,7 @@ class GpuTiling:
     num_warps: int = 4
     num_stages: int = 3  # software pipelining depth of the KV loop (Triton) / SMEM ring slots (Mosaic)
     kernel: str = "triton"   # "triton" (this module) or "mosaic" (attention_mosaic, jax >= 0.11)
+    compute_wgs: int = 1     # Mosaic only: consumer warpgroups, each taking every compute_wgs-th KV chunk
 
 
 def choose_kv_splits(batch: int, num_kv_heads: int, max_context: int, kv_chunk: int,

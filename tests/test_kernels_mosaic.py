@@ -24,12 +24,14 @@ from pallas_kernels.attention_mosaic import mosaic_tiling, supports   # noqa: E4
 from tests.test_kernels import check_against_reference, make_batch   # noqa: E402
 
 
-def test_mosaic_kernel_in_interpret_mode_matches_reference():
-    # Gp 2: 64 rows = 32 tokens per prefill block / decode tile; 3 KV segments per decode
+@pytest.mark.parametrize("stages,compute_wgs", [(3, 1), (4, 2)])
+def test_mosaic_kernel_in_interpret_mode_matches_reference(stages, compute_wgs):
+    # Gp 2: 64 rows = 32 tokens per prefill block / decode tile; 3 KV segments per decode.
+    # Two consumer warpgroups: chunks alternate between them, partials merged through SMEM.
     q_lens, seq_lens = [1, 5, 40, 1], [150, 100, 40, 9]
     x = make_batch(q_lens, seq_lens, num_heads=2, num_kv_heads=1, head_dim=64, block_size=16,
                    dtype=jnp.bfloat16, pad_tokens=2, window=70)      # pages before the window are NaN
-    t = mosaic_tiling(2, 1, 64, splits=3)
+    t = mosaic_tiling(2, 1, 64, splits=3, stages=stages, compute_wgs=compute_wgs)
     assert supports(jnp.bfloat16, 64, 16, t.group) and (t.q_block, t.decode_tokens) == (32, 32)
     check_against_reference(x, tiling=t, interpret=True, soft_cap=20.0, sliding_window=70)
 
@@ -38,6 +40,8 @@ def test_mosaic_kernel_takes_only_what_it_supports():
     assert not supports(jnp.float32, 64, 16, 4)      # f32 caches keep Triton
     assert not supports(jnp.bfloat16, 80, 16, 4)     # head_dim 80/96 keep Triton
     assert not supports(jnp.bfloat16, 64, 24, 4)     # pages must divide the 64-position chunk
+    with pytest.raises(ValueError, match="must be 1 or 2 and divide stages"):
+        mosaic_tiling(2, 1, 64, splits=1, stages=3, compute_wgs=2)   # a slot would change consumers
     x = make_batch([1], [20], num_heads=2, num_kv_heads=1, head_dim=64, block_size=24, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="Mosaic GPU kernel does not take"):
         ragged_paged_attention(x["q"], x["k"], x["v"], x["block_tables"], x["seq_lens"], x["query_start"],

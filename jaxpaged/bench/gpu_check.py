@@ -40,6 +40,10 @@ def add_args(p) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per case (median); each times 10 calls")
     p.add_argument("--quick", action="store_true", help="batch 1/64 x 8k only, short e2e run (smoke test)")
     p.add_argument("--kernels", default=None, help="comma-separated subset of triton,mosaic (default: all of this jax line)")
+    p.add_argument("--mosaic-variants", default=None,
+                   help="time these Mosaic GPU tilings too, each checked against the reference first: "
+                        "comma-separated STAGES:COMPUTE_WGS[:SPLITS], e.g. 3:1,4:2,4:2:32")
+    p.add_argument("--tests", default=None, help="pytest -k expression selecting among the GPU tests")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--tests-timeout", type=float, default=300.0, help="seconds for the GPU tests")
@@ -108,6 +112,8 @@ def run_tests(args) -> dict:
         workers = min(8, os.cpu_count() or 1) if importlib.util.find_spec("xdist") else 0
     if workers > 1:
         cmd += ["-n", str(workers)]
+    if args.tests:
+        cmd += ["-k", args.tests]
     return _subprocess(cmd, args.tests_timeout, cwd=root, env=_gpu_env(args.dry_run), log=_log_path(args, "tests"))
 
 
@@ -152,7 +158,53 @@ def time_calls(fn, args, repeats, inner=10) -> float:
     return float(np.median(times))
 
 
-def _attention_row(name, q_lens, ctx_lens, shapes, block_size, repeats, peak, kernel, interpret):
+def parse_variants(text: str | None) -> list[tuple[int, int, int | None]]:
+    """'3:1,4:2:32' -> [(3, 1, None), (4, 2, 32)]: (stages, compute warpgroups, KV splits or default)."""
+    out = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        parts = [int(x) for x in item.split(":")]
+        if len(parts) not in (2, 3):
+            raise SystemExit(f"--mosaic-variants {item!r}: expected STAGES:COMPUTE_WGS[:SPLITS]")
+        out.append((parts[0], parts[1], parts[2] if len(parts) == 3 else None))
+    return out
+
+
+def variant_tiling(variant, dtype, nh, kvh, d, bs, batch, max_context):
+    """The Mosaic GPU tiling of a (stages, compute_wgs, splits) variant for this shape."""
+    from pallas_kernels.attention_mosaic import mosaic_tiling
+    from pallas_kernels.ragged_paged_attention import default_gpu_tiling
+
+    base = default_gpu_tiling(dtype, nh, kvh, d, bs, batch, max_context, "mosaic")
+    stages, wgs, splits = variant
+    return mosaic_tiling(nh, kvh, d, splits or base.kv_splits, stages=stages, compute_wgs=wgs)
+
+
+def check_variant(variant, shapes, block_size) -> float:
+    """Max |kernel - reference| of a variant on a mixed batch (decodes at page edges, two prefill
+    chunks, a padding sequence); raises when it is off."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels import ragged_paged_attention, ragged_paged_attention_reference
+
+    nh, kvh, d = shapes
+    q_lens = (1,) * 6 + (300, 70)
+    ctx_lens = (1, 15, 16, 17, 1000, 4097, 700, 70)
+    x = device_inputs(q_lens, ctx_lens, num_heads=nh, num_kv_heads=kvh, head_dim=d, block_size=block_size,
+                      dtype=jnp.bfloat16, seed=1)
+    t = variant_tiling(variant, jnp.bfloat16, nh, kvh, d, block_size, len(q_lens), x["bt"].shape[1] * block_size)
+    args = (x["q"], x["k"], x["v"], x["bt"], x["lens"], x["qs"])
+    out = np.asarray(ragged_paged_attention(*args, sm_scale=d ** -0.5, tiling=t, interpret=False), np.float32)
+    ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=d ** -0.5), np.float32)
+    err = float(np.abs(out - ref).max())
+    if not np.isfinite(err) or err > 3e-2:
+        raise AssertionError(f"variant {variant}: max error {err} against the reference")
+    return err
+
+
+def _attention_row(name, q_lens, ctx_lens, shapes, block_size, repeats, peak, kernel, interpret, variant=None):
     import jax
     import jax.numpy as jnp
 
@@ -170,15 +222,20 @@ def _attention_row(name, q_lens, ctx_lens, shapes, block_size, repeats, peak, ke
         tiling = default_gpu_tiling(dtype, nh, kvh, d, block_size, len(q_lens), x["bt"].shape[1] * block_size, kernel)
         attend = jax.jit(lambda q, k, v, bt, sl, qs: ragged_paged_attention(
             q, k, v, bt, sl, qs, sm_scale=d ** -0.5, interpret=True, tiling=tiling, max_query_len=mql))
+    elif variant is not None:
+        tiling = variant_tiling(variant, dtype, nh, kvh, d, block_size, len(q_lens), x["bt"].shape[1] * block_size)
+        attend = jax.jit(lambda q, k, v, bt, sl, qs: ragged_paged_attention(
+            q, k, v, bt, sl, qs, sm_scale=d ** -0.5, tiling=tiling, interpret=False, max_query_len=mql))
     else:
         attend = jax.jit(lambda q, k, v, bt, sl, qs: ragged_paged_attention(
             q, k, v, bt, sl, qs, sm_scale=d ** -0.5, gpu_kernel=kernel, max_query_len=mql))
     ms = time_calls(attend, (x["q"], x["k"], x["v"], x["bt"], x["lens"], x["qs"]), repeats, 1 if interpret else 10)
     e = estimate(q_lens, ctx_lens, num_heads=nh, num_kv_heads=kvh, head_dim=d, block_size=block_size)
-    kernel_ms = None if interpret or kernel != "mosaic" else _mosaic_kernel_ms(x, d, mql, repeats)
+    kernel_ms = None if interpret or kernel != "mosaic" or variant else _mosaic_kernel_ms(x, d, mql, repeats)
     gbps = e.bytes / ms / 1e6
     del x
-    return dict(case=f"{kernel}: {name}", ms=ms, gbps=gbps, pct_peak=None if peak is None else 100 * gbps / peak,
+    label = kernel if variant is None else "mosaic {}:{}:{}".format(*variant)
+    return dict(case=f"{label}: {name}", ms=ms, gbps=gbps, pct_peak=None if peak is None else 100 * gbps / peak,
                 kernel_ms=kernel_ms,
                 kernel_pct_peak=None if peak is None or kernel_ms is None else 100 * e.bytes / kernel_ms / 1e6 / peak,
                 tflops=e.flops / ms / 1e9, programs=e.programs, kv_splits=e.kv_splits,
@@ -215,7 +272,7 @@ def bandwidth_cases(args) -> list[tuple[str, tuple, tuple]]:
 
     if args.dry_run:
         return [("decode B=2 ctx=300", *decode_case(2, 300)), ("prefill 96 @ ctx 200", *prefill_case(96, 200))]
-    batches, contexts = ((1, 64), (8192,)) if args.quick else (BATCHES, CONTEXTS)
+    batches, contexts = ((1, 64), (8192, 32768)) if args.quick else (BATCHES, CONTEXTS)
     cases = [(f"decode B={b} ctx={c}", *decode_case(b, c)) for b in batches for c in contexts]
     return cases + [(f"prefill {n} @ ctx {c}", *prefill_case(n, c)) for n, c in (PREFILLS[:1] if args.quick else PREFILLS)]
 
@@ -238,15 +295,26 @@ def run_bandwidth(args, peak, on_row=lambda rows: None) -> list[dict]:
 
     shapes = MODELS["smollm2-135m" if args.dry_run else args.model_shapes]
     rows, t0 = [], time.perf_counter()
-    for kernel in gpu_kernels(args):
+    runs = [(k, None) for k in gpu_kernels(args)]
+    if not args.dry_run:
+        runs += [("mosaic", v) for v in parse_variants(args.mosaic_variants)]
+    for kernel, variant in runs:
+        if variant is not None:
+            try:
+                err = check_variant(variant, shapes, args.block_size)
+                print(f"  mosaic {variant}: max error {err:.2e} against the reference", flush=True)
+            except Exception as e:
+                rows.append(dict(case=f"mosaic {variant}: check", error=f"{type(e).__name__}: {str(e)[:600]}"))
+                print(f"  {rows[-1]['case']}: FAILED {rows[-1]['error']}", flush=True)
+                continue
         for name, q_lens, ctx_lens in bandwidth_cases(args):
-            case = f"{kernel}: {name}"
+            case = f"{kernel if variant is None else variant}: {name}"
             if time.perf_counter() - t0 > args.bandwidth_budget:
                 rows.append(dict(case=case, error=f"skipped: past --bandwidth-budget {args.bandwidth_budget:.0f} s"))
                 continue
             try:
                 rows.append(_attention_row(name, q_lens, ctx_lens, shapes, args.block_size,
-                                           2 if args.dry_run else args.repeats, peak, kernel, args.dry_run))
+                                           2 if args.dry_run else args.repeats, peak, kernel, args.dry_run, variant))
             except Exception as e:       # a kernel that fails to compile or run is a finding, not the end
                 rows.append(dict(case=case, error=f"{type(e).__name__}: {str(e)[:600]}"))
                 print(f"  {case}: FAILED {rows[-1]['error']}", flush=True)
