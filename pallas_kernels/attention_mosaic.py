@@ -44,10 +44,12 @@ def supports(dtype, head_dim: int, block_size: int, group: int) -> bool:
             and CHUNK % block_size == 0 and block_size % 8 == 0 and group <= ROWS)
 
 
-def mosaic_tiling(num_heads: int, num_kv_heads: int, head_dim: int, splits: int, stages: int = 3,
-                  compute_wgs: int = 1) -> GpuTiling:
+def mosaic_tiling(num_heads: int, num_kv_heads: int, head_dim: int, splits: int, stages: int = 4,
+                  compute_wgs: int = 2) -> GpuTiling:
     """stages: SMEM ring slots (K and V chunks in flight); compute_wgs: 1 or 2 consumer warpgroups
-    (stages must be a multiple of it: each slot belongs to one consumer)."""
+    (stages must be a multiple of it: each slot belongs to one consumer). Defaults measured on an
+    H200 (BENCHMARKS.md, `bench gpu-check --mosaic-variants`): 4 slots x 2 consumers moved 1.18-1.24x
+    the bytes/s of 3 x 1 on batch-64 decodes, and matched the reference there."""
     if compute_wgs not in (1, 2) or stages % compute_wgs or stages < compute_wgs:
         raise ValueError(f"mosaic tiling: compute_wgs {compute_wgs} must be 1 or 2 and divide stages {stages}")
     gp = pl.next_power_of_2(num_heads // num_kv_heads)

@@ -47,12 +47,14 @@ class GpuTiling:
 
 
 def choose_kv_splits(batch: int, num_kv_heads: int, max_context: int, kv_chunk: int,
-                     num_sms: int = DEFAULT_NUM_SMS, min_chunks_per_split: int = 4, max_splits: int = 64) -> int:
-    """Segments per decode: enough programs for ~2 per SM, each segment >= min_chunks_per_split chunks.
+                     num_sms: int = DEFAULT_NUM_SMS, min_chunks_per_split: int = 4, max_splits: int = 64,
+                     programs_per_sm: int = 2) -> int:
+    """Segments per decode: enough programs for ~programs_per_sm per SM (Triton 2; Mosaic GPU 1, whose
+    ~190 KB of SMEM fits one program per SM), each segment >= min_chunks_per_split chunks.
 
     Static per bucket (batch and table width are the bucket's shapes): batch 1 x 32k x 8 KV heads
-    -> 64 splits (512 programs); batch 64 x 8 KV heads -> 1 (512 programs already)."""
-    want = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    -> 64 splits (512 programs; Mosaic 32); batch 64 x 8 KV heads -> 1 (512 programs already)."""
+    want = -(-programs_per_sm * num_sms // max(1, batch * num_kv_heads))
     splits = pl.next_power_of_2(want)
     chunks = -(-max_context // kv_chunk)
     return int(max(1, min(splits, max_splits, chunks // min_chunks_per_split)))

@@ -41,7 +41,8 @@ from jax.experimental.pallas import triton as pl_triton
 from pallas_kernels.attention_reference import ragged_paged_attention_reference  # noqa: F401 (re-export)
 from pallas_kernels.attention_reference import validate_attention_args as _validate
 from pallas_kernels.kv_quant import dequantize_kv
-from pallas_kernels.attention_triton import DEFAULT_NUM_SMS, GpuTiling, gpu_tiling, ragged_paged_attention_gpu
+from pallas_kernels.attention_triton import (DEFAULT_NUM_SMS, GpuTiling, choose_kv_splits, gpu_tiling,
+                                             ragged_paged_attention_gpu)
 
 _MASK_VALUE = -1e30        # finite "minus infinity": keeps exp(m_old - m_new) NaN-free
 
@@ -212,7 +213,9 @@ def default_gpu_tiling(dtype, num_heads, num_kv_heads, head_dim, block_size, bat
     if gpu_kernel_choice(kernel) == "mosaic":
         from pallas_kernels import attention_mosaic
         if attention_mosaic.supports(dtype, head_dim, block_size, gt.group):
-            return attention_mosaic.mosaic_tiling(num_heads, num_kv_heads, head_dim, gt.kv_splits)
+            splits = choose_kv_splits(batch, num_kv_heads, max_context, attention_mosaic.CHUNK, _num_sms(),
+                                      programs_per_sm=1)
+            return attention_mosaic.mosaic_tiling(num_heads, num_kv_heads, head_dim, splits)
     return gt
 
 

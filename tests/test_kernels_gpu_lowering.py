@@ -45,13 +45,14 @@ MOSAIC = jax.__version_info__ >= (0, 11)     # jax >= 0.11 lowers bf16 head_dim 
 # Expected programs, worked by hand from attention_triton's rules (H200: 132 SMs):
 #   S = clamp(next_pow2(cdiv(264, B * KVH)), 1, min(64, chunks // 4)), chunks = 32768 / 64 = 512;
 #   NQB = cdiv(T, TQ) + min(B, T // (TD + 1)); grid = (NQB + B * S, KVH).
-#   Triton: TQ = 64 / Gp, TD = 16 / Gp. Mosaic GPU (64 rows per program): TQ = TD = 64 / Gp;
+#   Triton: TQ = 64 / Gp, TD = 16 / Gp. Mosaic GPU (64 rows per program): TQ = TD = 64 / Gp, and
+#   S targets one program per SM (cdiv(132, B * KVH) in place of 264: its SMEM fits one);
 #   its programs show in the lowered module as the queries operand [KVH, P, 64, D].
 @pytest.mark.parametrize("model,bs,batch,num_tokens,grid,mosaic_programs", [
-    ("llama3-8b", 16, 1, 1, (1 + 0 + 64, 8), 1 + 0 + 64),         # decode, batch 1 x 32k: 64 KV segments
+    ("llama3-8b", 16, 1, 1, (1 + 0 + 64, 8), 1 + 0 + 32),         # decode, batch 1 x 32k: 64 KV segments (Mosaic 32)
     ("llama3-8b", 32, 64, 64, (4 + 12 + 64, 8), 4 + 3 + 64),      # decode, batch 64: S = 1
-    ("llama3-8b", 16, 1, 2048, (128 + 1 + 64, 8), 128 + 1 + 64),  # a 2048-token prefill chunk: 128 query blocks
-    ("smollm2", 16, 64, 64, (4 + 12 + 128, 3), 4 + 3 + 128),      # Gp 4 (G = 3 padded): S = 2
+    ("llama3-8b", 16, 1, 2048, (128 + 1 + 64, 8), 128 + 1 + 32),  # a 2048-token prefill chunk: 128 query blocks
+    ("smollm2", 16, 64, 64, (4 + 12 + 128, 3), 4 + 3 + 64),       # Gp 4 (G = 3 padded): S = 2 (Mosaic 1)
     ("smollm2", 32, 1, 1, (1 + 0 + 64, 3), 1 + 0 + 64),
     ("d80", 16, 8, 8, (1 + 0 + 8 * 2, 32), None),                 # head_dim 80 -> 128 padded; Gp 1: TD 16, TQ 64
     ("d96", 32, 1, 300, (5 + 1 + 16, 32), None),                  # head_dim 96; S = next_pow2(cdiv(264, 32)) = 16
