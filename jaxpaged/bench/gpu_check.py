@@ -310,7 +310,7 @@ def run_bandwidth(args, peak, on_row=lambda rows: None) -> list[dict]:
         for name, q_lens, ctx_lens in bandwidth_cases(args):
             case = f"{kernel if variant is None else variant}: {name}"
             if time.perf_counter() - t0 > args.bandwidth_budget:
-                rows.append(dict(case=case, error=f"skipped: past --bandwidth-budget {args.bandwidth_budget:.0f} s"))
+                rows.append(dict(case=case, skipped=f"past --bandwidth-budget {args.bandwidth_budget:.0f} s"))
                 continue
             try:
                 rows.append(_attention_row(name, q_lens, ctx_lens, shapes, args.block_size,
@@ -353,6 +353,9 @@ def write_report(path, device, peak, tests, rows, e2e) -> None:
               "| case | ms | GB/s | % HBM peak | kernel alone ms | kernel % HBM peak | TFLOP/s | programs | S | iterations | MB moved | ideal us |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['case']} | skipped: {r['skipped']} |")
+            continue
         if "error" in r:
             lines.append(f"| {r['case']} | FAILED: {r['error']} |")
             continue
