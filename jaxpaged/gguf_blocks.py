@@ -68,3 +68,36 @@ class GGUFBlocks(Weight):
 
     def nbytes(self) -> int:
         return self.data.size
+
+
+class KernelBlocks(Weight):
+    """Base of a backend's stacked GGUF blocks (a registered dataclass with fields `blocks`, a stacked
+    GGUFBlocks [L, N, row_bytes], and `layer`) multiplied by that backend's block kernel, which reads
+    its layer in place (so the layer scan does not slice it). Steps of more than `kernel_max_rows`
+    rows, and value(), take the blocks' jnp path. A subclass gives `_kernel(x, rows)` and `at_layer`."""
+    sliced_by_scan = False
+    kernel_max_rows = 64
+
+    def layer_blocks(self) -> GGUFBlocks:
+        """This layer's blocks [N, row_bytes] (the whole stack when no layer is set)."""
+        data = self.blocks.data if self.layer is None else jax.lax.dynamic_index_in_dim(
+            self.blocks.data, self.layer, 0, keepdims=False)
+        return GGUFBlocks(data, self.blocks.qtype)
+
+    def value(self) -> jax.Array:
+        return self.layer_blocks().value()
+
+    def matmul(self, x: jax.Array, rows=None) -> jax.Array:
+        if x.shape[0] > self.kernel_max_rows:
+            return self.layer_blocks().matmul(x)
+        return self._kernel(x, rows)
+
+    def _kernel(self, x: jax.Array, rows) -> jax.Array:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.blocks.shape
+
+    def nbytes(self) -> int:
+        return self.blocks.nbytes()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxpaged.backends.base import Backend
 from jaxpaged.backends.kv_storage import QuantizedPages, attend_args, write_quantized
+from jaxpaged.gguf_blocks import KernelBlocks
 from jaxpaged.weights import Weight
 
 
@@ -73,40 +74,22 @@ BLOCK_KERNEL_MAX_ROWS = 64
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class NativeBlocks(Weight):
+class NativeBlocks(KernelBlocks):
     """GGUF blocks (gguf_blocks.GGUFBlocks, stacked [L, N, RB]) multiplied by cpu_kernels' block
-    matmul, which reads its layer in place (not sliced by the scan): the blocks are never expanded
-    to an f32 [N, K] array for few-row steps."""
+    matmul for steps of up to BLOCK_KERNEL_MAX_ROWS rows: the blocks are never expanded to an f32
+    [N, K] array for few-row steps."""
     blocks: object                     # gguf_blocks.GGUFBlocks, stacked
     layer: jax.Array | None = None
     rows: jax.Array | None = None
-    sliced_by_scan = False
+    kernel_max_rows = BLOCK_KERNEL_MAX_ROWS
 
     def at_layer(self, layer, rows=None) -> "NativeBlocks":
         return NativeBlocks(self.blocks, layer, rows)
 
-    def _layer_blocks(self):
-        from jaxpaged.gguf_blocks import GGUFBlocks
-        data = self.blocks.data if self.layer is None else jax.lax.dynamic_index_in_dim(
-            self.blocks.data, self.layer, 0, keepdims=False)
-        return GGUFBlocks(data, self.blocks.qtype)
-
-    def value(self):
-        return self._layer_blocks().value()
-
-    def matmul(self, x, rows=None):
-        if x.shape[0] > BLOCK_KERNEL_MAX_ROWS:
-            return self._layer_blocks().matmul(x)
+    def _kernel(self, x, rows):
         from cpu_kernels.gguf_matmul import gguf_matmul
         rows = self.rows if rows is None else rows
         return gguf_matmul(x, self.blocks.data, qtype=self.blocks.qtype, layer=self.layer, rows=rows)
-
-    @property
-    def shape(self):
-        return self.blocks.shape
-
-    def nbytes(self) -> int:
-        return self.blocks.nbytes()
 
 
 class NativeBackend(Backend):

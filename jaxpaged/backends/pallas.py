@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import jax
 
 from jaxpaged.backends.base import Backend
+from jaxpaged.gguf_blocks import KernelBlocks
 from jaxpaged.weights import Weight
 
 MATMUL_ENV = "JAXPAGED_PALLAS_MATMUL"
@@ -64,37 +65,19 @@ class PallasInt8(Weight):
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class PallasBlocks(Weight):
+class PallasBlocks(KernelBlocks):
     """Stacked GGUF blocks (gguf_blocks.GGUFBlocks [L, N, row_bytes]) multiplied by pallas_kernels'
-    gguf_matmul, which decodes each block in registers and reads its layer in place (not sliced by the
-    scan). Steps of more than BLOCK_KERNEL_MAX_ROWS rows take the blocks' jnp path."""
+    gguf_matmul, which decodes each block in registers, for steps of up to BLOCK_KERNEL_MAX_ROWS rows."""
     blocks: object                     # gguf_blocks.GGUFBlocks, stacked
     layer: jax.Array | None = None
-    sliced_by_scan = False
+    kernel_max_rows = BLOCK_KERNEL_MAX_ROWS
 
     def at_layer(self, layer, rows=None) -> "PallasBlocks":
         return PallasBlocks(self.blocks, layer)
 
-    def _layer_blocks(self):
-        from jaxpaged.gguf_blocks import GGUFBlocks
-        data = self.blocks.data if self.layer is None else self.blocks.data[self.layer]
-        return GGUFBlocks(data, self.blocks.qtype)
-
-    def value(self):
-        return self._layer_blocks().value()
-
-    def matmul(self, x, rows=None):
-        if x.shape[0] > BLOCK_KERNEL_MAX_ROWS:
-            return self._layer_blocks().matmul(x)
+    def _kernel(self, x, rows):
         from pallas_kernels.gguf_matmul import gguf_matmul
         return gguf_matmul(x, self.blocks.data, self.layer, qtype=self.blocks.qtype)
-
-    @property
-    def shape(self):
-        return self.blocks.shape
-
-    def nbytes(self) -> int:
-        return self.blocks.nbytes()
 
 
 def matmul_mode() -> str:
