@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.attention_reference import token_sequences
 from pallas_kernels.attention_triton import GpuTiling, _combine, _decode_queries, _prefill_blocks, num_prefill_blocks
 
 ROWS = 64                  # query rows per program: one wgmma M tile
@@ -314,7 +315,7 @@ def _gather_outputs(acc, m, l, query_start, q_shape, num_blocks, t: GpuTiling, d
     o_pf = (acc[:, :num_blocks] / jnp.where(l[:, :num_blocks] == 0, 1.0, l[:, :num_blocks])[..., None])
     o_pf = o_pf.reshape(kvh, num_blocks * t.q_block, gp, d)
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right", method="compare_all"), 0, batch - 1).astype(jnp.int32)
+    seq = token_sequences(query_start, num_tokens)
     jt = tok - query_start[seq]
     n_blk = jnp.where(q_len > t.decode_tokens, (q_len + t.q_block - 1) // t.q_block, 0)
     ends = jnp.cumsum(n_blk)

@@ -64,6 +64,15 @@ def validate_attention_args(q, k_pages, v_pages, block_tables, seq_lens, query_s
         fail(f"sliding_window must be a positive int, got {sliding_window}")
 
 
+def token_sequences(query_start: jax.Array, num_tokens: int) -> jax.Array:
+    """Sequence of each flat token [T] i32: b with query_start[b] <= t < query_start[b + 1] (padding
+    tokens past query_start[B] get the last sequence). One broadcast compare (method="compare_all"):
+    the default binary search is an XLA while loop, and on a GPU every iteration of one waits for the host."""
+    tok = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.searchsorted(query_start[1:], tok, side="right", method="compare_all")
+    return jnp.clip(seq, 0, query_start.shape[0] - 2).astype(jnp.int32)
+
+
 def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens, query_start, *,
                                      sm_scale, soft_cap=None, sliding_window=None, layer=None,
                                      interpret=None, max_query_len=None, token_chunk: int | None = None,
@@ -93,7 +102,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables, seq_lens
     g = nh // kvh
 
     tok = jnp.arange(t, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right", method="compare_all"), 0, b - 1).astype(jnp.int32)
+    seq = token_sequences(query_start, t)
     valid = tok < query_start[-1]
     q_len = query_start[seq + 1] - query_start[seq]
     pos = seq_lens[seq] - q_len + (tok - query_start[seq])       # absolute position of each query

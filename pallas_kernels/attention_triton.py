@@ -27,6 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from pallas_kernels.attention_reference import token_sequences
+
 _MASK_VALUE = -1e30        # finite "minus infinity": keeps exp(m_old - m_new) NaN-free
 DEFAULT_NUM_SMS = 132      # H100 / H200 SXM; the split count targets ~2 programs per SM
 
@@ -296,7 +298,7 @@ def ragged_paged_attention_gpu(q, k5, v5, block_tables, seq_lens, query_start, l
     # decode rows: partials combined, then each decode token picks its sequence's row block
     dec = _combine(od, md, ld, batch, t).reshape(kvh, batch * t.decode_tokens, gp, dp)
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(query_start[1:], tok, side="right", method="compare_all"), 0, batch - 1).astype(jnp.int32)
+    seq = token_sequences(query_start, num_tokens)
     j = tok - query_start[seq]
     q_len = query_start[seq + 1] - query_start[seq]
     out_dec = dec[:, seq * t.decode_tokens + jnp.clip(j, 0, t.decode_tokens - 1)].transpose(1, 0, 2, 3)

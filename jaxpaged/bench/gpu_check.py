@@ -386,7 +386,7 @@ def run(args) -> None:
     tests, rows, e2e = None, [], None
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
-    def save(*_):
+    def save():
         write_report(args.out, device, peak, tests, rows, e2e)
 
     if not args.skip_tests:
