@@ -155,3 +155,24 @@ def test_rows_past_valid_are_skipped_and_zero(dtype):
         real = min(rows, 40)
         np.testing.assert_allclose(y[:real], ref[:real], rtol=1e-4, atol=1e-4 * np.abs(ref).max())
         assert not y[real:].any()
+
+
+def test_prefill_rows_of_an_f32_weight_take_xla_dot_and_agree():
+    """512 rows: XLA's dot on the unpacked layer where the CPU lacks AVX-512 (matmul.uses_xla_dot);
+    both paths equal numpy, rows past `rows` are zero, layers clamp, bf16 weights stay native."""
+    from cpu_kernels import matmul as mm
+    x, w = _stacked("float32", mm.XLA_ROWS, 576, 1000, layers=2)         # N off the 32-multiples
+    packed = pack(w, stacked=True)
+    assert mm.uses_xla_dot(packed, mm.XLA_ROWS) == (not caps() & 1)
+    assert not mm.uses_xla_dot(packed, mm.XLA_ROWS - 1)
+    assert not mm.uses_xla_dot(pack(w.astype(jnp.bfloat16), stacked=True), mm.XLA_ROWS)
+    np.testing.assert_array_equal(np.asarray(mm.unpack_layer(packed.at_layer(jnp.int32(1))))[:, :1000], w[1])
+    ref = _reference(x, w[1])
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    for rows in (mm.XLA_ROWS, 300):
+        at = packed.at_layer(jnp.int32(1), jnp.int32(rows))
+        for y in (jax.jit(packed_matmul)(x, at), jax.jit(mm._xla_dot)(x, at)):
+            y = np.asarray(y)
+            np.testing.assert_allclose(y[:rows], ref[:rows], **tol)
+            assert not y[rows:].any()
+    np.testing.assert_allclose(np.asarray(mm._xla_dot(x, packed.at_layer(jnp.int32(7)))), _reference(x, w[1]), **tol)
