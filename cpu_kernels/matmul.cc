@@ -360,14 +360,23 @@ struct Problem {
 // the 6 x 16 tiles, but the panel streams in order and the whole K goes in one pass: with fewer rows
 // than a row block (decode steps), the panel's trip from memory dominates and this wins (cold layer
 // weights, 576 x 1536: 1.5x at 4-16 rows, ~1.2x at 32-96; the 6 x 16 tiles win from 128 rows).
+//
+// Prefetch: `pf_lines` 64-byte lines from `pf` (the next unit's panel, or nullptr), spread evenly over
+// the k loop (a line whenever `owed` passes kc), so the next panel's trip from memory overlaps this
+// tile's FMAs instead of following them.
 template <int MR>
 __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x, int64_t ldx, int64_t kc,
                                                        const float* __restrict panel, float* __restrict y,
-                                                       int64_t ldy, int64_t cols) {
+                                                       int64_t ldy, int64_t cols, const char* pf,
+                                                       int64_t pf_lines) {
   __m256 acc[MR][4];
   #pragma GCC unroll 2
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
+  int64_t owed = 0;
   for (int64_t i = 0; i < kc; ++i) {
+    if (pf != nullptr) {
+      for (owed += pf_lines; owed >= kc; owed -= kc, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+    }
     __m256 b[4];
     #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) b[c] = _mm256_loadu_ps(panel + i * kPanel + 8 * c);
@@ -387,13 +396,18 @@ __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x
 // AVX2: a unit's rows [0, rows) x one panel (cols <= 32 real columns). One row: the streaming row
 // kernel; fewer rows than a full row block: 2-row whole-panel tiles over all of K; a full block: K in
 // chunks that keep the panel's chunk in L1, 6-row tiles over each 16-column half of the panel.
+// `next_panel`: the panel of the unit this thread runs next (nullptr: none, or the same panel), which
+// the 2-row tiles prefetch while they compute (each row pair its share of the panel's lines).
 void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const float* panel, float* y,
-                       int64_t cols) {
+                       int64_t cols, const float* next_panel) {
   if (rows == 1) return f32_row_avx2(x, p.k, panel, y, cols);
   if (rows < kRowBlockF32) {
+    const int64_t pairs = (rows + 1) / 2, lines = p.k * kPanel * 4 / 64;   // a panel's 64-byte lines
     for (int64_t r = 0; r < rows; r += 2) {
-      if (rows - r >= 2) f32_wide_avx2<2>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols);
-      else f32_wide_avx2<1>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols);
+      const int64_t from = r / 2 * lines / pairs, to = (r / 2 + 1) * lines / pairs;   // this pair's share
+      const char* pf = next_panel ? reinterpret_cast<const char*>(next_panel) + 64 * from : nullptr;
+      if (rows - r >= 2) f32_wide_avx2<2>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, pf, to - from);
+      else f32_wide_avx2<1>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, pf, to - from);
     }
     return;
   }
@@ -426,14 +440,19 @@ void run_bf16_rows_avx2(const Problem& p, int64_t r0, int64_t rows, const uint16
   }
 }
 
-// Unit u = (row block u / panels, panel u % panels): consecutive units share x rows.
-void run_f32_unit(const Problem& p, int64_t u) {
+// Unit u = (row block u / panels, panel u % panels): consecutive units share x rows. `next`: the unit
+// this thread runs next (-1: none), whose panel the AVX2 path prefetches.
+void run_f32_unit(const Problem& p, int64_t u, int64_t next) {
   const int64_t r0 = (u / p.panels) * p.row_block, j = u % p.panels;
   const int64_t rows = std::min(p.row_block, p.m - r0), cols = std::min(kPanel, p.n - j * kPanel);
   const float* panel = static_cast<const float*>(p.w) + j * p.k * kPanel;
   float* y = p.out + r0 * p.n + j * kPanel;
   const float* x = p.x + r0 * p.k;
-  if (!has_avx512() && has_avx2()) return run_f32_rows_avx2(p, x, rows, panel, y, cols);
+  if (!has_avx512() && has_avx2()) {
+    const int64_t nj = next < 0 ? j : next % p.panels;
+    const float* next_panel = nj == j ? nullptr : static_cast<const float*>(p.w) + nj * p.k * kPanel;
+    return run_f32_rows_avx2(p, x, rows, panel, y, cols, next_panel);
+  }
   if (!has_avx512()) return f32_tile_portable(x, rows, p.k, panel, y, p.n, cols);
   // K in chunks: a chunk of the panel (kF32Chunk x 32) and of 8 x rows stay in L1 while the
   // row tiles go by; each later chunk adds to the tile's output.
@@ -545,7 +564,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   const bool amx = p.bf16 && has_amx();   // the tile configuration is per thread
   jaxpaged::run_units(
       pool, row_blocks * p.panels,
-      [&p, amx](int64_t u) { p.bf16 ? run_bf16_unit(p, u, amx) : run_f32_unit(p, u); },
+      [&p, amx](int64_t u, int64_t next) { p.bf16 ? run_bf16_unit(p, u, amx) : run_f32_unit(p, u, next); },
       [amx] { if (amx) amx_configure(); }, [amx] { if (amx) amx_release(); });
   return ffi::Error::Success();
 }

@@ -13,13 +13,15 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxpaged {
 
 // `enter()` / `leave()` run on each thread that drains, around its units (per-thread state such as
-// the AMX tile configuration); the plain overload has none.
+// the AMX tile configuration); the plain overload has none. `fn` takes the unit, or the unit and the
+// one this thread runs next (-1 if none: a prefetch hint).
 template <typename Fn, typename Enter, typename Leave>
 void run_units(xla::ffi::ThreadPool& pool, int64_t units, Fn fn, Enter enter, Leave leave) {
   struct Cursor {
@@ -33,7 +35,18 @@ void run_units(xla::ffi::ThreadPool& pool, int64_t units, Fn fn, Enter enter, Le
     if (u >= units) return;   // a late helper: nothing left, and the caller may be gone
     enter();
     int64_t taken = 0;
-    for (; u < units; u = cursor->next.fetch_add(1), ++taken) fn(u);
+    if constexpr (std::is_invocable_v<Fn&, int64_t, int64_t>) {
+      // fn(u, next): the thread claims its next unit before running this one (-1: none left), so fn
+      // can prefetch that unit's data while it computes
+      while (u < units) {
+        const int64_t next = cursor->next.fetch_add(1);
+        fn(u, next < units ? next : int64_t{-1});
+        ++taken;
+        u = next;
+      }
+    } else {
+      for (; u < units; u = cursor->next.fetch_add(1), ++taken) fn(u);
+    }
     leave();
     cursor->done.fetch_add(taken, std::memory_order_release);
   };
