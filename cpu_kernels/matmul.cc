@@ -49,6 +49,7 @@ namespace {
 constexpr int64_t kPanel = 32;      // output columns per work unit (one f32 panel, two bf16 tiles)
 constexpr int64_t kRowBlockF32 = 128;   // rows per f32 work unit (x rows stay in L2 across panels)
 constexpr int64_t kF32Chunk = 256;      // K per pass over a unit's rows: 32 KB of panel in L1
+constexpr int64_t kWideRowsBelow = 32;  // AVX2 f32: units with fewer rows run the 2-row whole-panel tiles
 constexpr int64_t kRowBlockBf16 = 32;   // rows per AMX block: two A tiles
 
 // ---- CPU features ---------------------------------------------------------------------------
@@ -124,6 +125,8 @@ __attribute__((target("avx512f"))) void f32_tile(const float* __restrict x, int6
 }
 
 using F32Tile = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, bool);
+using F32TileAvx2 = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, bool,
+                             const char*, int64_t);
 constexpr F32Tile kF32Tiles[9] = {nullptr, f32_tile<1>, f32_tile<2>, f32_tile<3>, f32_tile<4>,
                                   f32_tile<5>, f32_tile<6>, f32_tile<7>, f32_tile<8>};
 
@@ -149,17 +152,22 @@ __attribute__((target("avx2"))) inline __m256i lane_mask(int64_t n) {
 
 // y[r, 0:cols] (+)= x[r, 0:kc] @ half[0:kc] for r < MR, cols <= 16: `half` is 16 columns of an
 // f32 panel (rows kPanel floats apart). MR x 2 ymm accumulators (12 for MR = 6) + 2 panel vectors
-// + 1 broadcast fit the 16 ymm registers.
+// + 1 broadcast fit the 16 ymm registers. `pf` / `pf_lines`: as in f32_wide_avx2 below.
 template <int MR>
 __attribute__((target("avx2,fma"))) void f32_tile_avx2(const float* __restrict x, int64_t ldx, int64_t kc,
                                                        const float* __restrict half, float* __restrict y,
-                                                       int64_t ldy, int64_t cols, bool accumulate) {
+                                                       int64_t ldy, int64_t cols, bool accumulate,
+                                                       const char* pf = nullptr, int64_t pf_lines = 0) {
   // (every loop over the rows is unrolled: GCC 12 otherwise keeps the accumulator arrays in
   // memory and stores all of them on every k)
   __m256 acc[MR][2];
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t owed = 0;
   for (int64_t i = 0; i < kc; ++i) {
+    if (pf != nullptr) {
+      for (owed += pf_lines; owed >= kc; owed -= kc, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+    }
     const __m256 b0 = _mm256_loadu_ps(half + i * kPanel);
     const __m256 b1 = _mm256_loadu_ps(half + i * kPanel + 8);
     #pragma GCC unroll 8
@@ -209,7 +217,7 @@ __attribute__((target("avx2,fma"))) void f32_row_avx2(const float* __restrict x,
   for (int c = 0; c < 4; ++c) _mm256_maskstore_ps(y + 8 * c, lane_mask(cols - 8 * c), _mm256_add_ps(e[c], o[c]));
 }
 
-constexpr F32Tile kF32TilesAvx2[7] = {nullptr, f32_tile_avx2<1>, f32_tile_avx2<2>, f32_tile_avx2<3>,
+constexpr F32TileAvx2 kF32TilesAvx2[7] = {nullptr, f32_tile_avx2<1>, f32_tile_avx2<2>, f32_tile_avx2<3>,
                                       f32_tile_avx2<4>, f32_tile_avx2<5>, f32_tile_avx2<6>};
 
 // y[r, 0:cols] (+)= x[r, 2q0 : 2(q0 + qc)] @ W for r < MR, cols <= 16, W one packed bf16 tile
@@ -357,9 +365,10 @@ struct Problem {
 
 // y[r, 0:cols] (+)= x[r, 0:kc] @ panel[0:kc] for r < MR (MR <= 2), cols <= 32: the whole panel row
 // (128 contiguous bytes per k) against MR rows, 4 x MR ymm accumulators. Fewer FMAs per panel byte than
-// the 6 x 16 tiles, but the panel streams in order and the whole K goes in one pass: with fewer rows
-// than a row block (decode steps), the panel's trip from memory dominates and this wins (cold layer
-// weights, 576 x 1536: 1.5x at 4-16 rows, ~1.2x at 32-96; the 6 x 16 tiles win from 128 rows).
+// the 6 x 16 tiles, but the panel streams in order and the whole K goes in one pass: with few rows
+// (small decode steps) the panel's trip from memory dominates and this wins (cold layer weights,
+// 576 x 1536: 1.5x at 4-16 rows); from 32 rows the 6 x 16 tiles with the same prefetch win (M = 64:
+// 1.03-1.20 vs 1.18-1.39 ms), as they do on full row blocks.
 //
 // Prefetch: `pf_lines` 64-byte lines from `pf` (the next unit's panel, or nullptr), spread evenly over
 // the k loop (a line whenever `owed` passes kc), so the next panel's trip from memory overlaps this
@@ -394,14 +403,15 @@ __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x
 }
 
 // AVX2: a unit's rows [0, rows) x one panel (cols <= 32 real columns). One row: the streaming row
-// kernel; fewer rows than a full row block: 2-row whole-panel tiles over all of K; a full block: K in
-// chunks that keep the panel's chunk in L1, 6-row tiles over each 16-column half of the panel.
-// `next_panel`: the panel of the unit this thread runs next (nullptr: none, or the same panel), which
-// the 2-row tiles prefetch while they compute (each row pair its share of the panel's lines).
+// kernel; fewer than kWideRowsBelow rows: 2-row whole-panel tiles over all of K; more: K in chunks that
+// keep the panel's chunk in L1, 6-row tiles over each 16-column half of the panel. `next_panel`: the
+// panel of the unit this thread runs next (nullptr: none, or the same panel), which the tiles prefetch
+// while they compute, its lines spread evenly over the tile calls (next-unit prefetch, same process
+// on / off: 576 x 1536 at 8-32 rows 1.15-1.3x, at 64-256 rows 1.05-1.4x).
 void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const float* panel, float* y,
                        int64_t cols, const float* next_panel) {
   if (rows == 1) return f32_row_avx2(x, p.k, panel, y, cols);
-  if (rows < kRowBlockF32) {
+  if (rows < kWideRowsBelow) {
     const int64_t pairs = (rows + 1) / 2, lines = p.k * kPanel * 4 / 64;   // a panel's 64-byte lines
     for (int64_t r = 0; r < rows; r += 2) {
       const int64_t from = r / 2 * lines / pairs, to = (r / 2 + 1) * lines / pairs;   // this pair's share
@@ -411,13 +421,22 @@ void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const flo
     }
     return;
   }
+  // the next panel's lines, spread over the tile calls (chunks x row tiles x 2 halves)
+  const int64_t calls = (p.k + kF32Chunk - 1) / kF32Chunk * ((rows + 5) / 6) * 2;
+  const int64_t lines = next_panel ? p.k * kPanel * 4 / 64 : 0, per_call = (lines + calls - 1) / calls;
+  const char* pf = reinterpret_cast<const char*>(next_panel);
+  int64_t done = 0;
   for (int64_t k0 = 0; k0 < p.k; k0 += kF32Chunk) {
     const int64_t kc = std::min(kF32Chunk, p.k - k0);
     for (int64_t r = 0; r < rows; r += 6) {
       const int64_t mr = std::min<int64_t>(6, rows - r);
-      for (int64_t h = 0; h < 2 && 16 * h < cols; ++h)
-        kF32TilesAvx2[mr](x + r * p.k + k0, p.k, kc, panel + k0 * kPanel + 16 * h, y + r * p.n + 16 * h, p.n,
-                          std::min<int64_t>(16, cols - 16 * h), k0 > 0);
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t n_pf = std::min(per_call, lines - done);
+        if (16 * h < cols)
+          kF32TilesAvx2[mr](x + r * p.k + k0, p.k, kc, panel + k0 * kPanel + 16 * h, y + r * p.n + 16 * h, p.n,
+                            std::min<int64_t>(16, cols - 16 * h), k0 > 0, n_pf > 0 ? pf + 64 * done : nullptr, n_pf);
+        done += std::max<int64_t>(n_pf, 0);
+      }
     }
   }
 }
