@@ -99,18 +99,21 @@ def pack(w, *, stacked: bool) -> PackedWeight:
     return PackedWeight(jnp.asarray(data), None, None, k, n)
 
 
-# From this many rows of x up (a full prefill chunk), f32 weights on a CPU without AVX-512 go to XLA's
-# dot (its blocked GEMM: ~120 GFLOP/s on SmolLM2's 576x1536 at 512 rows, cold layer weights, against
-# ~90-95 for the AVX2 register tiles) on the layer unpacked to row-major by a native gather
-# (`unpack_layer`; XLA's own transpose of the panels ran at ~2 GB/s). A whole 512-token f32 SmolLM2
-# step, both ways traced in one process and timed alternately: median 1196 vs 1359 ms. Below ~256 rows
-# the tiles win, and they skip bucket padding rows, which XLA's dot computes.
+# From this many rows of x up (a full prefill chunk), large f32 weights on a CPU without AVX-512 go to
+# XLA's dot (its blocked GEMM) on the layer unpacked to row-major by a native gather (`unpack_layer`;
+# XLA's own transpose of the panels ran at ~2 GB/s). Per-op profile of a 512-token f32 SmolLM2 step (30
+# layers, ms per step): gate / up / down 242-246 each on XLA + 24-26 each to unpack, against 287-300 on
+# the AVX2 register tiles; q / o about even (93-101 + 8-15 vs 105-107); k / v (576 x 192) 60 each on
+# XLA against 35 on the tiles, hence the size floor. Below ~256 rows the tiles win everywhere, and they
+# skip bucket padding rows, which XLA's dot computes.
 XLA_ROWS = 512
+XLA_MIN_WEIGHT = 1 << 19        # K * N: SmolLM2's MLP weights (884,736) qualify, its q/k/v/o do not
 
 
 def uses_xla_dot(w: PackedWeight, m: int) -> bool:
     """Whether packed_matmul hands [m, K] x this weight to XLA's dot (static: m is a bucket size)."""
-    return w.data.dtype == jnp.float32 and not caps() & 0b001 and m >= XLA_ROWS
+    return (w.data.dtype == jnp.float32 and not caps() & 0b001 and m >= XLA_ROWS
+            and w.k * w.n >= XLA_MIN_WEIGHT)
 
 
 def unpack_layer(w: PackedWeight) -> jax.Array:

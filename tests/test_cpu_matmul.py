@@ -158,14 +158,16 @@ def test_rows_past_valid_are_skipped_and_zero(dtype):
 
 
 def test_prefill_rows_of_an_f32_weight_take_xla_dot_and_agree():
-    """512 rows: XLA's dot on the unpacked layer where the CPU lacks AVX-512 (matmul.uses_xla_dot);
-    both paths equal numpy, rows past `rows` are zero, layers clamp, bf16 weights stay native."""
+    """512 rows x a weight of >= 2^19 elements: XLA's dot on the unpacked layer where the CPU lacks
+    AVX-512 (matmul.uses_xla_dot); both paths equal numpy, rows past `rows` are zero, layers clamp;
+    bf16 and small weights stay native."""
     from cpu_kernels import matmul as mm
     x, w = _stacked("float32", mm.XLA_ROWS, 576, 1000, layers=2)         # N off the 32-multiples
     packed = pack(w, stacked=True)
     assert mm.uses_xla_dot(packed, mm.XLA_ROWS) == (not caps() & 1)
     assert not mm.uses_xla_dot(packed, mm.XLA_ROWS - 1)
     assert not mm.uses_xla_dot(pack(w.astype(jnp.bfloat16), stacked=True), mm.XLA_ROWS)
+    assert not mm.uses_xla_dot(pack(w[:, :, :192], stacked=True), mm.XLA_ROWS)     # small weights stay native
     np.testing.assert_array_equal(np.asarray(mm.unpack_layer(packed.at_layer(jnp.int32(1))))[:, :1000], w[1])
     ref = _reference(x, w[1])
     tol = dict(rtol=1e-4, atol=1e-4 * np.abs(ref).max())
