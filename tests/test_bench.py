@@ -163,3 +163,20 @@ def test_spec_copy_and_random_workloads_run(tiny_llama, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["workload"], r["batch_size"]) for r in rows] == [("copy", 1), ("copy", 2), ("random", 1), ("random", 2)]
     assert all(r["identical"] for r in rows) and rows[-1]["output_tokens"] == 24 and rows[-1]["num_requests"] == 4
+
+
+def test_latency_ops_prints_per_op_profile(tiny_llama, tmp_path, capsys):
+    """--ops: the captured steps' XLA ops from a profiler trace, labelled from the compiled HLO."""
+    from jaxpaged.bench.op_profile import hlo_labels
+    main(["latency", "--model", tiny_llama, "--batch-sizes", "3", "--input-len", "5", "--output-len", "6",
+          "--skip", "1", "--max-num-batched-tokens", "32", "--max-model-len", "64", "--ops", "5",
+          "--download-dir", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "per-op profile, decode step" in text
+    rows = [line.split() for line in text.split("per-op profile, decode step")[1].splitlines()[2:7]]
+    assert len(rows) == 5 and all(float(r[0]) >= 0 and r[1].endswith("x") for r in rows)
+    assert [float(r[0]) for r in rows] == sorted((float(r[0]) for r in rows), reverse=True)
+    assert any("[" in " ".join(r[3:]) for r in rows)          # labelled with an output shape
+    labels = hlo_labels('  %ffi_call.3 = f32[4,8]{1,0} custom-call(%a), custom_call_target="jaxpaged_matmul"\n'
+                        '  ROOT %fusion.2 = f32[4]{0} fusion(%b), kind=kLoop\n')
+    assert labels == {"ffi_call.3": "f32[4,8]{1,0} jaxpaged_matmul", "fusion.2": "f32[4]{0}"}

@@ -49,6 +49,8 @@ def add_args(p) -> None:
                    help="jaxpaged: KV cache dtype (EngineConfig.kv_cache_dtype; int8 / fp8: 8-bit K/V + scales)")
     p.add_argument("--flops", action="store_true", help="measure the matmul FLOP ceiling (f32, bf16)")
     p.add_argument("--breakdown", action="store_true", help="device-step variants on the captured steps")
+    p.add_argument("--ops", type=int, default=0, metavar="N",
+                   help="per-op profile (jax.profiler trace) of the captured steps: the N longest XLA ops")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per variant / matmul")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--download-dir", default=None)
@@ -239,6 +241,32 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     return results
 
 
+def print_ops(runner, captured, top: int, what: str) -> None:
+    """The `top` longest XLA ops of the captured step as the engine runs it (op_profile.op_table)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpaged.bench.op_profile import op_table
+    _, opts, call, _ = _step_parts(runner)
+    inputs, sampling = captured
+    keys = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_indices")
+    arrays = {k: jnp.asarray(getattr(inputs, k)) for k in keys}
+    sampling = jax.tree.map(jnp.asarray, sampling)
+    fn = jax.jit(lambda st, kv, arr, smp: call(opts, st, kv, arr, smp), donate_argnums=(1,))
+    cache = [jax.tree.map(jnp.copy, runner.kv_cache)]     # a copy of the runner's cache, donated call to call
+    hlo = fn.lower(runner.state, cache[0], arrays, sampling).compile().as_text()
+
+    def run():
+        cache[0], *out = fn(runner.state, cache[0], arrays, sampling)
+        jax.block_until_ready(out)
+    run()                                                  # compile and warm up outside the trace
+    rows = op_table(run, calls=3, hlo_text=hlo)
+    print(f"  per-op profile, {what}: {sum(r[1] for r in rows):.2f} ms of ops per step")
+    print(f"    {'ms/step':>9} {'per step':>8}  op (output shape, custom call target)")
+    for name, ms, n in rows[:top]:
+        print(f"    {ms:9.2f} {n:7.1f}x  {name}")
+
+
 def _step_parts(runner):
     """(graphdef, opts, call(opts, state, kv, arrays, sampling)): a replica of the engine's step.
 
@@ -302,7 +330,7 @@ def run(args) -> dict:
     cfg = llm.llm_engine.model_config
     rows = []
     for bsz in sizes:
-        decode, timer, cap = run_batch(llm, bsz, args, capture=args.breakdown)
+        decode, timer, cap = run_batch(llm, bsz, args, capture=args.breakdown or args.ops > 0)
         if not decode:
             print(f"B={bsz}: no steady decode steps (raise --output-len above --skip)")
             continue
@@ -323,17 +351,20 @@ def run(args) -> dict:
                                               if ceiling else ""))
         if pf:
             print(f"       prefill steps: {len(prefill)}, mean {pf['step']:.1f} ms (device {pf['device']:.1f} ms)")
-        if args.breakdown and cap is not None:
+        if cap is not None:
             for label, captured in (("decode", cap.decode), ("prefill", cap.prefill)):
                 if captured is None:
                     continue
                 inp = captured[0]
-                print(f"  device-step breakdown, {label} step: {inp.num_tokens} tokens / {inp.num_seqs} seqs, "
-                      f"padded T={len(inp.token_ids)} B={len(inp.seq_lens)}, "
-                      f"context {int(inp.seq_lens.sum())} tokens")
-                print(f"    {'variant':<58} {'wall ms':>9} {'CPU ms':>9}")
-                for name, ms, cpu in breakdown(llm.llm_engine.runner, captured, args.repeats):
-                    print(f"    {name:<58} {ms:9.2f} {cpu:9.2f}")
+                what = f"{label} step: {inp.num_tokens} tokens / {inp.num_seqs} seqs, padded T={len(inp.token_ids)} " \
+                       f"B={len(inp.seq_lens)}, context {int(inp.seq_lens.sum())} tokens"
+                if args.breakdown:
+                    print(f"  device-step breakdown, {what}")
+                    print(f"    {'variant':<58} {'wall ms':>9} {'CPU ms':>9}")
+                    for name, ms, cpu in breakdown(llm.llm_engine.runner, captured, args.repeats):
+                        print(f"    {name:<58} {ms:9.2f} {cpu:9.2f}")
+                if args.ops > 0:
+                    print_ops(llm.llm_engine.runner, captured, args.ops, what)
     report["decode"] = rows
     report["num_compiled"] = llm.llm_engine.runner.num_compiled()
     print(f"compiled step executables: {report['num_compiled']} (bucket table has "
