@@ -150,9 +150,19 @@ __attribute__((target("avx2"))) inline __m256i lane_mask(int64_t n) {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// Prefetch spread over a k loop of kc iterations: called once per iteration, it issues the next of
+// `lines` 64-byte lines from `pf` whenever `owed` passes kc (so `lines` lines over the whole loop; a
+// null `pf` issues nothing). The tiles use it for the next unit's panel, so that panel's trip from
+// memory overlaps their FMAs instead of following them.
+__attribute__((target("avx2"))) inline void prefetch_due(const char*& pf, int64_t lines, int64_t kc,
+                                                         int64_t& owed) {
+  if (pf == nullptr) return;
+  for (owed += lines; owed >= kc; owed -= kc, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+}
+
 // y[r, 0:cols] (+)= x[r, 0:kc] @ half[0:kc] for r < MR, cols <= 16: `half` is 16 columns of an
 // f32 panel (rows kPanel floats apart). MR x 2 ymm accumulators (12 for MR = 6) + 2 panel vectors
-// + 1 broadcast fit the 16 ymm registers. `pf` / `pf_lines`: as in f32_wide_avx2 below.
+// + 1 broadcast fit the 16 ymm registers. `pf` / `pf_lines`: prefetch_due's.
 template <int MR>
 __attribute__((target("avx2,fma"))) void f32_tile_avx2(const float* __restrict x, int64_t ldx, int64_t kc,
                                                        const float* __restrict half, float* __restrict y,
@@ -165,9 +175,7 @@ __attribute__((target("avx2,fma"))) void f32_tile_avx2(const float* __restrict x
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   int64_t owed = 0;
   for (int64_t i = 0; i < kc; ++i) {
-    if (pf != nullptr) {
-      for (owed += pf_lines; owed >= kc; owed -= kc, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
-    }
+    prefetch_due(pf, pf_lines, kc, owed);
     const __m256 b0 = _mm256_loadu_ps(half + i * kPanel);
     const __m256 b1 = _mm256_loadu_ps(half + i * kPanel + 8);
     #pragma GCC unroll 8
@@ -369,10 +377,7 @@ struct Problem {
 // (small decode steps) the panel's trip from memory dominates and this wins (cold layer weights,
 // 576 x 1536: 1.5x at 4-16 rows); from 32 rows the 6 x 16 tiles with the same prefetch win (M = 64:
 // 1.03-1.20 vs 1.18-1.39 ms), as they do on full row blocks.
-//
-// Prefetch: `pf_lines` 64-byte lines from `pf` (the next unit's panel, or nullptr), spread evenly over
-// the k loop (a line whenever `owed` passes kc), so the next panel's trip from memory overlaps this
-// tile's FMAs instead of following them.
+// `pf` / `pf_lines`: prefetch_due's.
 template <int MR>
 __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x, int64_t ldx, int64_t kc,
                                                        const float* __restrict panel, float* __restrict y,
@@ -383,9 +388,7 @@ __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
   int64_t owed = 0;
   for (int64_t i = 0; i < kc; ++i) {
-    if (pf != nullptr) {
-      for (owed += pf_lines; owed >= kc; owed -= kc, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
-    }
+    prefetch_due(pf, pf_lines, kc, owed);
     __m256 b[4];
     #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) b[c] = _mm256_loadu_ps(panel + i * kPanel + 8 * c);
@@ -411,8 +414,9 @@ __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x
 void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const float* panel, float* y,
                        int64_t cols, const float* next_panel) {
   if (rows == 1) return f32_row_avx2(x, p.k, panel, y, cols);
+  const int64_t panel_lines = p.k * kPanel * sizeof(float) / 64;            // a panel's 64-byte lines
   if (rows < kWideRowsBelow) {
-    const int64_t pairs = (rows + 1) / 2, lines = p.k * kPanel * 4 / 64;   // a panel's 64-byte lines
+    const int64_t pairs = (rows + 1) / 2, lines = panel_lines;
     for (int64_t r = 0; r < rows; r += 2) {
       const int64_t from = r / 2 * lines / pairs, to = (r / 2 + 1) * lines / pairs;   // this pair's share
       const char* pf = next_panel ? reinterpret_cast<const char*>(next_panel) + 64 * from : nullptr;
@@ -423,7 +427,7 @@ void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const flo
   }
   // the next panel's lines, spread over the tile calls (chunks x row tiles x 2 halves)
   const int64_t calls = (p.k + kF32Chunk - 1) / kF32Chunk * ((rows + 5) / 6) * 2;
-  const int64_t lines = next_panel ? p.k * kPanel * 4 / 64 : 0, per_call = (lines + calls - 1) / calls;
+  const int64_t lines = next_panel ? panel_lines : 0, per_call = (lines + calls - 1) / calls;
   const char* pf = reinterpret_cast<const char*>(next_panel);
   int64_t done = 0;
   for (int64_t k0 = 0; k0 < p.k; k0 += kF32Chunk) {
@@ -435,7 +439,7 @@ void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const flo
         if (16 * h < cols)
           kF32TilesAvx2[mr](x + r * p.k + k0, p.k, kc, panel + k0 * kPanel + 16 * h, y + r * p.n + 16 * h, p.n,
                             std::min<int64_t>(16, cols - 16 * h), k0 > 0, n_pf > 0 ? pf + 64 * done : nullptr, n_pf);
-        done += std::max<int64_t>(n_pf, 0);
+        done += n_pf;                               // n_pf >= 0: done never passes lines
       }
     }
   }
@@ -589,8 +593,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
 }
 
 // One layer of a stacked f32 packed weight [L, Np/32, K, 32] back to row-major [K, Np] (for XLA's dot
-// on prefill-sized steps, matmul.py): 128-byte panel rows copied to their place in the output rows. XLA's own transpose of the panels ran at
-// ~2 GB/s here.
+// on prefill-sized steps, matmul.py): 128-byte panel rows copied to their place in the output rows.
+// XLA's own transpose of the panels ran at ~2 GB/s here.
 ffi::Error UnpackF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
                      ffi::ResultBuffer<ffi::F32> out) {
   const auto wd = w.dimensions(), od = out->dimensions();

@@ -173,13 +173,8 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
     from jaxpaged.sampler import sample
 
     graphdef, opts, call, lm_head = _step_parts(runner)
-    inputs, sampling = captured
-    keys = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_indices")
-    arrays = {k: jnp.asarray(getattr(inputs, k)) for k in keys}
-    sampling = jax.tree.map(jnp.asarray, sampling)
+    arrays, sampling, cache = _replay_args(runner, captured)
     state = runner.state
-    # the variants write into a copy of the runner's cache (donated from call to call), not the runner's
-    cache = [jax.tree.map(jnp.copy, runner.kv_cache)]
     results = []
 
     def time_step(name, opts_v):
@@ -244,16 +239,11 @@ def breakdown(runner, captured, repeats: int) -> list[tuple[str, float]]:
 def print_ops(runner, captured, top: int, what: str) -> None:
     """The `top` longest XLA ops of the captured step as the engine runs it (op_profile.op_table)."""
     import jax
-    import jax.numpy as jnp
 
     from jaxpaged.bench.op_profile import op_table
     _, opts, call, _ = _step_parts(runner)
-    inputs, sampling = captured
-    keys = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_indices")
-    arrays = {k: jnp.asarray(getattr(inputs, k)) for k in keys}
-    sampling = jax.tree.map(jnp.asarray, sampling)
+    arrays, sampling, cache = _replay_args(runner, captured)
     fn = jax.jit(lambda st, kv, arr, smp: call(opts, st, kv, arr, smp), donate_argnums=(1,))
-    cache = [jax.tree.map(jnp.copy, runner.kv_cache)]     # a copy of the runner's cache, donated call to call
     hlo = fn.lower(runner.state, cache[0], arrays, sampling).compile().as_text()
 
     def run():
@@ -265,6 +255,18 @@ def print_ops(runner, captured, top: int, what: str) -> None:
     print(f"    {'ms/step':>9} {'per step':>8}  op (output shape, custom call target)")
     for name, ms, n in rows[:top]:
         print(f"    {ms:9.2f} {n:7.1f}x  {name}")
+
+
+def _replay_args(runner, captured):
+    """(arrays, sampling, [kv cache]) to replay a captured (StepInputs, SamplingTensors) step: device
+    arrays, and a copy of the runner's cache in a one-item list (donated from call to call, so the
+    runner's own cache is never written)."""
+    import jax
+    import jax.numpy as jnp
+    inputs, sampling = captured
+    keys = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "query_start", "logits_indices")
+    arrays = {k: jnp.asarray(getattr(inputs, k)) for k in keys}
+    return arrays, jax.tree.map(jnp.asarray, sampling), [jax.tree.map(jnp.copy, runner.kv_cache)]
 
 
 def _step_parts(runner):
