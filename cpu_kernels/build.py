@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("ragged_paged_attention.cc", "matmul.cc", "gguf_matmul.cc",
                                                      "int8_matmul.cc", "lora_matmul.cc"))
 TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention",
-           "jaxpaged_matmul": "JaxpagedMatmul", "jaxpaged_unpack_f32": "JaxpagedUnpackF32",
+           "jaxpaged_matmul": "JaxpagedMatmul",
            "jaxpaged_gguf_matmul": "JaxpagedGGUFMatmul",
            "jaxpaged_int8_matmul": "JaxpagedInt8Matmul", "jaxpaged_lora_matmul": "JaxpagedLoRAMatmul"}
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))     # included by the sources: part of the build key

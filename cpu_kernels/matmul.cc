@@ -48,8 +48,11 @@ namespace {
 
 constexpr int64_t kPanel = 32;      // output columns per work unit (one f32 panel, two bf16 tiles)
 constexpr int64_t kRowBlockF32 = 128;   // rows per f32 work unit (x rows stay in L2 across panels)
-constexpr int64_t kF32Chunk = 256;      // K per pass over a unit's rows: 32 KB of panel in L1
-constexpr int64_t kWideRowsBelow = 32;  // AVX2 f32: units with fewer rows run the 2-row whole-panel tiles
+constexpr int64_t kF32Chunk = 256;      // AVX-512: K per pass over a unit's rows: 32 KB of panel in L1
+constexpr int64_t kMicroRows = 6;       // AVX2 f32: rows per register tile (and per packed micro-panel of x)
+constexpr int64_t kRowBlockAvx2 = 126;  // AVX2 f32: most rows per unit (a multiple of kMicroRows)
+constexpr int64_t kTileK = 768;         // AVX2 f32: most K per tile pass (6 x 768 floats of x: 18 KB of L1)
+constexpr int64_t kWideRowsBelow = 18;  // AVX2 f32: units with fewer rows run the 2-row whole-panel tiles
 constexpr int64_t kRowBlockBf16 = 32;   // rows per AMX block: two A tiles
 
 // ---- CPU features ---------------------------------------------------------------------------
@@ -125,7 +128,7 @@ __attribute__((target("avx512f"))) void f32_tile(const float* __restrict x, int6
 }
 
 using F32Tile = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, bool);
-using F32TileAvx2 = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, bool,
+using F32TileAvx2 = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, bool,
                              const char*, int64_t);
 constexpr F32Tile kF32Tiles[9] = {nullptr, f32_tile<1>, f32_tile<2>, f32_tile<3>, f32_tile<4>,
                                   f32_tile<5>, f32_tile<6>, f32_tile<7>, f32_tile<8>};
@@ -160,42 +163,67 @@ __attribute__((target("avx2"))) inline void prefetch_due(const char*& pf, int64_
   for (owed += lines; owed >= kc; owed -= kc, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
 }
 
-// y[r, 0:cols] (+)= x[r, 0:kc] @ half[0:kc] for r < MR, cols <= 16: `half` is 16 columns of an
-// f32 panel (rows kPanel floats apart). MR x 2 ymm accumulators (12 for MR = 6) + 2 panel vectors
-// + 1 broadcast fit the 16 ymm registers. `pf` / `pf_lines`: prefetch_due's.
+// y[r, 0:cols] (+)= x[r, 0:kc] @ half[0:kc] for r < MR, cols <= 16: `xp` is a packed 6-row micro-panel
+// of x (pack_micro_panel: element (r, i) at xp[6i + r], so each k's broadcasts read one 24-byte run),
+// `half` 16 columns of an f32 panel (rows kPanel floats apart); `accumulate`: add to y (a later K chunk).
+// The micro-panel's chunk (6 x kc floats, kc <= kTileK) stays in L1 for both halves while the panel
+// half streams from L2. MR x 2 ymm accumulators (12 for MR = 6) + 2 panel vectors + 1 broadcast fit the
+// 16 ymm registers; k is unrolled by 4 (the loop's own instructions cost ~20% of the FMA rate unrolled
+// by 1). `pf` / `pf_lines`: prefetch_due's.
 template <int MR>
-__attribute__((target("avx2,fma"))) void f32_tile_avx2(const float* __restrict x, int64_t ldx, int64_t kc,
+__attribute__((target("avx2,fma"))) void f32_tile_avx2(const float* __restrict xp, int64_t kc,
                                                        const float* __restrict half, float* __restrict y,
                                                        int64_t ldy, int64_t cols, bool accumulate,
-                                                       const char* pf = nullptr, int64_t pf_lines = 0) {
+                                                       const char* pf, int64_t pf_lines) {
   // (every loop over the rows is unrolled: GCC 12 otherwise keeps the accumulator arrays in
   // memory and stores all of them on every k)
   __m256 acc[MR][2];
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   int64_t owed = 0;
+  #pragma GCC unroll 4
   for (int64_t i = 0; i < kc; ++i) {
     prefetch_due(pf, pf_lines, kc, owed);
     const __m256 b0 = _mm256_loadu_ps(half + i * kPanel);
     const __m256 b1 = _mm256_loadu_ps(half + i * kPanel + 8);
     #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(x + r * ldx + i);
+      const __m256 a = _mm256_broadcast_ss(xp + i * kMicroRows + r);
       acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
     }
   }
+  if (cols >= 16) {   // plain loads and stores (AMD's masked 256-bit stores are slow)
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      if (accumulate) {
+        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(y + r * ldy));
+        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(y + r * ldy + 8));
+      }
+      _mm256_storeu_ps(y + r * ldy, acc[r][0]);
+      _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
+    }
+    return;
+  }
   const __m256i m0 = lane_mask(cols), m1 = lane_mask(cols - 8);
   #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    __m256 s0 = acc[r][0], s1 = acc[r][1];
     if (accumulate) {
-      s0 = _mm256_add_ps(s0, _mm256_maskload_ps(y + r * ldy, m0));
-      s1 = _mm256_add_ps(s1, _mm256_maskload_ps(y + r * ldy + 8, m1));
+      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_maskload_ps(y + r * ldy, m0));
+      acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_maskload_ps(y + r * ldy + 8, m1));
     }
-    _mm256_maskstore_ps(y + r * ldy, m0, s0);
-    _mm256_maskstore_ps(y + r * ldy + 8, m1, s1);
+    _mm256_maskstore_ps(y + r * ldy, m0, acc[r][0]);
+    _mm256_maskstore_ps(y + r * ldy + 8, m1, acc[r][1]);
   }
+}
+
+// x [M, K] -> 6-row micro-panels for f32_tile_avx2: panel q holds rows [6q, 6q + 6) as xp[q][i][r]
+// (= xp[6Kq + 6i + r]); rows past M are zero. Runs once per call, before the tiles, panel by panel.
+void pack_micro_panel(const float* x, int64_t m, int64_t k, int64_t q, float* xp) {
+  const int64_t r0 = q * kMicroRows, rows = std::min<int64_t>(kMicroRows, m - r0);
+  float* out = xp + r0 * k;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t r = 0; r < kMicroRows; ++r) out[i * kMicroRows + r] = r < rows ? x[(r0 + r) * k + i] : 0.f;
 }
 
 // One row (a decode step's matmul) against a whole panel (cols <= 32), all of K in one pass: the
@@ -363,6 +391,8 @@ struct Problem {
   int64_t row_block = 0;           // rows per unit
   int64_t panels = 0;              // Np / 32
   const float* x = nullptr;        // f32 path: [M, K]
+  const float* xp = nullptr;       //   AVX2 with >= kWideRowsBelow rows: x in 6-row micro-panels (row_block
+                                   //   is then a multiple of kMicroRows, so a unit's rows start a panel)
   const uint16_t* xb = nullptr;    // bf16 path: x [M, K]; rows below `direct` are read in place
   int64_t direct = 0;              //   (whole 32-row blocks, and only when K == Kp)
   const uint16_t* tail = nullptr;  //   rows [direct, M): a zero-padded copy, Kp wide, whole blocks
@@ -374,9 +404,9 @@ struct Problem {
 // y[r, 0:cols] (+)= x[r, 0:kc] @ panel[0:kc] for r < MR (MR <= 2), cols <= 32: the whole panel row
 // (128 contiguous bytes per k) against MR rows, 4 x MR ymm accumulators. Fewer FMAs per panel byte than
 // the 6 x 16 tiles, but the panel streams in order and the whole K goes in one pass: with few rows
-// (small decode steps) the panel's trip from memory dominates and this wins (cold layer weights,
-// 576 x 1536: 1.5x at 4-16 rows); from 32 rows the 6 x 16 tiles with the same prefetch win (M = 64:
-// 1.03-1.20 vs 1.18-1.39 ms), as they do on full row blocks.
+// (small decode steps) the panel's trip from memory dominates and this wins below ~16 rows (in-process
+// A/B against the packed 6 x 16 tiles, layer weights of SmolLM2: 0.80-0.92x of their time at 8-12 rows,
+// even at 16, 1.07-1.29x theirs at 24; hence kWideRowsBelow).
 // `pf` / `pf_lines`: prefetch_due's.
 template <int MR>
 __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x, int64_t ldx, int64_t kc,
@@ -406,16 +436,17 @@ __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x
 }
 
 // AVX2: a unit's rows [0, rows) x one panel (cols <= 32 real columns). One row: the streaming row
-// kernel; fewer than kWideRowsBelow rows: 2-row whole-panel tiles over all of K; more: K in chunks that
-// keep the panel's chunk in L1, 6-row tiles over each 16-column half of the panel. `next_panel`: the
-// panel of the unit this thread runs next (nullptr: none, or the same panel), which the tiles prefetch
-// while they compute, its lines spread evenly over the tile calls (next-unit prefetch, same process
-// on / off: 576 x 1536 at 8-32 rows 1.15-1.3x, at 64-256 rows 1.05-1.4x).
-void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const float* panel, float* y,
-                       int64_t cols, const float* next_panel) {
+// kernel; fewer than kWideRowsBelow rows: 2-row whole-panel tiles over all of K; more: 6-row tiles over
+// each 16-column half of the panel, K in as few chunks of at most kTileK as cover it (each chunk adds to
+// y after the first), x read from its packed micro-panels `xp` (the unit's first row's). `next_panel`: the panel of the unit this thread runs next (nullptr: none, or the
+// same panel), which the tiles prefetch while they compute, its lines spread evenly over the tile calls
+// (next-unit prefetch, same process on / off: 576 x 1536 at 8-32 rows 1.15-1.3x, at 64-256 rows
+// 1.05-1.4x).
+void run_f32_rows_avx2(const Problem& p, const float* x, const float* xp, int64_t rows, const float* panel,
+                       float* y, int64_t cols, const float* next_panel) {
   if (rows == 1) return f32_row_avx2(x, p.k, panel, y, cols);
   const int64_t panel_lines = p.k * kPanel * sizeof(float) / 64;            // a panel's 64-byte lines
-  if (rows < kWideRowsBelow) {
+  if (rows < kWideRowsBelow || xp == nullptr) {
     const int64_t pairs = (rows + 1) / 2, lines = panel_lines;
     for (int64_t r = 0; r < rows; r += 2) {
       const int64_t from = r / 2 * lines / pairs, to = (r / 2 + 1) * lines / pairs;   // this pair's share
@@ -425,20 +456,24 @@ void run_f32_rows_avx2(const Problem& p, const float* x, int64_t rows, const flo
     }
     return;
   }
+  const int64_t chunks = (p.k + kTileK - 1) / kTileK, chunk = (p.k + chunks - 1) / chunks;
   // the next panel's lines, spread over the tile calls (chunks x row tiles x 2 halves)
-  const int64_t calls = (p.k + kF32Chunk - 1) / kF32Chunk * ((rows + 5) / 6) * 2;
+  const int64_t calls = chunks * ((rows + kMicroRows - 1) / kMicroRows) * 2;
   const int64_t lines = next_panel ? panel_lines : 0, per_call = (lines + calls - 1) / calls;
   const char* pf = reinterpret_cast<const char*>(next_panel);
   int64_t done = 0;
-  for (int64_t k0 = 0; k0 < p.k; k0 += kF32Chunk) {
-    const int64_t kc = std::min(kF32Chunk, p.k - k0);
-    for (int64_t r = 0; r < rows; r += 6) {
-      const int64_t mr = std::min<int64_t>(6, rows - r);
+  for (int64_t k0 = 0; k0 < p.k; k0 += chunk) {
+    const int64_t kc = std::min(chunk, p.k - k0);
+    for (int64_t r = 0; r < rows; r += kMicroRows) {
+      const int64_t mr = std::min(kMicroRows, rows - r);
+      // micro-panel r / 6 starts at xp + 6K (r / 6) = xp + rK; its k0-th k at + 6 k0
+      const float* a = xp + r * p.k + k0 * kMicroRows;
       for (int64_t h = 0; h < 2; ++h) {
         const int64_t n_pf = std::min(per_call, lines - done);
         if (16 * h < cols)
-          kF32TilesAvx2[mr](x + r * p.k + k0, p.k, kc, panel + k0 * kPanel + 16 * h, y + r * p.n + 16 * h, p.n,
-                            std::min<int64_t>(16, cols - 16 * h), k0 > 0, n_pf > 0 ? pf + 64 * done : nullptr, n_pf);
+          kF32TilesAvx2[mr](a, kc, panel + k0 * kPanel + 16 * h, y + r * p.n + 16 * h, p.n,
+                            std::min<int64_t>(16, cols - 16 * h), k0 > 0, n_pf > 0 ? pf + 64 * done : nullptr,
+                            n_pf);
         done += n_pf;                               // n_pf >= 0: done never passes lines
       }
     }
@@ -474,7 +509,7 @@ void run_f32_unit(const Problem& p, int64_t u, int64_t next) {
   if (!has_avx512() && has_avx2()) {
     const int64_t nj = next < 0 ? j : next % p.panels;
     const float* next_panel = nj == j ? nullptr : static_cast<const float*>(p.w) + nj * p.k * kPanel;
-    return run_f32_rows_avx2(p, x, rows, panel, y, cols, next_panel);
+    return run_f32_rows_avx2(p, x, p.xp ? p.xp + r0 * p.k : nullptr, rows, panel, y, cols, next_panel);
   }
   if (!has_avx512()) return f32_tile_portable(x, rows, p.k, panel, y, p.n, cols);
   // K in chunks: a chunk of the panel (kF32Chunk x 32) and of 8 x rows stay in L1 while the
@@ -533,6 +568,21 @@ const float* widened(const uint16_t* x, int64_t m, int64_t k, int64_t kp) {
   return buf.data();
 }
 
+// AVX2 f32 with >= kWideRowsBelow rows: x packed into 6-row micro-panels (shared by the threads; packed
+// in parallel before any tile reads it), and p.row_block set to split the rows evenly into blocks of at
+// most kRowBlockAvx2, each a whole number of micro-panels (M = 512: 5 blocks of 108 rows, the last 80).
+const float* packed_micro_panels(ffi::ThreadPool& pool, Problem& p) {
+  thread_local std::vector<float> buf;   // grows to the largest x, then reused
+  const int64_t micro = (p.m + kMicroRows - 1) / kMicroRows;
+  buf.resize(micro * kMicroRows * p.k);
+  float* xp = buf.data();
+  const Problem& q = p;
+  jaxpaged::run_units(pool, micro, [&q, xp](int64_t i) { pack_micro_panel(q.x, q.m, q.k, i, xp); });
+  const int64_t blocks = (p.m + kRowBlockAvx2 - 1) / kRowBlockAvx2;
+  p.row_block = ((p.m + blocks - 1) / blocks + kMicroRows - 1) / kMicroRows * kMicroRows;
+  return xp;
+}
+
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
                   ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
@@ -582,6 +632,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   } else {
     p.w = static_cast<const float*>(w.untyped_data()) + l * layer_elems;
     p.x = static_cast<const float*>(x.untyped_data());
+    if (!has_avx512() && has_avx2() && p.m >= kWideRowsBelow) p.xp = packed_micro_panels(pool, p);
   }
   const int64_t row_blocks = (p.m + p.row_block - 1) / p.row_block;
   const bool amx = p.bf16 && has_amx();   // the tile configuration is per thread
@@ -589,30 +640,6 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
       pool, row_blocks * p.panels,
       [&p, amx](int64_t u, int64_t next) { p.bf16 ? run_bf16_unit(p, u, amx) : run_f32_unit(p, u, next); },
       [amx] { if (amx) amx_configure(); }, [amx] { if (amx) amx_release(); });
-  return ffi::Error::Success();
-}
-
-// One layer of a stacked f32 packed weight [L, Np/32, K, 32] back to row-major [K, Np] (for XLA's dot
-// on prefill-sized steps, matmul.py): 128-byte panel rows copied to their place in the output rows.
-// XLA's own transpose of the panels ran at ~2 GB/s here.
-ffi::Error UnpackF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
-                     ffi::ResultBuffer<ffi::F32> out) {
-  const auto wd = w.dimensions(), od = out->dimensions();
-  if (wd.size() != 4 || wd[3] != kPanel || od.size() != 2 || od[0] != wd[2] || od[1] != wd[1] * kPanel)
-    return ffi::Error::InvalidArgument("unpack_f32: expected w [L, Np/32, K, 32] and out [K, Np]");
-  const int64_t panels = wd[1], k = wd[2];
-  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);
-  const float* src = w.typed_data() + l * panels * k * kPanel;
-  float* dst = out->typed_data();
-  // unit = (8 panels) x (64 k-rows): 8 read streams of 8 KB, 64 output segments of 1 KB
-  constexpr int64_t kRows = 64, kPanels = 8;
-  const int64_t row_blocks = (k + kRows - 1) / kRows;
-  jaxpaged::run_units(pool, row_blocks * ((panels + kPanels - 1) / kPanels), [=](int64_t u) {
-    const int64_t i0 = (u % row_blocks) * kRows, j0 = (u / row_blocks) * kPanels;
-    for (int64_t i = i0; i < std::min(k, i0 + kRows); ++i)
-      for (int64_t j = j0; j < std::min(panels, j0 + kPanels); ++j)
-        std::memcpy(dst + i * panels * kPanel + j * kPanel, src + (j * k + i) * kPanel, kPanel * sizeof(float));
-  });
   return ffi::Error::Success();
 }
 
@@ -632,10 +659,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpagedMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer
                                   .Arg<ffi::Buffer<ffi::S32>>()   // rows (real rows of x)
                                   .Ret<ffi::Buffer<ffi::F32>>()); // out [M, N]
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpagedUnpackF32, UnpackF32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // packed f32 weight (stacked)
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // out [K, Np]

@@ -99,48 +99,10 @@ def pack(w, *, stacked: bool) -> PackedWeight:
     return PackedWeight(jnp.asarray(data), None, None, k, n)
 
 
-# From this many rows of x up (a full prefill chunk), large f32 weights on a CPU without AVX-512 go to
-# XLA's dot (its blocked GEMM) on the layer unpacked to row-major by a native gather (`unpack_layer`;
-# XLA's own transpose of the panels ran at ~2 GB/s). Per-op profile of a 512-token f32 SmolLM2 step (30
-# layers, ms per step): gate / up / down 242-246 each on XLA + 24-26 each to unpack, against 287-300 on
-# the AVX2 register tiles; q / o about even (93-101 + 8-15 vs 105-107); k / v (576 x 192) 60 each on
-# XLA against 35 on the tiles, hence the size floor. Below ~256 rows the tiles win everywhere, and they
-# skip bucket padding rows, which XLA's dot computes.
-XLA_ROWS = 512
-XLA_MIN_WEIGHT = 1 << 19        # K * N: SmolLM2's MLP weights (884,736) qualify, its q/k/v/o do not
-
-
-def uses_xla_dot(w: PackedWeight, m: int) -> bool:
-    """Whether packed_matmul hands [m, K] x this weight to XLA's dot (static: m is a bucket size)."""
-    return (w.data.dtype == jnp.float32 and not caps() & 0b001 and m >= XLA_ROWS
-            and w.k * w.n >= XLA_MIN_WEIGHT)
-
-
-def unpack_layer(w: PackedWeight) -> jax.Array:
-    """The f32 weight's layer (w.layer, clamped; 0 when None) as row-major [K, Np] (native gather: XLA's
-    transpose of the panels, [Np/32, K, 32] -> [K, Np], ran at ~2 GB/s here)."""
-    load()
-    layer = jnp.asarray(0 if w.layer is None else w.layer, jnp.int32).reshape(1)
-    _, panels, k, lanes = w.data.shape
-    call = jax.ffi.ffi_call("jaxpaged_unpack_f32", jax.ShapeDtypeStruct((k, panels * lanes), jnp.float32))
-    return call(w.data, layer)
-
-
-def _xla_dot(x: jax.Array, w: PackedWeight) -> jax.Array:
-    """The layer's f32 panels through XLA's dot: x [M, K] -> [M, N], rows >= w.rows zeroed."""
-    m = x.shape[0]
-    y = jnp.dot(x, unpack_layer(w))[:, : w.n]                         # [M, Np] -> [M, N]
-    if w.rows is None:
-        return y
-    return jnp.where(jnp.arange(m)[:, None] < w.rows, y, 0.0)
-
-
 def packed_matmul(x: jax.Array, w: PackedWeight) -> jax.Array:
     """x [M, K] (cast to the weight's dtype) @ W -> [M, N] f32 (rows at/after w.rows are 0)."""
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"packed_matmul: x must be [M, {w.k}], got {x.shape}")
-    if uses_xla_dot(w, x.shape[0]):
-        return _xla_dot(x.astype(jnp.float32), w)
     load()                                         # registers the FFI target (compiles on first use)
     if w.data.dtype == jnp.uint16:
         x = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)

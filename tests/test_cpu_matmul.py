@@ -15,9 +15,10 @@ from cpu_kernels.matmul import PackedWeight, caps, pack, packed_matmul, worthwhi
 from jaxpaged import SamplingParams
 from tests.engine_utils import make_llm
 
-# (M, K, N): decode- and prefill-sized rows; K and N off the 32-multiples (padding), one-row panels
+# (M, K, N): decode- and prefill-sized rows; K and N off the 32-multiples (padding), one-row panels;
+# K past 768 (the AVX2 6-row tiles split it into chunks: 1537 -> 769 + 768); M = 130 -> two row blocks
 SHAPES = [(1, 64, 40), (1, 77, 50), (5, 96, 70), (7, 33, 17), (16, 32, 32), (33, 576, 200), (70, 100, 33),
-          (130, 64, 96)]
+          (130, 64, 96), (45, 1537, 72)]
 
 
 def _reference(x, w):
@@ -157,24 +158,16 @@ def test_rows_past_valid_are_skipped_and_zero(dtype):
         assert not y[real:].any()
 
 
-def test_prefill_rows_of_an_f32_weight_take_xla_dot_and_agree():
-    """512 rows x a weight of >= 2^19 elements: XLA's dot on the unpacked layer where the CPU lacks
-    AVX-512 (matmul.uses_xla_dot); both paths equal numpy, rows past `rows` are zero, layers clamp;
-    bf16 and small weights stay native."""
-    from cpu_kernels import matmul as mm
-    x, w = _stacked("float32", mm.XLA_ROWS, 576, 1000, layers=2)         # N off the 32-multiples
+def test_prefill_rows_of_an_f32_weight_agree_over_row_blocks_and_k_chunks():
+    """A full prefill chunk (512 rows) on the native tiles: on AVX2 the rows split into blocks of whole
+    6-row micro-panels (512 -> 5 x 108, the last 80; 300 real rows -> 3 x 102, the last 96) and K = 1000
+    into two 500-deep passes; every row equals numpy, rows past `rows` are zero, the layer clamps."""
+    x, w = _stacked("float32", 512, 1000, 1000, layers=2)         # N off the 32-multiples
     packed = pack(w, stacked=True)
-    assert mm.uses_xla_dot(packed, mm.XLA_ROWS) == (not caps() & 1)
-    assert not mm.uses_xla_dot(packed, mm.XLA_ROWS - 1)
-    assert not mm.uses_xla_dot(pack(w.astype(jnp.bfloat16), stacked=True), mm.XLA_ROWS)
-    assert not mm.uses_xla_dot(pack(w[:, :, :192], stacked=True), mm.XLA_ROWS)     # small weights stay native
-    np.testing.assert_array_equal(np.asarray(mm.unpack_layer(packed.at_layer(jnp.int32(1))))[:, :1000], w[1])
     ref = _reference(x, w[1])
     tol = dict(rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    for rows in (mm.XLA_ROWS, 300):
-        at = packed.at_layer(jnp.int32(1), jnp.int32(rows))
-        for y in (jax.jit(packed_matmul)(x, at), jax.jit(mm._xla_dot)(x, at)):
-            y = np.asarray(y)
-            np.testing.assert_allclose(y[:rows], ref[:rows], **tol)
-            assert not y[rows:].any()
-    np.testing.assert_allclose(np.asarray(mm._xla_dot(x, packed.at_layer(jnp.int32(7)))), _reference(x, w[1]), **tol)
+    run = jax.jit(lambda x, layer, rows: packed_matmul(x, packed.at_layer(layer, rows)))
+    for layer, rows in ((1, 512), (1, 300), (7, 511)):            # 7: clamped to the last layer
+        y = np.asarray(run(x, jnp.int32(layer), jnp.int32(rows)))
+        np.testing.assert_allclose(y[:rows], ref[:rows], **tol)
+        assert not y[rows:].any()
