@@ -456,6 +456,15 @@ void run_f32_rows_avx2(const Problem& p, const float* x, const float* xp, int64_
     }
     return;
   }
+  // A last 1 or 2 rows (rows % 6) run one 2-row whole-panel tile: as two 6 x 16 tiles they would have 2-4
+  // accumulator chains each, too few to hide the FMA latency (32 rows: 5 tiles of 6 + 2 rows).
+  const int64_t tail = rows % kMicroRows <= 2 ? rows % kMicroRows : 0;
+  if (tail > 0) {
+    const int64_t r = rows - tail;
+    if (tail == 2) f32_wide_avx2<2>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, nullptr, 0);
+    else f32_wide_avx2<1>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, nullptr, 0);
+    rows -= tail;
+  }
   const int64_t chunks = (p.k + kTileK - 1) / kTileK, chunk = (p.k + chunks - 1) / chunks;
   // the next panel's lines, spread over the tile calls (chunks x row tiles x 2 halves)
   const int64_t calls = chunks * ((rows + kMicroRows - 1) / kMicroRows) * 2;
