@@ -94,6 +94,21 @@ def test_matmul_table(capsys):
     assert len(quantized) == 4 and all(line.endswith("x |") for line in quantized)   # 2 schemes x 2 row counts
 
 
+def test_matmul_against_a_revision_builds_it_and_compares(capsys):
+    """`--against HEAD`: matmul.cc as committed, built apart and registered under its own target, runs
+    beside this tree's on the same stacked weights (both dtypes; the run checks that they agree);
+    an unknown revision is a ValueError naming the flag."""
+    main(["matmul", "--against", "HEAD", "--shapes", "256x96", "--rows", "1,20", "--repeats", "1", "--layers", "2"])
+    text = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| float32", "| bfloat16"))]
+    assert len(rows) == 4                                          # 2 dtypes x 2 row counts
+    for dtype, shape, m, old, new, ratio in rows:
+        assert shape.strip() == "256x96" and float(old) > 0 and float(new) > 0
+        assert float(ratio) == pytest.approx(float(new) / float(old), rel=0.05)
+    with pytest.raises(ValueError, match="--against"):
+        main(["matmul", "--against", "no-such-revision-0123", "--shapes", "64x40", "--rows", "1"])
+
+
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     from jaxpaged.bench.plot import plot_serve

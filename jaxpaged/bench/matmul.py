@@ -7,6 +7,10 @@ the packed weight. Reports ms per call (best of --repeats rounds), the weight by
 second, and the ratio. `cpu_kernels.matmul.caps()` says which path the kernel took (AVX-512 / AMX /
 AVX2 + FMA / portable loops). Run on a quiet machine: other work on the cores shows up as noise.
 
+`--against REV`: instead, today's kernel against itself as it was at git revision REV, in one process
+(bench/kernel_at_rev.py): the same stacked weights (--layers of them, cold each call, as in the model),
+calls alternating, so the machine's drift cancels. This is how kernel changes are kept or dropped.
+
 Quantized weights (--quantized, default int8): a second table per scheme with its native kernel
 (int8: cpu_kernels/int8_matmul, GGUF Q8_0/Q4_0/Q4_1: cpu_kernels/gguf_matmul at every row count,
 whatever the engine's cut-off), the path XLA runs without it (int8: the widening dot; GGUF:
@@ -30,6 +34,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (the best is kept)")
     p.add_argument("--calls", type=int, default=10, help="calls per round")
+    p.add_argument("--against", default=None, metavar="REV",
+                   help="time the packed matmul at git revision REV against this tree, alternating in one process")
+    p.add_argument("--layers", type=int, default=30, help="--against: stacked layers per weight")
     p.add_argument("--quantized", default="int8",
                    help="comma-separated weight schemes of the second table: int8, Q8_0, Q4_0, Q4_1 ('' for none)")
 
@@ -53,6 +60,11 @@ def run(args) -> None:
     import jax.numpy as jnp
 
     from cpu_kernels.matmul import caps, pack, packed_matmul
+    if args.against:
+        from jaxpaged.bench.kernel_at_rev import compare
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        return compare(args.against, shapes, [int(v) for v in args.rows.split(",")], args.dtypes.split(","),
+                       args.layers, args.repeats)
     bits = caps()
     paths = [name for bit, name in ((1, "f32 AVX-512"), (2, "bf16 AMX"), (4, "AVX2+FMA")) if bits & bit]
     print(f"cpu_kernels.matmul.caps() = {bits} ({', '.join(paths) or 'portable loops'}); "
