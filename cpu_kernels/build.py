@@ -109,14 +109,21 @@ def _run(cmds: list[list[str]]) -> None:
         raise NativeBuildError(f"building the native CPU kernels failed ({cmd[0]} exit {code}):\n{err[-4000:]}")
 
 
+def compile_shared(sources, out: Path, compiler: str | None = None) -> None:
+    """Compiles `sources` (their headers beside them) with the kernels' flags into the shared library
+    `out`, the objects beside it. Also used by `bench matmul --against` to build a past revision."""
+    compiler = compiler or _compiler()
+    objs = [out.parent / f"{Path(src).stem}.o" for src in sources]
+    _run([[compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", str(obj)]
+          for src, obj in zip(sources, objs)])
+    _run([[compiler, *map(str, objs), "-o", str(out), *LINK_FLAGS]])
+
+
 def _compile(compiler: str, target: Path) -> None:
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
-        objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
         out = Path(tmp) / target.name
-        _run([[compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(src), "-o", str(obj)]
-              for src, obj in zip(SOURCES, objs)])
-        _run([[compiler, *map(str, objs), "-o", str(out), *LINK_FLAGS]])
+        compile_shared(SOURCES, out, compiler)
         target.parent.mkdir(exist_ok=True)
         os.replace(out, target)          # atomic: a concurrent start sees no half-written file
 

@@ -48,11 +48,8 @@ def target_at(rev: str) -> str:
                if p.endswith(".h")]
     for path in (SOURCE, *headers):
         (tmp / Path(path).name).write_bytes(_git(repo, "show", f"{commit}:{path}"))
-    compiler = build._compiler()
-    obj, lib = tmp / "matmul.o", tmp / "libmatmul_at_rev.so"
-    build._run([[compiler, *build.FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(tmp / Path(SOURCE).name),
-                 "-o", str(obj)]])
-    build._run([[compiler, str(obj), "-o", str(lib), *build.LINK_FLAGS]])
+    lib = tmp / "libmatmul_at_rev.so"
+    build.compile_shared([tmp / Path(SOURCE).name], lib)
     handle = ctypes.CDLL(str(lib))                  # RTLD_LOCAL: its symbols stay its own
     name = f"jaxpaged_matmul_at_{commit[:10]}"
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, HANDLER)), platform="cpu")
