@@ -94,17 +94,39 @@ def test_matmul_table(capsys):
     assert len(quantized) == 4 and all(line.endswith("x |") for line in quantized)   # 2 schemes x 2 row counts
 
 
-def test_matmul_against_a_revision_builds_it_and_compares(capsys):
-    """`--against HEAD`: matmul.cc as committed, built apart and registered under its own target, runs
-    beside this tree's on the same stacked weights (both dtypes; the run checks that they agree);
+def _kernel_repo(path):
+    """A one-commit git repository holding this tree's cpu_kernels sources (independent of how the
+    tests' own checkout was made: a shallow clone, an export without .git)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from jaxpaged.bench.kernel_at_rev import default_repo
+    src = default_repo() / "cpu_kernels"
+    (path / "cpu_kernels").mkdir(parents=True)
+    for f in [*src.glob("*.cc"), *src.glob("*.h")]:
+        shutil.copy(f, path / "cpu_kernels" / f.name)
+    git = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "kernels"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    return Path(path)
+
+
+def test_matmul_against_a_revision_builds_it_and_compares(tmp_path, capsys):
+    """`--against REV`: matmul.cc as committed at REV, built apart and registered under its own target,
+    runs beside this tree's on the same stacked weights (both dtypes; the run checks that they agree);
     an unknown revision is a ValueError naming the flag."""
-    main(["matmul", "--against", "HEAD", "--shapes", "256x96", "--rows", "1,20", "--repeats", "1", "--layers", "2"])
+    from jaxpaged.bench.kernel_at_rev import compare
+    repo = _kernel_repo(tmp_path / "repo")
+    compare("HEAD", [(256, 96)], [1, 20], ["float32", "bfloat16"], layers=2, repeats=1, repo=repo)
     text = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| float32", "| bfloat16"))]
     assert len(rows) == 4                                          # 2 dtypes x 2 row counts
     for dtype, shape, m, old, new, ratio in rows:
         assert shape.strip() == "256x96" and float(old) > 0 and float(new) > 0
         assert float(ratio) == pytest.approx(float(new) / float(old), rel=0.05)
+    with pytest.raises(ValueError, match="--against"):
+        compare("no-such-revision-0123", [(64, 40)], [1], ["float32"], layers=1, repeats=1, repo=repo)
     with pytest.raises(ValueError, match="--against"):
         main(["matmul", "--against", "no-such-revision-0123", "--shapes", "64x40", "--rows", "1"])
 

@@ -34,14 +34,20 @@ def _git(repo: Path, *args: str) -> bytes:
                          f"{err.decode(errors='replace').strip() or e}") from None
 
 
+def default_repo() -> Path:
+    """The checkout this package runs from (cpu_kernels/ sits at its root)."""
+    from cpu_kernels import build
+    return Path(build.__file__).resolve().parent.parent
+
+
 @functools.cache
-def target_at(rev: str) -> str:
-    """Builds matmul.cc at `rev` (of the checkout this package runs from) and registers it; returns
-    the FFI target name. Raises ValueError when there is no such revision or checkout."""
+def target_at(rev: str, repo: Path | None = None) -> str:
+    """Builds matmul.cc at `rev` of `repo` (default: this package's checkout) and registers it;
+    returns the FFI target name. Raises ValueError when there is no such revision or checkout."""
     import jax
 
     from cpu_kernels import build
-    repo = Path(build.__file__).resolve().parent.parent
+    repo = Path(repo) if repo is not None else default_repo()
     commit = _git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}").decode().strip()
     tmp = Path(tempfile.mkdtemp(prefix=f"jaxpaged-matmul-{commit[:10]}-"))
     headers = [p for p in _git(repo, "ls-tree", "--name-only", commit, "cpu_kernels/").decode().split()
@@ -73,14 +79,14 @@ def _layer_scan(target: str, m: int, n: int, layers: int):
     return run
 
 
-def compare(rev: str, shapes, rows, dtypes, layers: int, repeats: int) -> None:
+def compare(rev: str, shapes, rows, dtypes, layers: int, repeats: int, repo: Path | None = None) -> None:
     """Prints a table: ms per layer call at `rev` and now, best of `repeats` alternating rounds."""
     import jax
     import jax.numpy as jnp
 
     from cpu_kernels.matmul import TARGET, load, pack
     load()
-    old = target_at(rev)
+    old = target_at(rev, repo)
     rng = np.random.default_rng(0)
     print(f"\nlayer-stacked A/B ({layers} layers, the weights cold each call): {rev} vs this tree, "
           f"alternating, best of {repeats}")
