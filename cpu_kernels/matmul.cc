@@ -47,7 +47,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kPanel = 32;      // output columns per work unit (one f32 panel, two bf16 tiles)
-constexpr int64_t kRowBlockF32 = 128;   // rows per f32 work unit (x rows stay in L2 across panels)
+constexpr int64_t kRowBlockF32 = 128;   // rows per f32 work unit (x rows stay in L2 across panels);
+                                        // AVX2 with packed micro-panels: micro_panel_row_block
 constexpr int64_t kF32Chunk = 256;      // AVX-512: K per pass over a unit's rows: 32 KB of panel in L1
 constexpr int64_t kMicroRows = 6;       // AVX2 f32: rows per register tile (and per packed micro-panel of x)
 constexpr int64_t kRowBlockAvx2 = 126;  // AVX2 f32: most rows per unit (a multiple of kMicroRows)
@@ -435,40 +436,40 @@ __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x
     for (int c = 0; c < 4; ++c) _mm256_maskstore_ps(y + r * ldy + 8 * c, lane_mask(cols - 8 * c), acc[r][c]);
 }
 
+// AVX2: rows [0, rows) of x (rows ldx = K apart) x one panel in 2-row whole-panel tiles over all of K.
+// `next_panel` (nullptr: none) is prefetched, each row pair issuing its share of the panel's lines.
+void run_f32_wide_rows_avx2(const Problem& p, const float* x, int64_t rows, const float* panel, float* y,
+                            int64_t cols, const float* next_panel) {
+  const int64_t pairs = (rows + 1) / 2, lines = p.k * kPanel * sizeof(float) / 64;   // a panel's 64-byte lines
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t from = r / 2 * lines / pairs, to = (r / 2 + 1) * lines / pairs;   // this pair's share
+    const char* pf = next_panel ? reinterpret_cast<const char*>(next_panel) + 64 * from : nullptr;
+    if (rows - r >= 2) f32_wide_avx2<2>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, pf, to - from);
+    else f32_wide_avx2<1>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, pf, to - from);
+  }
+}
+
 // AVX2: a unit's rows [0, rows) x one panel (cols <= 32 real columns). One row: the streaming row
 // kernel; fewer than kWideRowsBelow rows: 2-row whole-panel tiles over all of K; more: 6-row tiles over
-// each 16-column half of the panel, K in as few chunks of at most kTileK as cover it (each chunk adds to
-// y after the first), x read from its packed micro-panels `xp` (the unit's first row's). `next_panel`: the panel of the unit this thread runs next (nullptr: none, or the
-// same panel), which the tiles prefetch while they compute, its lines spread evenly over the tile calls
-// (next-unit prefetch, same process on / off: 576 x 1536 at 8-32 rows 1.15-1.3x, at 64-256 rows
-// 1.05-1.4x).
+// each 16-column half of the panel, K in as few chunks of at most kTileK as cover it (each chunk adds
+// to y after the first), x read from its packed micro-panels `xp` (the unit's first row's).
+// `next_panel`: the panel of the unit this thread runs next (nullptr: none, or the same panel), which
+// the tiles prefetch while they compute, its lines spread evenly over the tile calls (next-unit
+// prefetch, same process on / off: 576 x 1536 at 8-32 rows 1.15-1.3x, at 64-256 rows 1.05-1.4x).
 void run_f32_rows_avx2(const Problem& p, const float* x, const float* xp, int64_t rows, const float* panel,
                        float* y, int64_t cols, const float* next_panel) {
   if (rows == 1) return f32_row_avx2(x, p.k, panel, y, cols);
-  const int64_t panel_lines = p.k * kPanel * sizeof(float) / 64;            // a panel's 64-byte lines
-  if (rows < kWideRowsBelow || xp == nullptr) {
-    const int64_t pairs = (rows + 1) / 2, lines = panel_lines;
-    for (int64_t r = 0; r < rows; r += 2) {
-      const int64_t from = r / 2 * lines / pairs, to = (r / 2 + 1) * lines / pairs;   // this pair's share
-      const char* pf = next_panel ? reinterpret_cast<const char*>(next_panel) + 64 * from : nullptr;
-      if (rows - r >= 2) f32_wide_avx2<2>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, pf, to - from);
-      else f32_wide_avx2<1>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, pf, to - from);
-    }
-    return;
-  }
+  if (rows < kWideRowsBelow || xp == nullptr) return run_f32_wide_rows_avx2(p, x, rows, panel, y, cols, next_panel);
   // A last 1 or 2 rows (rows % 6) run one 2-row whole-panel tile: as two 6 x 16 tiles they would have 2-4
   // accumulator chains each, too few to hide the FMA latency (32 rows: 5 tiles of 6 + 2 rows).
   const int64_t tail = rows % kMicroRows <= 2 ? rows % kMicroRows : 0;
-  if (tail > 0) {
-    const int64_t r = rows - tail;
-    if (tail == 2) f32_wide_avx2<2>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, nullptr, 0);
-    else f32_wide_avx2<1>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, nullptr, 0);
-    rows -= tail;
-  }
+  rows -= tail;
+  if (tail > 0) run_f32_wide_rows_avx2(p, x + rows * p.k, tail, panel, y + rows * p.n, cols, nullptr);
   const int64_t chunks = (p.k + kTileK - 1) / kTileK, chunk = (p.k + chunks - 1) / chunks;
   // the next panel's lines, spread over the tile calls (chunks x row tiles x 2 halves)
   const int64_t calls = chunks * ((rows + kMicroRows - 1) / kMicroRows) * 2;
-  const int64_t lines = next_panel ? panel_lines : 0, per_call = (lines + calls - 1) / calls;
+  const int64_t lines = next_panel ? p.k * kPanel * sizeof(float) / 64 : 0;   // the next panel's 64-byte lines
+  const int64_t per_call = (lines + calls - 1) / calls;
   const char* pf = reinterpret_cast<const char*>(next_panel);
   int64_t done = 0;
   for (int64_t k0 = 0; k0 < p.k; k0 += chunk) {
@@ -577,19 +578,22 @@ const float* widened(const uint16_t* x, int64_t m, int64_t k, int64_t kp) {
   return buf.data();
 }
 
-// AVX2 f32 with >= kWideRowsBelow rows: x packed into 6-row micro-panels (shared by the threads; packed
-// in parallel before any tile reads it), and p.row_block set to split the rows evenly into blocks of at
-// most kRowBlockAvx2, each a whole number of micro-panels (M = 512: 5 blocks of 108 rows, the last 80).
-const float* packed_micro_panels(ffi::ThreadPool& pool, Problem& p) {
+// AVX2 f32 with >= kWideRowsBelow rows: x packed into 6-row micro-panels, shared by the threads (packed
+// in parallel before any tile reads it).
+const float* packed_micro_panels(ffi::ThreadPool& pool, const float* x, int64_t m, int64_t k) {
   thread_local std::vector<float> buf;   // grows to the largest x, then reused
-  const int64_t micro = (p.m + kMicroRows - 1) / kMicroRows;
-  buf.resize(micro * kMicroRows * p.k);
+  const int64_t micro = (m + kMicroRows - 1) / kMicroRows;
+  buf.resize(micro * kMicroRows * k);
   float* xp = buf.data();
-  const Problem& q = p;
-  jaxpaged::run_units(pool, micro, [&q, xp](int64_t i) { pack_micro_panel(q.x, q.m, q.k, i, xp); });
-  const int64_t blocks = (p.m + kRowBlockAvx2 - 1) / kRowBlockAvx2;
-  p.row_block = ((p.m + blocks - 1) / blocks + kMicroRows - 1) / kMicroRows * kMicroRows;
+  jaxpaged::run_units(pool, micro, [=](int64_t q) { pack_micro_panel(x, m, k, q, xp); });
   return xp;
+}
+
+// Rows per unit for the packed micro-panels: M split evenly into blocks of at most kRowBlockAvx2, each
+// a whole number of micro-panels (M = 512: 5 blocks of 108 rows, the last 80).
+int64_t micro_panel_row_block(int64_t m) {
+  const int64_t blocks = (m + kRowBlockAvx2 - 1) / kRowBlockAvx2;
+  return ((m + blocks - 1) / blocks + kMicroRows - 1) / kMicroRows * kMicroRows;
 }
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
@@ -641,7 +645,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   } else {
     p.w = static_cast<const float*>(w.untyped_data()) + l * layer_elems;
     p.x = static_cast<const float*>(x.untyped_data());
-    if (!has_avx512() && has_avx2() && p.m >= kWideRowsBelow) p.xp = packed_micro_panels(pool, p);
+    if (!has_avx512() && has_avx2() && p.m >= kWideRowsBelow) {
+      p.xp = packed_micro_panels(pool, p.x, p.m, p.k);
+      p.row_block = micro_panel_row_block(p.m);
+    }
   }
   const int64_t row_blocks = (p.m + p.row_block - 1) / p.row_block;
   const bool amx = p.bf16 && has_amx();   // the tile configuration is per thread
