@@ -20,8 +20,11 @@
 //        sequences costs 20 rows of weight matmul, not 32.)
 //
 // Paths: f32 uses AVX-512 FMA register tiles of up to 8 rows x 32 columns when the CPU has
-// AVX-512; bf16 uses AMX tiles (32 x 32 outputs per block) when the CPU has AMX-BF16 and the
-// kernel grants the tile state; otherwise portable loops over the same layouts (slow, correct).
+// AVX-512, else AVX2 + FMA tiles (6 x 16 over packed x micro-panels; 2-row whole-panel tiles for
+// few rows). bf16 uses AMX tiles (32 x 32 outputs per block) when the CPU has AMX-BF16 and the
+// kernel grants the tile state; without AMX it runs the f32 tiles on x widened to f32 and on each
+// unit's panel widened as the unit starts (half the weight bytes from memory, f32 arithmetic).
+// Without AVX2, portable loops over the same layouts (slow, correct).
 // Work units (a block of rows x one 32-column panel) are shared by the calling thread and XLA's
 // intra-op pool through an atomic cursor.
 
@@ -55,6 +58,7 @@ constexpr int64_t kRowBlockAvx2 = 126;  // AVX2 f32: most rows per unit (a multi
 constexpr int64_t kTileK = 768;         // AVX2 f32: most K per tile pass (6 x 768 floats of x: 18 KB of L1)
 constexpr int64_t kWideRowsBelow = 18;  // AVX2 f32: units with fewer rows run the 2-row whole-panel tiles
 constexpr int64_t kRowBlockBf16 = 32;   // rows per AMX block: two A tiles
+constexpr int64_t kWidenRowsFrom = kWideRowsBelow;   // AVX2 bf16: units with fewer rows read the bf16 panel in place
 
 // ---- CPU features ---------------------------------------------------------------------------
 
@@ -302,6 +306,29 @@ __attribute__((target("avx2,fma"))) void bf16_tile_avx2(const float* __restrict 
   }
 }
 
+// One 32-column panel of a packed bf16 weight (tile columns t0 | t1, the AMX layout: k-pair q of a tile
+// column is 32 uint16 at 32q, element 2c + e = W[2q + e][c]) widened to an f32 panel [Kp][32] (the f32
+// layout's rows): 32-bit lane c of a 256-bit load holds column c's rows 2q (low half, shifted up) and
+// 2q + 1 (high half, masked). The AVX2 bf16 path runs the f32
+// tiles on it: a panel is widened once per unit and then read by every row of the unit.
+__attribute__((target("avx2"))) void widen_panel(const uint16_t* __restrict t0, const uint16_t* __restrict t1,
+                                                 int64_t kp, float* __restrict out) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t q = 0; q < kp / 2; ++q) {
+    float* even = out + 2 * q * kPanel;   // panel row 2q; row 2q + 1 follows, kPanel floats on
+    #pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const uint16_t* tc = (h ? t1 : t0) + 32 * q;
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tc));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tc + 16));
+      _mm256_storeu_ps(even + 16 * h, _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)));
+      _mm256_storeu_ps(even + 16 * h + 8, _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)));
+      _mm256_storeu_ps(even + kPanel + 16 * h, _mm256_castsi256_ps(_mm256_and_si256(w0, high)));
+      _mm256_storeu_ps(even + kPanel + 16 * h + 8, _mm256_castsi256_ps(_mm256_and_si256(w1, high)));
+    }
+  }
+}
+
 // ---- bf16: AMX tiles ------------------------------------------------------------------------
 
 struct alignas(64) TileConfig {
@@ -397,10 +424,38 @@ struct Problem {
   const uint16_t* xb = nullptr;    // bf16 path: x [M, K]; rows below `direct` are read in place
   int64_t direct = 0;              //   (whole 32-row blocks, and only when K == Kp)
   const uint16_t* tail = nullptr;  //   rows [direct, M): a zero-padded copy, Kp wide, whole blocks
-  const float* xf = nullptr;       // bf16 path on AVX2: x as f32 [M, Kp] (zero-padded past K)
   const void* w = nullptr;         // this layer's packed weight
+  const uint16_t* wb = nullptr;    // bf16 weights without AMX: this layer's packed bf16 weight, run on the
+                                   //   f32 path (x widened to f32 [M, Kp], k = Kp) a panel widened per unit
   float* out = nullptr;            // [M, N]
 };
+
+// A panel's bytes as stored (an f32 panel, or a bf16 weight's two tile columns, contiguous): what the
+// AVX2 tiles prefetch for the next unit. `at` nullptr: nothing to prefetch.
+struct PanelBytes {
+  const char* at = nullptr;
+  int64_t lines = 0;   // 64-byte lines
+};
+
+PanelBytes stored_panel(const Problem& p, int64_t j) {
+  if (p.wb != nullptr) {
+    const int64_t tile_col = (p.k / 32) * 512;   // bf16 elements per 16-column tile column (k == Kp)
+    return {reinterpret_cast<const char*>(p.wb + 2 * j * tile_col), 2 * tile_col * 2 / 64};
+  }
+  return {reinterpret_cast<const char*>(static_cast<const float*>(p.w) + j * p.k * kPanel),
+          p.k * kPanel * static_cast<int64_t>(sizeof(float)) / 64};
+}
+
+// Panel j as f32 [K][32]: the packed f32 panel in place, or (bf16 weights) widened into a per-thread
+// buffer.
+const float* f32_panel(const Problem& p, int64_t j) {
+  if (p.wb == nullptr) return static_cast<const float*>(p.w) + j * p.k * kPanel;
+  thread_local std::vector<float> buf;   // grows to the largest panel, then reused
+  buf.resize(p.k * kPanel);
+  const int64_t tile_col = (p.k / 32) * 512;
+  widen_panel(p.wb + 2 * j * tile_col, p.wb + (2 * j + 1) * tile_col, p.k, buf.data());
+  return buf.data();
+}
 
 // y[r, 0:cols] (+)= x[r, 0:kc] @ panel[0:kc] for r < MR (MR <= 2), cols <= 32: the whole panel row
 // (128 contiguous bytes per k) against MR rows, 4 x MR ymm accumulators. Fewer FMAs per panel byte than
@@ -437,13 +492,13 @@ __attribute__((target("avx2,fma"))) void f32_wide_avx2(const float* __restrict x
 }
 
 // AVX2: rows [0, rows) of x (rows ldx = K apart) x one panel in 2-row whole-panel tiles over all of K.
-// `next_panel` (nullptr: none) is prefetched, each row pair issuing its share of the panel's lines.
+// The next unit's panel `next` is prefetched, each row pair issuing its share of its lines.
 void run_f32_wide_rows_avx2(const Problem& p, const float* x, int64_t rows, const float* panel, float* y,
-                            int64_t cols, const float* next_panel) {
-  const int64_t pairs = (rows + 1) / 2, lines = p.k * kPanel * sizeof(float) / 64;   // a panel's 64-byte lines
+                            int64_t cols, PanelBytes next) {
+  const int64_t pairs = (rows + 1) / 2, lines = next.lines;
   for (int64_t r = 0; r < rows; r += 2) {
     const int64_t from = r / 2 * lines / pairs, to = (r / 2 + 1) * lines / pairs;   // this pair's share
-    const char* pf = next_panel ? reinterpret_cast<const char*>(next_panel) + 64 * from : nullptr;
+    const char* pf = next.at ? next.at + 64 * from : nullptr;
     if (rows - r >= 2) f32_wide_avx2<2>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, pf, to - from);
     else f32_wide_avx2<1>(x + r * p.k, p.k, p.k, panel, y + r * p.n, p.n, cols, pf, to - from);
   }
@@ -453,24 +508,24 @@ void run_f32_wide_rows_avx2(const Problem& p, const float* x, int64_t rows, cons
 // kernel; fewer than kWideRowsBelow rows: 2-row whole-panel tiles over all of K; more: 6-row tiles over
 // each 16-column half of the panel, K in as few chunks of at most kTileK as cover it (each chunk adds
 // to y after the first), x read from its packed micro-panels `xp` (the unit's first row's).
-// `next_panel`: the panel of the unit this thread runs next (nullptr: none, or the same panel), which
+// `next`: the stored panel of the unit this thread runs next (at nullptr: none, or the same panel), which
 // the tiles prefetch while they compute, its lines spread evenly over the tile calls (next-unit
 // prefetch, same process on / off: 576 x 1536 at 8-32 rows 1.15-1.3x, at 64-256 rows 1.05-1.4x).
 void run_f32_rows_avx2(const Problem& p, const float* x, const float* xp, int64_t rows, const float* panel,
-                       float* y, int64_t cols, const float* next_panel) {
+                       float* y, int64_t cols, PanelBytes next) {
   if (rows == 1) return f32_row_avx2(x, p.k, panel, y, cols);
-  if (rows < kWideRowsBelow || xp == nullptr) return run_f32_wide_rows_avx2(p, x, rows, panel, y, cols, next_panel);
+  if (rows < kWideRowsBelow || xp == nullptr) return run_f32_wide_rows_avx2(p, x, rows, panel, y, cols, next);
   // A last 1 or 2 rows (rows % 6) run one 2-row whole-panel tile: as two 6 x 16 tiles they would have 2-4
   // accumulator chains each, too few to hide the FMA latency (32 rows: 5 tiles of 6 + 2 rows).
   const int64_t tail = rows % kMicroRows <= 2 ? rows % kMicroRows : 0;
   rows -= tail;
-  if (tail > 0) run_f32_wide_rows_avx2(p, x + rows * p.k, tail, panel, y + rows * p.n, cols, nullptr);
+  if (tail > 0) run_f32_wide_rows_avx2(p, x + rows * p.k, tail, panel, y + rows * p.n, cols, PanelBytes{});
   const int64_t chunks = (p.k + kTileK - 1) / kTileK, chunk = (p.k + chunks - 1) / chunks;
   // the next panel's lines, spread over the tile calls (chunks x row tiles x 2 halves)
   const int64_t calls = chunks * ((rows + kMicroRows - 1) / kMicroRows) * 2;
-  const int64_t lines = next_panel ? p.k * kPanel * sizeof(float) / 64 : 0;   // the next panel's 64-byte lines
+  const int64_t lines = next.at ? next.lines : 0;   // the next panel's 64-byte lines
   const int64_t per_call = (lines + calls - 1) / calls;
-  const char* pf = reinterpret_cast<const char*>(next_panel);
+  const char* pf = next.at;
   int64_t done = 0;
   for (int64_t k0 = 0; k0 < p.k; k0 += chunk) {
     const int64_t kc = std::min(chunk, p.k - k0);
@@ -490,19 +545,21 @@ void run_f32_rows_avx2(const Problem& p, const float* x, const float* xp, int64_
   }
 }
 
-// AVX2, bf16 weights: rows [r0, r0 + rows) of the f32 copy of x against tile columns w0 | w1 (32
-// output columns, cols real); k-pairs in chunks of 128 (8 KB of each tile column in L1).
-void run_bf16_rows_avx2(const Problem& p, int64_t r0, int64_t rows, const uint16_t* w0, const uint16_t* w1,
-                        float* y, int64_t cols) {
+// AVX2, bf16 weights, fewer than kWidenRowsFrom rows: rows [0, rows) of x (f32, Kp wide) against panel j's
+// stored tile columns, k-pairs in chunks of 128 (8 KB of each tile column in L1). With so few rows the
+// pass that widens a panel costs more than the rows save by reading f32.
+void run_bf16_rows_avx2(const Problem& p, const float* x, int64_t rows, int64_t j, float* y, int64_t cols) {
   constexpr int64_t kPairChunk = 128;
-  for (int64_t q0 = 0; q0 < p.kp / 2; q0 += kPairChunk) {
-    const int64_t qc = std::min(kPairChunk, p.kp / 2 - q0);
+  const int64_t tile_col = (p.k / 32) * 512;   // bf16 elements per 16-column tile column (k == Kp)
+  const uint16_t* w0 = p.wb + 2 * j * tile_col;
+  const uint16_t* w1 = w0 + tile_col;
+  for (int64_t q0 = 0; q0 < p.k / 2; q0 += kPairChunk) {
+    const int64_t qc = std::min(kPairChunk, p.k / 2 - q0);
     for (int64_t r = 0; r < rows; r += 2) {
-      const float* x = p.xf + (r0 + r) * p.kp;
       for (int64_t h = 0; h < 2 && 16 * h < cols; ++h) {
         const int64_t c = std::min<int64_t>(16, cols - 16 * h);
-        if (rows - r >= 2) bf16_tile_avx2<2>(x, p.kp, q0, qc, h ? w1 : w0, y + r * p.n + 16 * h, p.n, c, q0 > 0);
-        else bf16_tile_avx2<1>(x, p.kp, q0, qc, h ? w1 : w0, y + r * p.n + 16 * h, p.n, c, q0 > 0);
+        if (rows - r >= 2) bf16_tile_avx2<2>(x + r * p.k, p.k, q0, qc, h ? w1 : w0, y + r * p.n + 16 * h, p.n, c, q0 > 0);
+        else bf16_tile_avx2<1>(x + r * p.k, p.k, q0, qc, h ? w1 : w0, y + r * p.n + 16 * h, p.n, c, q0 > 0);
       }
     }
   }
@@ -513,12 +570,13 @@ void run_bf16_rows_avx2(const Problem& p, int64_t r0, int64_t rows, const uint16
 void run_f32_unit(const Problem& p, int64_t u, int64_t next) {
   const int64_t r0 = (u / p.panels) * p.row_block, j = u % p.panels;
   const int64_t rows = std::min(p.row_block, p.m - r0), cols = std::min(kPanel, p.n - j * kPanel);
-  const float* panel = static_cast<const float*>(p.w) + j * p.k * kPanel;
   float* y = p.out + r0 * p.n + j * kPanel;
   const float* x = p.x + r0 * p.k;
+  if (p.wb != nullptr && rows < kWidenRowsFrom && !has_avx512()) return run_bf16_rows_avx2(p, x, rows, j, y, cols);
+  const float* panel = f32_panel(p, j);
   if (!has_avx512() && has_avx2()) {
     const int64_t nj = next < 0 ? j : next % p.panels;
-    const float* next_panel = nj == j ? nullptr : static_cast<const float*>(p.w) + nj * p.k * kPanel;
+    const PanelBytes next_panel = nj == j ? PanelBytes{} : stored_panel(p, nj);
     return run_f32_rows_avx2(p, x, p.xp ? p.xp + r0 * p.k : nullptr, rows, panel, y, cols, next_panel);
   }
   if (!has_avx512()) return f32_tile_portable(x, rows, p.k, panel, y, p.n, cols);
@@ -540,8 +598,6 @@ void run_bf16_unit(const Problem& p, int64_t u, bool amx) {
   const int64_t rows = std::min(p.row_block, p.m - r0), cols = std::min(kPanel, p.n - j * kPanel);
   const int64_t tile_col = (p.kp / 32) * 512;   // bf16 elements per 16-column tile column
   const uint16_t* w0 = static_cast<const uint16_t*>(p.w) + (2 * j) * tile_col;
-  if (!amx && p.xf != nullptr)
-    return run_bf16_rows_avx2(p, r0, rows, w0, w0 + tile_col, p.out + r0 * p.n + j * kPanel, cols);
   const bool in_place = r0 < p.direct;
   const uint16_t* xs = in_place ? p.xb + r0 * p.k : p.tail + (r0 - p.direct) * p.kp;
   const int64_t ld = in_place ? p.k : p.kp;
@@ -569,13 +625,20 @@ const uint16_t* padded_tail(const uint16_t* x, int64_t from, int64_t m, int64_t 
   return buf.data();
 }
 
-// x [M, K] bf16 bits -> f32 [M, Kp], zero past K (the AVX2 bf16 path reads k-pairs up to Kp).
-const float* widened(const uint16_t* x, int64_t m, int64_t k, int64_t kp) {
+// x [M, K] bf16 bits -> f32 [M, Kp], zero past K (the f32 tiles then run on K = Kp), in parallel by
+// blocks of 16 rows.
+const float* widened(ffi::ThreadPool& pool, const uint16_t* x, int64_t m, int64_t k, int64_t kp) {
+  constexpr int64_t kRows = 16;
   thread_local std::vector<float> buf;   // grows to the largest x, then reused
-  buf.assign(m * kp, 0.f);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t i = 0; i < k; ++i) buf[r * kp + i] = bf16_to_f32(x[r * k + i]);
-  return buf.data();
+  buf.resize(m * kp);
+  float* out = buf.data();
+  jaxpaged::run_units(pool, (m + kRows - 1) / kRows, [=](int64_t b) {
+    for (int64_t r = b * kRows; r < std::min(m, (b + 1) * kRows); ++r) {
+      for (int64_t i = 0; i < k; ++i) out[r * kp + i] = bf16_to_f32(x[r * k + i]);
+      std::fill(out + r * kp + k, out + (r + 1) * kp, 0.f);
+    }
+  });
+  return out;
 }
 
 // AVX2 f32 with >= kWideRowsBelow rows: x packed into 6-row micro-panels, shared by the threads (packed
@@ -636,8 +699,13 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   if (bf16) {
     p.w = static_cast<const uint16_t*>(w.untyped_data()) + l * layer_elems;
     p.xb = static_cast<const uint16_t*>(x.untyped_data());
-    if (!has_amx() && has_avx2()) {
-      p.xf = widened(p.xb, p.m, p.k, p.kp);
+    if (!has_amx() && has_avx2()) {   // the f32 path on widened x and panels
+      p.bf16 = false;
+      p.x = widened(pool, p.xb, p.m, p.k, p.kp);
+      p.k = p.kp;
+      p.wb = static_cast<const uint16_t*>(p.w);
+      p.w = nullptr;
+      p.row_block = kRowBlockF32;
     } else {
       p.direct = p.k == p.kp ? p.m / kRowBlockBf16 * kRowBlockBf16 : 0;
       if (p.direct < p.m) p.tail = padded_tail(p.xb, p.direct, p.m, p.k, p.kp);
@@ -645,10 +713,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
   } else {
     p.w = static_cast<const float*>(w.untyped_data()) + l * layer_elems;
     p.x = static_cast<const float*>(x.untyped_data());
-    if (!has_avx512() && has_avx2() && p.m >= kWideRowsBelow) {
-      p.xp = packed_micro_panels(pool, p.x, p.m, p.k);
-      p.row_block = micro_panel_row_block(p.m);
-    }
+  }
+  if (!p.bf16 && !has_avx512() && has_avx2() && p.m >= kWideRowsBelow) {
+    p.xp = packed_micro_panels(pool, p.x, p.m, p.k);
+    p.row_block = micro_panel_row_block(p.m);
   }
   const int64_t row_blocks = (p.m + p.row_block - 1) / p.row_block;
   const bool amx = p.bf16 && has_amx();   // the tile configuration is per thread

@@ -158,11 +158,13 @@ def test_rows_past_valid_are_skipped_and_zero(dtype):
         assert not y[real:].any()
 
 
-def test_prefill_rows_of_an_f32_weight_agree_over_row_blocks_and_k_chunks():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_rows_agree_over_row_blocks_and_k_chunks(dtype):
     """A full prefill chunk (512 rows) on the native tiles: on AVX2 the rows split into blocks of whole
     6-row micro-panels (512 -> 5 x 108, the last 80; 300 real rows -> 3 x 102, the last 96) and K = 1000
-    into two 500-deep passes; every row equals numpy, rows past `rows` are zero, the layer clamps."""
-    x, w = _stacked("float32", 512, 1000, 1000, layers=2)         # N off the 32-multiples
+    into two 500-deep passes (bf16 without AMX: the same f32 tiles on x and panels widened to K = 1024);
+    every row equals numpy, rows past `rows` are zero, the layer clamps."""
+    x, w = _stacked(dtype, 512, 1000, 1000, layers=2)             # N off the 32-multiples
     packed = pack(w, stacked=True)
     ref = _reference(x, w[1])
     tol = dict(rtol=1e-4, atol=1e-4 * np.abs(ref).max())
