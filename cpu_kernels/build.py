@@ -1,13 +1,15 @@
 """Compiles the native CPU kernels once per machine and registers them with XLA as FFI targets.
 
-The C++ source is built with the system C++ compiler (`$CXX`, else `c++`/`g++`) against the
-XLA FFI headers jaxlib ships (`jax.ffi.include_dir()`), for this CPU (`-march=native`), into
-`<cache>/cpu_kernels/<hash>/`, the hash covering the source, the flags, jaxlib's version and
-the CPU model: a second start loads the library without compiling. The write is atomic
-(build in a temp dir, rename), so concurrent first starts are safe. The sources compile in parallel
-(one compiler process each), and `build_in_background()` starts that build early (the engine calls it
-before loading the model), so on a first start g++ overlaps the checkpoint conversion; `load()` waits
-for it.
+The C++ sources are built with the system C++ compiler (`$CXX`, else `c++`/`g++`) against the
+XLA FFI headers jaxlib ships (`jax.ffi.include_dir()`), for this CPU (`-march=native`), in groups
+(GROUPS), one shared library each, into `<cache>/cpu_kernels/<hash>/`, the hash covering the group's
+sources, the headers, the flags, jaxlib's version and the CPU model: a second start loads the library
+without compiling. The write is atomic (build in a temp dir, rename), so concurrent first starts are
+safe. A group's sources compile in parallel (one compiler process each). The "core" group (attention,
+dense weight matmuls) is what every model runs: `build_in_background()` starts its build early (the
+engine calls it before loading the model), so on a first start g++ overlaps the checkpoint conversion,
+and `load()` waits for it. The quantized-weight and LoRA kernels build at their first use
+(`load("quant")`, `load("lora")`), so a first start does not wait for code the model does not run.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -28,12 +31,26 @@ import jaxlib
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("ragged_paged_attention.cc", "matmul.cc", "gguf_matmul.cc",
-                                                     "int8_matmul.cc", "lora_matmul.cc"))
-TARGETS = {"jaxpaged_ragged_paged_attention": "JaxpagedRaggedPagedAttention",
-           "jaxpaged_matmul": "JaxpagedMatmul",
-           "jaxpaged_gguf_matmul": "JaxpagedGGUFMatmul",
-           "jaxpaged_int8_matmul": "JaxpagedInt8Matmul", "jaxpaged_lora_matmul": "JaxpagedLoRAMatmul"}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Kernel sources built into one shared library, and the FFI targets it registers."""
+    sources: tuple[str, ...]                # file names beside this module
+    targets: tuple[tuple[str, str], ...]    # (FFI target name, handler symbol)
+
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(Path(__file__).with_name(n) for n in self.sources)
+
+
+GROUPS = {
+    "core": Group(("ragged_paged_attention.cc", "matmul.cc"),
+                  (("jaxpaged_ragged_paged_attention", "JaxpagedRaggedPagedAttention"),
+                   ("jaxpaged_matmul", "JaxpagedMatmul"))),
+    "quant": Group(("gguf_matmul.cc", "int8_matmul.cc"),
+                   (("jaxpaged_gguf_matmul", "JaxpagedGGUFMatmul"), ("jaxpaged_int8_matmul", "JaxpagedInt8Matmul"))),
+    "lora": Group(("lora_matmul.cc",), (("jaxpaged_lora_matmul", "JaxpagedLoRAMatmul"),)),
+}
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))     # included by the sources: part of the build key
 # -ffast-math lets GCC call glibc's vector exp/tanh (libmvec) in the softmax loops; the kernel never
 # relies on NaN/inf arithmetic (masking uses a finite -1e30 and skips zero-probability V rows).
@@ -86,12 +103,12 @@ def _cache_dir() -> Path:
     return Path(root) / "cpu_kernels"
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, group: str = "core") -> Path:
     key = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in SOURCES + HEADERS), " ".join(FLAGS + LINK_FLAGS).encode(), compiler.encode(),
-                 jaxlib.__version__.encode(), _cpu_model().encode()):
+    for part in (*(src.read_bytes() for src in GROUPS[group].paths() + HEADERS), " ".join(FLAGS + LINK_FLAGS).encode(),
+                 compiler.encode(), jaxlib.__version__.encode(), _cpu_model().encode()):
         key.update(part)
-    return _cache_dir() / key.hexdigest()[:16] / "libjaxpaged_cpu_kernels.so"
+    return _cache_dir() / key.hexdigest()[:16] / f"libjaxpaged_{group}.so"
 
 
 def _run(cmds: list[list[str]]) -> None:
@@ -119,24 +136,26 @@ def compile_shared(sources, out: Path, compiler: str | None = None) -> None:
     _run([[compiler, *map(str, objs), "-o", str(out), *LINK_FLAGS]])
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, target: Path, sources) -> None:
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent.parent) as tmp:
         out = Path(tmp) / target.name
-        compile_shared(SOURCES, out, compiler)
+        compile_shared(sources, out, compiler)
         target.parent.mkdir(exist_ok=True)
         os.replace(out, target)          # atomic: a concurrent start sees no half-written file
 
 
-def _ensure_built(compiler: str, path: Path) -> None:
+def _ensure_built(compiler: str, path: Path, group: str = "core") -> None:
     with _build_lock:
         if not path.exists():
-            _compile(compiler, path)
+            if group != "core":
+                logger.info("building the %s kernels (first use on this machine)", group)
+            _compile(compiler, path, GROUPS[group].paths())
 
 
 def build_in_background() -> threading.Thread | None:
-    """Starts building the kernels in a daemon thread when this machine has no build yet (returns it;
-    None when there is nothing to build or no compiler). Errors are left for `load()` to raise."""
+    """Starts building the core kernels in a daemon thread when this machine has no build yet (returns
+    it; None when there is nothing to build or no compiler). Errors are left for `load()` to raise."""
     try:
         compiler = _compiler()
         path = library_path(compiler)
@@ -157,17 +176,17 @@ def build_in_background() -> threading.Thread | None:
 
 
 @functools.cache
-def load() -> ctypes.CDLL:
-    """Builds (first time on this machine) and loads the kernels, registering every FFI target.
-    Raises NativeBuildError when that is not possible."""
+def load(group: str = "core") -> ctypes.CDLL:
+    """Builds (first time on this machine) and loads one group of kernels (GROUPS), registering its FFI
+    targets. Raises NativeBuildError when that is not possible."""
     compiler = _compiler()
-    path = library_path(compiler)
-    _ensure_built(compiler, path)
+    path = library_path(compiler, group)
+    _ensure_built(compiler, path, group)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise NativeBuildError(f"loading {path} failed: {e}") from e
-    for target, symbol in TARGETS.items():
+    for target, symbol in GROUPS[group].targets:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return lib
 

@@ -20,7 +20,7 @@ def gguf_matmul(x, blocks, *, qtype: str, layer=None, rows=None):
     if blocks.dtype != jnp.uint8 or blocks.ndim not in (2, 3) or x.ndim != 2:
         raise ValueError(f"gguf_matmul: expected x [M, K] and uint8 blocks [(L,) N, RB], got x {x.shape} "
                          f"and blocks {blocks.shape} {blocks.dtype}")
-    load()                                      # registers the FFI target (compiles on first use)
+    load("quant")                               # registers the FFI target (compiles on first use)
     if blocks.ndim == 2:
         blocks, layer = blocks[None], 0
     m = x.shape[0]

@@ -25,7 +25,7 @@ PANEL = 32
 @functools.cache
 def caps() -> int:
     """Bit 2: the kernel runs AVX2 + FMA register tiles here (0: its portable loops)."""
-    fn = load().jaxpaged_int8_matmul_caps
+    fn = load("quant").jaxpaged_int8_matmul_caps
     fn.restype = ctypes.c_int
     return int(fn())
 
@@ -70,7 +70,7 @@ def pack_int8(q, scale, *, stacked: bool) -> PackedInt8Weight:
 
 def int8_matmul(x: jax.Array, w: PackedInt8Weight) -> jax.Array:
     """x [M, K] (f32, or bf16; other dtypes cast to f32) @ W -> [M, N] f32 (rows at/after w.rows are 0)."""
-    load()                                         # registers the FFI target (compiles on first use)
+    load("quant")                                  # registers the FFI target (compiles on first use)
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"int8_matmul: x must be [M, {w.k}], got {x.shape}")
     if x.dtype == jnp.bfloat16:

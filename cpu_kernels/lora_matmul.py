@@ -18,7 +18,7 @@ def lora_matmul(y, x, a, b, slots, ranks, *, layer, rows=None):
     if a.ndim != 4 or b.ndim != 4 or a.dtype != jnp.float32 or b.dtype != jnp.float32:
         raise ValueError(f"lora_matmul: expected f32 a [L, S, K, R] and b [L, S, R, N], got {a.shape} {a.dtype} "
                          f"and {b.shape} {b.dtype}")
-    load()                                      # registers the FFI target (compiles on first use)
+    load("lora")                                # registers the FFI target (compiles on first use)
     m = x.shape[0]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, b.shape[3]), jnp.float32), input_output_aliases={0: 0})
     scalar = lambda v: jnp.asarray(v, jnp.int32).reshape(1)

@@ -3,6 +3,8 @@ has (bf16 bit-pattern caches, the build cache, threads). The batch-shape tests i
 Pallas kernel are parametrized over both in test_kernels.py."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -158,7 +160,7 @@ def test_background_build_then_load_builds_once(tmp_path, monkeypatch):
     compiled = []
     release = threading.Event()
 
-    def slow_compile(compiler, target):
+    def slow_compile(compiler, target, sources):
         release.wait(10)
         compiled.append(target)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -188,5 +190,33 @@ def test_failing_compiler_names_the_error(tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("JAXPAGED_CACHE", str(tmp_path))
     with pytest.raises(build.NativeBuildError, match="exit 3.*\n.*no luck"):
-        build._compile(str(fake), library_path(str(fake)))
+        build._compile(str(fake), library_path(str(fake)), build.GROUPS["core"].paths())
     assert not library_path(str(fake)).exists()
+
+
+def test_kernel_groups_build_apart_and_start_with_the_core(tmp_path, monkeypatch):
+    """A first start builds only the core group (attention, dense matmuls) in the background; the
+    quantized-weight and LoRA kernels are their own libraries, built at their first load."""
+    import cpu_kernels.build as build
+    built = []
+
+    def fake_compile(compiler, target, sources):
+        built.append(sorted(p.name for p in sources))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"built")
+
+    monkeypatch.setenv("JAXPAGED_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_compile", fake_compile)
+    compiler = _compiler()
+    thread = build.build_in_background()
+    thread.join(10)
+    assert built == [["matmul.cc", "ragged_paged_attention.cc"]]
+    paths = {g: library_path(compiler, g) for g in build.GROUPS}
+    assert len(set(paths.values())) == 3 and paths["core"].exists() and not paths["quant"].exists()
+    build._ensure_built(compiler, paths["quant"], "quant")
+    assert built[-1] == ["gguf_matmul.cc", "int8_matmul.cc"] and paths["quant"].exists()
+    # every .cc beside build.py is in exactly one group, and every group's targets are distinct
+    sources = [n for g in build.GROUPS.values() for n in g.sources]
+    assert sorted(sources) == sorted(p.name for p in Path(build.__file__).parent.glob("*.cc"))
+    targets = [t for g in build.GROUPS.values() for t, _ in g.targets]
+    assert len(targets) == len(set(targets)) == 5
