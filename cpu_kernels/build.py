@@ -44,7 +44,10 @@ class Group:
 
 
 GROUPS = {
-    "core": Group(("ragged_paged_attention.cc", "matmul.cc"),
+    # the attention is one unit per cache element type (ragged_paged_attention_kernels.h): they compile
+    # in parallel
+    "core": Group(("ragged_paged_attention.cc", "ragged_paged_attention_f32.cc", "ragged_paged_attention_bf16.cc",
+                   "ragged_paged_attention_int8.cc", "ragged_paged_attention_e4m3.cc", "matmul.cc"),
                   (("jaxpaged_ragged_paged_attention", "JaxpagedRaggedPagedAttention"),
                    ("jaxpaged_matmul", "JaxpagedMatmul"))),
     "quant": Group(("gguf_matmul.cc", "int8_matmul.cc"),

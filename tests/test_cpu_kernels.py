@@ -210,7 +210,8 @@ def test_kernel_groups_build_apart_and_start_with_the_core(tmp_path, monkeypatch
     compiler = _compiler()
     thread = build.build_in_background()
     thread.join(10)
-    assert built == [["matmul.cc", "ragged_paged_attention.cc"]]
+    assert built == [sorted(["matmul.cc", "ragged_paged_attention.cc", *(f"ragged_paged_attention_{t}.cc"
+                                                                         for t in ("f32", "bf16", "int8", "e4m3"))])]
     paths = {g: library_path(compiler, g) for g in build.GROUPS}
     assert len(set(paths.values())) == 3 and paths["core"].exists() and not paths["quant"].exists()
     build._ensure_built(compiler, paths["quant"], "quant")
