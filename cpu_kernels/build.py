@@ -8,7 +8,7 @@ without compiling. The write is atomic (build in a temp dir, rename), so concurr
 safe. A group's sources compile in parallel (one compiler process each). The "core" group (attention,
 dense weight matmuls) is what every model runs: `build_in_background()` starts its build early (the
 engine calls it before loading the model), so on a first start g++ overlaps the checkpoint conversion,
-and `load()` waits for it. The quantized-weight and LoRA kernels build at their first use
+and `load()` waits for it. The quantized-weight, 8-bit KV attention and LoRA kernels build at their first use
 (`load("quant")`, `load("lora")`), so a first start does not wait for code the model does not run.
 """
 from __future__ import annotations
@@ -45,13 +45,15 @@ class Group:
 
 GROUPS = {
     # the attention is one unit per cache element type (ragged_paged_attention_kernels.h): they compile
-    # in parallel
+    # in parallel; the 8-bit caches' target and units build with the quantized-weight kernels
     "core": Group(("ragged_paged_attention.cc", "ragged_paged_attention_f32.cc", "ragged_paged_attention_bf16.cc",
-                   "ragged_paged_attention_int8.cc", "ragged_paged_attention_e4m3.cc", "matmul.cc"),
+                   "matmul.cc"),
                   (("jaxpaged_ragged_paged_attention", "JaxpagedRaggedPagedAttention"),
                    ("jaxpaged_matmul", "JaxpagedMatmul"))),
-    "quant": Group(("gguf_matmul.cc", "int8_matmul.cc"),
-                   (("jaxpaged_gguf_matmul", "JaxpagedGGUFMatmul"), ("jaxpaged_int8_matmul", "JaxpagedInt8Matmul"))),
+    "quant": Group(("gguf_matmul.cc", "int8_matmul.cc", "ragged_paged_attention_8bit.cc",
+                    "ragged_paged_attention_int8.cc", "ragged_paged_attention_e4m3.cc"),
+                   (("jaxpaged_gguf_matmul", "JaxpagedGGUFMatmul"), ("jaxpaged_int8_matmul", "JaxpagedInt8Matmul"),
+                    ("jaxpaged_ragged_paged_attention_8bit", "JaxpagedRaggedPagedAttention8Bit"))),
     "lora": Group(("lora_matmul.cc",), (("jaxpaged_lora_matmul", "JaxpagedLoRAMatmul"),)),
 }
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))     # included by the sources: part of the build key

@@ -1,4 +1,5 @@
-"""Ragged paged attention on XLA:CPU through the native kernel (ragged_paged_attention.cc).
+"""Ragged paged attention on XLA:CPU through the native kernel (ragged_paged_attention.cc; 8-bit caches:
+ragged_paged_attention_8bit.cc).
 
 Same contract as pallas_kernels.ragged_paged_attention: q [T, NH, D]; k_pages/v_pages
 [KVH, NB, BS, D] or [L, KVH, NB, BS, D] with `layer`; block_tables [B, W]; seq_lens [B];
@@ -19,7 +20,8 @@ import numpy as np
 from cpu_kernels.build import load
 from pallas_kernels.ragged_paged_attention import _validate
 
-TARGET = "jaxpaged_ragged_paged_attention"
+TARGET = "jaxpaged_ragged_paged_attention"            # f32 / bf16 caches (the core kernel library)
+TARGET_8BIT = "jaxpaged_ragged_paged_attention_8bit"  # int8 / e4m3 caches (the quant library, built on first use)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "interpret"))
@@ -44,14 +46,15 @@ def ragged_paged_attention_cpu(q, k_pages, v_pages, block_tables, seq_lens, quer
     if k_pages.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16, jnp.int8, jnp.uint8):
         raise ValueError(f"ragged_paged_attention_cpu: the cache must be float32 or bfloat16 (or "
                          f"bfloat16 held as uint16), or int8 / fp8 e4m3 with scales, got {k_pages.dtype}")
-    load()                                       # registers the FFI target (compiles on first use)
+    eight_bit = k_pages.dtype in (jnp.int8, jnp.uint8)
+    load("quant") if eight_bit else load()       # registers the FFI target (compiles on first use)
     if k_pages.ndim == 4:                        # one layer: view it as a 1-layer stack (free reshape)
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
         if k_scales is not None:
             k_scales, v_scales = k_scales[None], v_scales[None]
     if k_scales is None:                         # a float cache: the scale operands are not read
         k_scales = v_scales = jnp.zeros((1,), jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    call = jax.ffi.ffi_call(TARGET_8BIT if eight_bit else TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     out = call(q.astype(jnp.float32), k_pages, v_pages, block_tables, seq_lens, query_start,
                jnp.asarray(layer, jnp.int32).reshape(1), k_scales, v_scales,
                sm_scale=np.float32(sm_scale),
