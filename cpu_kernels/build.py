@@ -180,10 +180,15 @@ def build_in_background() -> threading.Thread | None:
     return thread
 
 
-@functools.cache
 def load(group: str = "core") -> ctypes.CDLL:
     """Builds (first time on this machine) and loads one group of kernels (GROUPS), registering its FFI
-    targets. Raises NativeBuildError when that is not possible."""
+    targets, once per process and group (`load()` and `load("core")` are the same load).
+    Raises NativeBuildError when that is not possible."""
+    return _load_group(group)
+
+
+@functools.cache
+def _load_group(group: str) -> ctypes.CDLL:
     compiler = _compiler()
     path = library_path(compiler, group)
     _ensure_built(compiler, path, group)

@@ -60,6 +60,10 @@ constexpr int64_t kWideRowsBelow = 18;  // AVX2 f32: units with fewer rows run t
 constexpr int64_t kRowBlockBf16 = 32;   // rows per AMX block: two A tiles
 constexpr int64_t kWidenRowsFrom = kWideRowsBelow;   // AVX2 bf16: units with fewer rows read the bf16 panel in place
 
+// bf16 elements in one 16-column tile column of a packed bf16 weight of kp rows (kp / 32 tiles of 16 x 32);
+// panel j is tile columns 2j and 2j + 1, adjacent.
+constexpr int64_t tile_col_elems(int64_t kp) { return kp / 32 * 512; }
+
 // ---- CPU features ---------------------------------------------------------------------------
 
 // JAXPAGED_NATIVE_PORTABLE=1 (read once per process) forces the portable loops: tests run them on
@@ -437,11 +441,12 @@ struct PanelBytes {
   int64_t lines = 0;   // 64-byte lines
 };
 
+// Panel j of a bf16 weight on the widened path: its first tile column (k == Kp).
+const uint16_t* bf16_panel(const Problem& p, int64_t j) { return p.wb + 2 * j * tile_col_elems(p.k); }
+
 PanelBytes stored_panel(const Problem& p, int64_t j) {
-  if (p.wb != nullptr) {
-    const int64_t tile_col = (p.k / 32) * 512;   // bf16 elements per 16-column tile column (k == Kp)
-    return {reinterpret_cast<const char*>(p.wb + 2 * j * tile_col), 2 * tile_col * 2 / 64};
-  }
+  if (p.wb != nullptr)   // two tile columns of 2-byte elements
+    return {reinterpret_cast<const char*>(bf16_panel(p, j)), 2 * tile_col_elems(p.k) * 2 / 64};
   return {reinterpret_cast<const char*>(static_cast<const float*>(p.w) + j * p.k * kPanel),
           p.k * kPanel * static_cast<int64_t>(sizeof(float)) / 64};
 }
@@ -452,8 +457,8 @@ const float* f32_panel(const Problem& p, int64_t j) {
   if (p.wb == nullptr) return static_cast<const float*>(p.w) + j * p.k * kPanel;
   thread_local std::vector<float> buf;   // grows to the largest panel, then reused
   buf.resize(p.k * kPanel);
-  const int64_t tile_col = (p.k / 32) * 512;
-  widen_panel(p.wb + 2 * j * tile_col, p.wb + (2 * j + 1) * tile_col, p.k, buf.data());
+  const uint16_t* t0 = bf16_panel(p, j);
+  widen_panel(t0, t0 + tile_col_elems(p.k), p.k, buf.data());
   return buf.data();
 }
 
@@ -550,9 +555,8 @@ void run_f32_rows_avx2(const Problem& p, const float* x, const float* xp, int64_
 // pass that widens a panel costs more than the rows save by reading f32.
 void run_bf16_rows_avx2(const Problem& p, const float* x, int64_t rows, int64_t j, float* y, int64_t cols) {
   constexpr int64_t kPairChunk = 128;
-  const int64_t tile_col = (p.k / 32) * 512;   // bf16 elements per 16-column tile column (k == Kp)
-  const uint16_t* w0 = p.wb + 2 * j * tile_col;
-  const uint16_t* w1 = w0 + tile_col;
+  const uint16_t* w0 = bf16_panel(p, j);
+  const uint16_t* w1 = w0 + tile_col_elems(p.k);
   for (int64_t q0 = 0; q0 < p.k / 2; q0 += kPairChunk) {
     const int64_t qc = std::min(kPairChunk, p.k / 2 - q0);
     for (int64_t r = 0; r < rows; r += 2) {
@@ -596,7 +600,7 @@ void run_bf16_unit(const Problem& p, int64_t u, bool amx) {
   const int64_t row_blocks = (p.m + p.row_block - 1) / p.row_block;
   const int64_t r0 = (u % row_blocks) * p.row_block, j = u / row_blocks;
   const int64_t rows = std::min(p.row_block, p.m - r0), cols = std::min(kPanel, p.n - j * kPanel);
-  const int64_t tile_col = (p.kp / 32) * 512;   // bf16 elements per 16-column tile column
+  const int64_t tile_col = tile_col_elems(p.kp);
   const uint16_t* w0 = static_cast<const uint16_t*>(p.w) + (2 * j) * tile_col;
   const bool in_place = r0 < p.direct;
   const uint16_t* xs = in_place ? p.xb + r0 * p.k : p.tail + (r0 - p.direct) * p.kp;

@@ -33,7 +33,8 @@ def ragged_paged_attention_cpu(q, k_pages, v_pages, block_tables, seq_lens, quer
     del interpret
     if k_pages.dtype == jnp.float8_e4m3fn:       # the kernel reads e4m3 as its bit patterns
         k_pages, v_pages = (jax.lax.bitcast_convert_type(a, jnp.uint8) for a in (k_pages, v_pages))
-    if k_scales is not None or k_pages.dtype in (jnp.int8, jnp.uint8):
+    eight_bit = k_pages.dtype in (jnp.int8, jnp.uint8)
+    if k_scales is not None or eight_bit:
         _validate(q, k_pages, v_pages, block_tables, seq_lens, query_start, layer, sm_scale, soft_cap,
                   sliding_window, k_scales, v_scales)
     elif k_pages.dtype == jnp.uint16:            # bf16 bit patterns: check shapes as bf16
@@ -46,8 +47,7 @@ def ragged_paged_attention_cpu(q, k_pages, v_pages, block_tables, seq_lens, quer
     if k_pages.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16, jnp.int8, jnp.uint8):
         raise ValueError(f"ragged_paged_attention_cpu: the cache must be float32 or bfloat16 (or "
                          f"bfloat16 held as uint16), or int8 / fp8 e4m3 with scales, got {k_pages.dtype}")
-    eight_bit = k_pages.dtype in (jnp.int8, jnp.uint8)
-    load("quant") if eight_bit else load()       # registers the FFI target (compiles on first use)
+    load("quant" if eight_bit else "core")       # registers the FFI target (compiles on first use)
     if k_pages.ndim == 4:                        # one layer: view it as a 1-layer stack (free reshape)
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
         if k_scales is not None:
